@@ -1,0 +1,16 @@
+// The Python extension module deepseek_ext._C. Importing it loads the shared
+// library, whose static initialisers register every operator with the PyTorch
+// dispatcher; the ops are then reached as torch.ops.deepseek_ext.*.
+// This file is the only Python-specific source: the C++ library built by
+// CMake is the same list of sources without it.
+
+#include <pybind11/pybind11.h>
+
+#ifndef DSX_WITH_CUDA
+#define DSX_WITH_CUDA 0
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "deepseek_ext compiled operators (registered as torch.ops.deepseek_ext.*)";
+  m.attr("with_cuda") = static_cast<bool>(DSX_WITH_CUDA);
+}

@@ -1,0 +1,16 @@
+"""deepseek_ext: a PyTorch extension that makes training cheaper.
+
+Importing the package checks that the installed torch is the one the compiled
+library was built for, loads the library (which registers every operator as
+``torch.ops.deepseek_ext.*``), then registers the fake (meta) kernels and
+Python wrappers in :mod:`deepseek_ext.ops`.
+"""
+
+from deepseek_ext._loader import load_library as _load_library
+
+_C = _load_library()
+
+from deepseek_ext import ops  # noqa: E402  (needs the library loaded first)
+
+__version__ = "0.1.0"
+__all__ = ["ops", "__version__"]
