@@ -5,11 +5,14 @@
 Environment switches:
     DEEPSEEK_EXT_CPU_ONLY=1   build without CUDA even when torch and nvcc have it
     TORCH_CUDA_ARCH_LIST      CUDA architectures (default "8.0;9.0a": A100, H100/H200)
+    DEEPSEEK_EXT_CPU_ISA      "avx2" (default on x86-64: AVX2+FMA+F16C kernels through
+                              at::vec, import refuses CPUs without them) or "generic"
     DEBUG=1                   -O0 -g host code, -G device code
     MAX_JOBS=N                parallel compile jobs (read by torch's BuildExtension)
 The source list is csrc/sources.txt, shared with CMakeLists.txt.
 """
 import os
+import platform
 import shutil
 from pathlib import Path
 
@@ -43,11 +46,16 @@ if with_cuda:
 sources = [s for s in library_sources() if with_cuda or not s.endswith(".cu")]
 sources.append("csrc/python/module.cpp")
 
-cxx_flags = (["-O0", "-g"] if debug else ["-O3"]) + ["-Wno-unknown-pragmas"]
+cpu_isa = os.environ.get("DEEPSEEK_EXT_CPU_ISA", "avx2" if platform.machine() == "x86_64" else "generic")
+if cpu_isa not in ("avx2", "generic"):
+    raise SystemExit(f"DEEPSEEK_EXT_CPU_ISA must be 'avx2' or 'generic', got {cpu_isa!r}")
+# at::vec picks its AVX2 implementation from these macros (as ATen's own AVX2 kernels do).
+isa_flags = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"] if cpu_isa == "avx2" else []
+cxx_flags = (["-O0", "-g"] if debug else ["-O3"]) + ["-Wno-unknown-pragmas"] + isa_flags
 nvcc_flags = (["-O0", "-G", "-g"] if debug else ["-O3", "-lineinfo"]) + [
     "--expt-relaxed-constexpr",
     "-Xcompiler=-fno-fast-math",
-]
+] + [f"-Xcompiler={f}" for f in isa_flags if f.startswith("-m")]
 macros = [("DSX_WITH_CUDA", "1" if with_cuda else "0")]
 Extension = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
 ext = Extension(
@@ -64,6 +72,7 @@ ext = Extension(
     f"TORCH_VERSION = {torch.__version__!r}\n"
     f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n"
     f"WITH_CUDA = {with_cuda!r}\n"
+    f"CPU_ISA = {cpu_isa!r}\n"
     f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST', '') if with_cuda else ''!r}\n"
 )
 
@@ -73,6 +82,7 @@ print(
     f"  CUDA kernels     {'yes, nvcc ' + nvcc if with_cuda else 'no'}"
     f"{' (DEEPSEEK_EXT_CPU_ONLY=1)' if cpu_only else ''}\n"
     f"  arch list        {os.environ.get('TORCH_CUDA_ARCH_LIST', '-') if with_cuda else '-'}\n"
+    f"  CPU ISA          {cpu_isa}\n"
     f"  debug            {debug}\n"
     f"  MAX_JOBS         {os.environ.get('MAX_JOBS', 'default')}\n"
     f"  sources          {len(sources)} ({sum(s.endswith('.cu') for s in sources)} CUDA)",

@@ -35,4 +35,23 @@ def load_library():
             f"deepseek_ext was built against torch {built} but torch {installed} is installed; "
             "rebuild it with `pip install --no-build-isolation --force-reinstall .`"
         )
+    if getattr(_build_config, "CPU_ISA", "generic") == "avx2":
+        missing = _missing_cpu_flags(("avx2", "fma", "f16c"))
+        if missing:
+            raise ImportError(
+                f"deepseek_ext was built with AVX2 CPU kernels but this CPU lacks {', '.join(missing)}; "
+                "rebuild with DEEPSEEK_EXT_CPU_ISA=generic"
+            )
     return importlib.import_module("deepseek_ext._C")
+
+
+def _missing_cpu_flags(required):
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [r for r in required if r not in flags]
+    except OSError:
+        pass
+    return []  # unknown platform: trust the build

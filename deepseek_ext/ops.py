@@ -32,7 +32,13 @@ def unscale_and_check_(
             host. When it holds exactly 1.0, ``grads`` are only checked, not
             written.
     """
-    torch.ops.deepseek_ext.unscale_and_check_.default(list(grads), found_inf, inv_scale)
+    grads = list(grads)
+    for i, g in enumerate(grads):
+        # Sparse tensors would not reach our kernels (the dispatcher would
+        # complain about the backend instead of naming the argument).
+        if g.layout != torch.strided:
+            raise ValueError(f"grads[{i}] must be a strided (dense) tensor, got {g.layout}")
+    torch.ops.deepseek_ext.unscale_and_check_.default(grads, found_inf, inv_scale)
 
 
 def _check_scalar_tensor(t: torch.Tensor, name: str) -> None:

@@ -4,7 +4,8 @@
 // tensors are one item each), and at::parallel_for spreads the items over the
 // threads. Each item is checked for inf/NaN on its raw bits (a vectorised
 // integer max, see detail/float_bits.h) and, unless inv_scale is exactly 1,
-// multiplied in place with at::vec::Vectorized in float arithmetic.
+// multiplied in place with at::vec::Vectorized in float arithmetic, in the
+// same pass.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -12,6 +13,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <type_traits>
@@ -52,62 +54,51 @@ struct BitsOf<c10::BFloat16> {
   using format = bits::Bf16Format;
 };
 
-// Returns true if data[0, n) holds an inf or NaN.
-template <typename scalar_t>
-bool has_nonfinite(const scalar_t* data, int64_t n) {
+// Largest magnitude bits of data[0, n) (see detail/float_bits.h), and, when
+// kWrite, data[i] *= s in float arithmetic, in the same pass over memory.
+template <typename scalar_t, bool kWrite>
+bool check_and_scale(scalar_t* data, int64_t n, float s) {
   using Format = typename BitsOf<scalar_t>::format;
   // Magnitude bits are < 2^31 (fp32) or < 2^15 (16-bit), so a signed max works.
   using ibits_t = std::make_signed_t<typename Format::bits_type>;
+  using Vec = Vectorized<scalar_t>;
   using IVec = Vectorized<ibits_t>;
-  const auto* bits = reinterpret_cast<const ibits_t*>(data);
+  using FVec = Vectorized<float>;
+  static_assert(Vec::size() == IVec::size(), "bit view must have as many lanes as values");
   const IVec mask(static_cast<ibits_t>(Format::kMagnitudeMask));
+  const FVec sv(s);
   IVec acc(0);
   int64_t i = 0;
-  for (; i + IVec::size() <= n; i += IVec::size()) {
-    acc = at::vec::maximum(acc, IVec::loadu(bits + i) & mask);
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec v = Vec::loadu(data + i);
+    acc = at::vec::maximum(acc, at::vec::cast<ibits_t>(v) & mask);
+    if constexpr (kWrite) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        (v * sv).store(data + i);
+      } else {
+        auto [lo, hi] = at::vec::convert_to_float<scalar_t>(v);
+        at::vec::convert_from_float<scalar_t>(lo * sv, hi * sv).store(data + i);
+      }
+    }
   }
   ibits_t lanes[IVec::size()];
   acc.store(lanes);
   ibits_t m = 0;
-  for (int64_t l = 0; l < IVec::size(); ++l) m = lanes[l] > m ? lanes[l] : m;
+  for (int64_t l = 0; l < IVec::size(); ++l) m = std::max(m, lanes[l]);
+  const auto* bits = reinterpret_cast<const ibits_t*>(data);
   for (; i < n; ++i) {
-    const ibits_t v = static_cast<ibits_t>(bits[i] & static_cast<ibits_t>(Format::kMagnitudeMask));
-    m = v > m ? v : m;
+    m = std::max(m, static_cast<ibits_t>(bits[i] & static_cast<ibits_t>(Format::kMagnitudeMask)));
+    if constexpr (kWrite) data[i] = static_cast<scalar_t>(static_cast<float>(data[i]) * s);
   }
-  return bits::max_magnitude_is_nonfinite<Format>(
-      static_cast<typename Format::bits_type>(m));
-}
-
-void scale_inplace(float* data, int64_t n, float s) {
-  using FVec = Vectorized<float>;
-  const FVec sv(s);
-  int64_t i = 0;
-  for (; i + FVec::size() <= n; i += FVec::size()) {
-    (FVec::loadu(data + i) * sv).store(data + i);
-  }
-  for (; i < n; ++i) data[i] = data[i] * s;
-}
-
-template <typename half_t>  // c10::Half or c10::BFloat16
-void scale_inplace(half_t* data, int64_t n, float s) {
-  using HVec = Vectorized<half_t>;
-  using FVec = Vectorized<float>;
-  const FVec sv(s);
-  int64_t i = 0;
-  for (; i + HVec::size() <= n; i += HVec::size()) {
-    auto [lo, hi] = at::vec::convert_to_float<half_t>(HVec::loadu(data + i));
-    at::vec::convert_from_float<half_t>(lo * sv, hi * sv).store(data + i);
-  }
-  for (; i < n; ++i) data[i] = static_cast<half_t>(static_cast<float>(data[i]) * s);
+  return bits::max_magnitude_is_nonfinite<Format>(static_cast<typename Format::bits_type>(m));
 }
 
 template <typename scalar_t>
 bool process_item(const WorkItem& item, float inv_scale, bool write) {
   auto* p = static_cast<scalar_t*>(item.data) + item.begin;
   const int64_t n = item.end - item.begin;
-  const bool bad = has_nonfinite(p, n);
-  if (write) scale_inplace(p, n, inv_scale);
-  return bad;
+  return write ? check_and_scale<scalar_t, true>(p, n, inv_scale)
+               : check_and_scale<scalar_t, false>(p, n, inv_scale);
 }
 
 void unscale_and_check_cpu(at::TensorList grads, const at::Tensor& found_inf,

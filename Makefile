@@ -1,0 +1,90 @@
+# deepseek_ext — every target sets up what it needs (venv, pinned packages,
+# Debian packages, build) and is quick when that is already done.
+#
+#   make demo        the main job (until the training demo lands: the op benchmarks)
+#   make test        build everything, run CTest (GoogleTest + C++ example) and pytest
+#   make build       the Python extension, in place (incremental)
+#   make build-cpp   the C++ library with CMake, installed to build/install, + example
+#   make bench       every benchmark; tables go to benchmarks/results/
+#   make gpu-prep    stage build inputs a GPU machine without network needs (third_party/)
+#   make gpu-check   on a GPU machine: build for it, CUDA tests, GPU benchmarks ($OUT)
+#   make install-check  pip install . into a fresh venv and import it (slow: full build)
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.requirements-installed
+export MAX_JOBS ?= $(shell nproc)
+
+# A compiler cache for g++ and nvcc when ccache is installed.
+NVCC := $(or $(shell command -v nvcc),$(wildcard /usr/local/cuda/bin/nvcc))
+ifneq ($(shell command -v ccache),)
+export PATH := /usr/lib/ccache:$(PATH)
+ifneq ($(NVCC),)
+export PYTORCH_NVCC ?= ccache $(NVCC)
+endif
+CMAKE_CACHE_FLAGS := -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache
+endif
+
+.PHONY: help sysdeps deps build build-cpp test test-cpp test-python demo bench gpu-prep gpu-check install-check clean
+
+help:
+	@sed -n '2,13p' Makefile
+
+sysdeps:
+	@bash tools/install_system_deps.sh
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(DEPS_STAMP): requirements.txt | $(PY)
+	$(PY) -m pip install -q -r requirements.txt
+	@touch $@
+
+deps: sysdeps $(DEPS_STAMP)
+
+build: deps
+	$(PY) setup.py -q build_ext --inplace
+
+build-cpp: deps
+	@[ -f build/cmake/build.ninja ] || cmake -S . -B build/cmake -G Ninja $(CMAKE_CACHE_FLAGS) \
+	  -DPython3_EXECUTABLE=$(abspath $(PY))
+	cmake --build build/cmake
+	cmake --install build/cmake --prefix build/install > /dev/null
+	@[ -f build/example/build.ninja ] || cmake -S tests/cpp/example -B build/example -G Ninja \
+	  -DCMAKE_PREFIX_PATH="$(abspath build/install);$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
+	cmake --build build/example
+
+test-cpp: build-cpp
+	ctest --test-dir build/cmake --output-on-failure
+	build/example/unscale_example
+
+test-python: build
+	$(PY) -m pytest -q -rs tests/python
+
+test: test-cpp test-python
+
+demo: build
+	$(PY) benchmarks/bench_unscale.py
+
+bench: build
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+gpu-prep:
+	@mkdir -p third_party
+	@echo "gpu-prep: nothing to stage yet (the CUDA kernels need only torch and nvcc)"
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+install-check: deps
+	rm -rf build/install-check && $(PYTHON) -m venv build/install-check/venv
+	build/install-check/venv/bin/pip install -q -r requirements.txt
+	build/install-check/venv/bin/pip install -q --no-build-isolation .
+	cd /tmp && $(abspath build/install-check/venv/bin/python) -c \
+	  "import torch, deepseek_ext; print(torch.ops.deepseek_ext.unscale_and_check_)"
+
+clean:
+	rm -rf build deepseek_ext/_C*.so deepseek_ext/_build_config.py

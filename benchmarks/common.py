@@ -1,0 +1,70 @@
+"""Helpers shared by the benchmarks: timing, machine description, tables."""
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark as tb
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or "cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def header(title: str, device: str) -> str:
+    return (
+        f"# {title}\n\n"
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
+        f"- device: {device_name(device)}\n"
+        f"- torch: {torch.__version__}\n"
+    )
+
+
+def median_seconds(fn, device: str, min_run_time: float = 1.0) -> float:
+    """Median time of fn() in seconds. torch.utils.benchmark synchronises CUDA
+    around each measured block, so GPU times are device times, not launch times."""
+    fn()  # warm-up (and any lazy initialisation)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    timer = tb.Timer(stmt="fn()", globals={"fn": fn})
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def compare_seconds(fns, device: str, rounds: int = 5, min_run_time: float = 0.3):
+    """Median times of several functions measured in alternating rounds, so that
+    a slow spell of a shared machine hits all of them alike."""
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for k, fn in enumerate(fns):
+            times[k].append(median_seconds(fn, device, min_run_time))
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
+def markdown_table(columns, rows) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(name: str, device: str, text: str, data, out_dir=None) -> Path:
+    out = Path(out_dir or os.environ.get("OUT") or RESULTS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}_{device}.md"
+    path.write_text(text)
+    (out / f"{name}_{device}.json").write_text(json.dumps(data, indent=2))
+    return path
