@@ -12,4 +12,20 @@ TORCH_LIBRARY(deepseek_ext, m) {
   // inf/NaN. Drop-in for aten::_amp_foreach_non_finite_check_and_unscale_,
   // with float32, float16 and bfloat16 gradients mixed in one list.
   m.def("unscale_and_check_(Tensor(a!)[] grads, Tensor(b!) found_inf, Tensor inv_scale) -> ()");
+
+  // out = (a @ b) * inv_scale with float32 accumulation, converted to out_dtype
+  // (float32, or a's dtype when None); found_inf = 1.0 if any converted output
+  // element is inf/NaN (never cleared). a, b: float16/bfloat16 (float32 too).
+  // The weight-gradient GEMM of mixed-precision training, with the loss-scale
+  // overflow check fused in.
+  m.def("matmul_unscale_check(Tensor a, Tensor b, Tensor inv_scale, Tensor(a!) found_inf, *, "
+        "ScalarType? out_dtype=None) -> Tensor");
+
+  // One step of the dynamic loss-scale state machine (detail/loss_scale.h),
+  // entirely on the device: scale (float32[1]), growth_tracker (int32[1]),
+  // hysteresis_tracker (int32[1]) and skip_counts (int64[2]: consecutive,
+  // total skipped steps) are updated from found_inf (float32[1]).
+  m.def("update_scale_(Tensor(a!) scale, Tensor(b!) growth_tracker, Tensor(c!) hysteresis_tracker, "
+        "Tensor(d!) skip_counts, Tensor found_inf, float growth_factor, float backoff_factor, "
+        "int growth_interval, int hysteresis, float min_scale, float max_scale) -> ()");
 }

@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
+#include <optional>
+
 namespace deepseek_ext {
 
 // Multiplies every element of every tensor in `grads` in place by `inv_scale`
@@ -20,5 +22,23 @@ namespace deepseek_ext {
 //   inv_scale: 1-element float32 tensor on the grads' device.
 void unscale_and_check_(at::TensorList grads, const at::Tensor& found_inf,
                         const at::Tensor& inv_scale);
+
+// out = (a @ b) * inv_scale, accumulated in float32 and converted to
+// out_dtype (float32 or a's dtype, the default); sets found_inf to 1.0 if any
+// converted output element is inf or NaN. a, b: float16 or bfloat16 (float32
+// accepted too), 2-D, any strides (transposed views are not copied on CUDA).
+// inv_scale, found_inf: 1-element float32 tensors on a's device.
+at::Tensor matmul_unscale_check(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_scale,
+                                const at::Tensor& found_inf,
+                                std::optional<at::ScalarType> out_dtype = std::nullopt);
+
+// One optimizer step of the dynamic loss scaler, on the device (see
+// detail/loss_scale.h for the rule): scale float32[1], growth_tracker int32[1],
+// hysteresis_tracker int32[1], skip_counts int64[2] (consecutive, total) are
+// updated in place from found_inf float32[1].
+void update_scale_(const at::Tensor& scale, const at::Tensor& growth_tracker,
+                   const at::Tensor& hysteresis_tracker, const at::Tensor& skip_counts,
+                   const at::Tensor& found_inf, double growth_factor, double backoff_factor,
+                   int64_t growth_interval, int64_t hysteresis, double min_scale, double max_scale);
 
 }  // namespace deepseek_ext
