@@ -1,0 +1,5 @@
+"""Modules built on the deepseek_ext operators."""
+
+from deepseek_ext.nn.linear import Linear
+
+__all__ = ["Linear"]
