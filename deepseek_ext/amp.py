@@ -255,7 +255,7 @@ class DynamicLossScaler:
         if getattr(optimizer, "_step_supports_amp_scaling", False) and _is_fused(optimizer):
             # Gradients are already unscaled: pass found_inf only.
             optimizer.grad_scale = None
-            optimizer.found_inf = self._found_inf
+            optimizer.found_inf = self._found_inf.view(())  # fused optimizers want a 0-dim tensor
             try:
                 retval = optimizer.step(*args, **kwargs)
             finally:
