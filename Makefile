@@ -72,9 +72,12 @@ demo: build
 bench: build
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-gpu-prep:
-	@mkdir -p third_party
-	@echo "gpu-prep: nothing to stage yet (the CUDA kernels need only torch and nvcc)"
+# The GPU machine has no network: stage the CUTLASS headers (from the pinned
+# nvidia-cutlass package) into third_party/ and carry that folder there.
+gpu-prep: deps
+	rm -rf third_party/cutlass && mkdir -p third_party/cutlass
+	cp -r "$$($(PY) -c 'import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include"))')" third_party/cutlass/include
+	@du -sh third_party/cutlass
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

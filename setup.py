@@ -11,6 +11,7 @@ Environment switches:
     MAX_JOBS=N                parallel compile jobs (read by torch's BuildExtension)
 The source list is csrc/sources.txt, shared with CMakeLists.txt.
 """
+import importlib.util
 import os
 import platform
 import shutil
@@ -25,8 +26,30 @@ DEFAULT_ARCH_LIST = "8.0;9.0a"
 
 
 def library_sources():
-    lines = (ROOT / "csrc" / "sources.txt").read_text().splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    """(tag, path) pairs of csrc/sources.txt; tag is "" or e.g. "cutlass-sm90"."""
+    out = []
+    for ln in (ROOT / "csrc" / "sources.txt").read_text().splitlines():
+        ln = ln.strip()
+        if not ln or ln.startswith("#"):
+            continue
+        tag = ""
+        if ln.startswith("["):
+            tag, ln = ln[1:].split("]", 1)
+        out.append((tag, ln.strip()))
+    return out
+
+
+def find_cutlass():
+    """CUTLASS headers: $DEEPSEEK_EXT_CUTLASS_DIR, third_party/cutlass/include
+    (staged by `make gpu-prep`), or the nvidia-cutlass Python package."""
+    candidates = [os.environ.get("DEEPSEEK_EXT_CUTLASS_DIR"), ROOT / "third_party" / "cutlass" / "include"]
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec and spec.origin:
+        candidates.append(Path(spec.origin).parent / "source" / "include")
+    for c in candidates:
+        if c and (Path(c) / "cutlass" / "cutlass.h").exists():
+            return str(c)
+    return None
 
 
 def find_nvcc():
@@ -43,7 +66,12 @@ with_cuda = nvcc is not None
 if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
 
-sources = [s for s in library_sources() if with_cuda or not s.endswith(".cu")]
+arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
+cutlass = find_cutlass() if with_cuda and "9.0a" in arch_list.replace(" ", ";").split(";") else None
+sources = [
+    path for tag, path in library_sources()
+    if (with_cuda or not path.endswith(".cu")) and (tag == "" or (tag == "cutlass-sm90" and cutlass))
+]
 sources.append("csrc/python/module.cpp")
 
 cpu_isa = os.environ.get("DEEPSEEK_EXT_CPU_ISA", "avx2" if platform.machine() == "x86_64" else "generic")
@@ -52,16 +80,19 @@ if cpu_isa not in ("avx2", "generic"):
 # at::vec picks its AVX2 implementation from these macros (as ATen's own AVX2 kernels do).
 isa_flags = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"] if cpu_isa == "avx2" else []
 cxx_flags = (["-O0", "-g"] if debug else ["-O3"]) + ["-Wno-unknown-pragmas"] + isa_flags
-nvcc_flags = (["-O0", "-G", "-g"] if debug else ["-O3", "-lineinfo"]) + [
+nvcc_flags = (["-O0", "-G", "-g"] if debug else ["-O3", "-lineinfo", "-DNDEBUG"]) + [
     "--expt-relaxed-constexpr",
     "-Xcompiler=-fno-fast-math",
 ] + [f"-Xcompiler={f}" for f in isa_flags if f.startswith("-m")]
 macros = [("DSX_WITH_CUDA", "1" if with_cuda else "0")]
+if cutlass:
+    macros.append(("DSX_WITH_CUTLASS_SM90", "1"))
 Extension = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
 ext = Extension(
     name="deepseek_ext._C",
     sources=sources,
-    include_dirs=[str(ROOT / "csrc" / "include"), str(ROOT / "csrc" / "ops"), str(ROOT / "kernels")],
+    include_dirs=[str(ROOT / "csrc" / "include"), str(ROOT / "csrc" / "ops"), str(ROOT / "kernels")]
+    + ([cutlass] if cutlass else []),
     define_macros=macros,
     extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
 )
@@ -72,6 +103,7 @@ ext = Extension(
     f"TORCH_VERSION = {torch.__version__!r}\n"
     f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n"
     f"WITH_CUDA = {with_cuda!r}\n"
+    f"WITH_CUTLASS_SM90 = {cutlass is not None!r}\n"
     f"CPU_ISA = {cpu_isa!r}\n"
     f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST', '') if with_cuda else ''!r}\n"
 )
@@ -82,6 +114,7 @@ print(
     f"  CUDA kernels     {'yes, nvcc ' + nvcc if with_cuda else 'no'}"
     f"{' (DEEPSEEK_EXT_CPU_ONLY=1)' if cpu_only else ''}\n"
     f"  arch list        {os.environ.get('TORCH_CUDA_ARCH_LIST', '-') if with_cuda else '-'}\n"
+    f"  CUTLASS sm90     {cutlass or 'no (needs nvidia-cutlass or third_party/cutlass, and 9.0a)'}\n"
     f"  CPU ISA          {cpu_isa}\n"
     f"  debug            {debug}\n"
     f"  MAX_JOBS         {os.environ.get('MAX_JOBS', 'default')}\n"

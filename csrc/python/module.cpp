@@ -9,8 +9,12 @@
 #ifndef DSX_WITH_CUDA
 #define DSX_WITH_CUDA 0
 #endif
+#ifndef DSX_WITH_CUTLASS_SM90
+#define DSX_WITH_CUTLASS_SM90 0
+#endif
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "deepseek_ext compiled operators (registered as torch.ops.deepseek_ext.*)";
   m.attr("with_cuda") = static_cast<bool>(DSX_WITH_CUDA);
+  m.attr("with_cutlass_sm90") = static_cast<bool>(DSX_WITH_CUTLASS_SM90);
 }

@@ -30,8 +30,9 @@ namespace {
 using at::vec::Vectorized;
 
 // Rows per panel: about this many bytes of float32 output, so that a panel
-// stays in the last-level cache between the GEMM and the epilogue.
-constexpr int64_t kPanelBytes = int64_t{2} << 20;
+// stays in the last-level cache between the GEMM and the epilogue, while
+// panels stay large enough that the BLAS's repacking of b per call is noise.
+constexpr int64_t kPanelBytes = int64_t{16} << 20;
 constexpr int64_t kEpilogueGrain = int64_t{1} << 15;
 
 template <typename T>

@@ -1,0 +1,107 @@
+"""matmul_unscale_check vs torch.matmul alone and vs the unfused sequence.
+
+For each shape (M, N, K) and dtype, in one run:
+  * torch.matmul(a, b)                                  -- the GEMM alone, no scaling, no check
+  * unfused: out = torch.matmul(a, b) (fp32 out when asked) then
+    torch._amp_foreach_non_finite_check_and_unscale_([out], found, inv)  -- torch's best scale + check
+  * ours: deepseek_ext.ops.matmul_unscale_check(a, b, inv, found, out_dtype)
+Weight-gradient shapes use a transposed view for `a`, as a Linear backward does.
+
+    python benchmarks/bench_gemm.py [--device cpu|cuda] [--out DIR]
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import deepseek_ext  # noqa: E402
+from benchmarks.common import compare_seconds, header, markdown_table, write_results  # noqa: E402
+
+CPU_CASES = [  # (name, M, N, K, transposed a)
+    ("square 1024", 1024, 1024, 1024, False),
+    ("square 2048", 2048, 2048, 2048, False),
+    ("wgrad (4096x1024)^T (4096x1024)", 1024, 1024, 4096, True),
+]
+GPU_CASES = [
+    ("square 4096", 4096, 4096, 4096, False),
+    ("square 8192", 8192, 8192, 8192, False),
+    ("wgrad (16384x4096)^T (16384x4096)", 4096, 4096, 16384, True),
+]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--min-run-time", type=float, default=0.5)
+    args = p.parse_args(argv)
+    dev = args.device
+    cases = GPU_CASES if dev == "cuda" else CPU_CASES
+    dtypes = [(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, None)]
+    if dev == "cpu":
+        # torch's float16 matmul on CPU is not a fair baseline (4.8 s for 1024^3 here, 100x float32).
+        dtypes = [(torch.float32, None), (torch.bfloat16, torch.float32), (torch.bfloat16, None)]
+
+    rows, data = [], []
+    for name, M, N, K, transposed in cases:
+        for dtype, out_dtype in dtypes:
+            gen = torch.Generator().manual_seed(0)
+            a = torch.randn(K, M, generator=gen).to(dtype).to(dev).t() if transposed else \
+                torch.randn(M, K, generator=gen).to(dtype).to(dev)
+            b = torch.randn(K, N, generator=gen).to(dtype).to(dev)
+            inv = torch.full((1,), 2.0**-16, device=dev)
+            found = torch.zeros(1, device=dev)
+            fp32_out = out_dtype == torch.float32 and dtype != torch.float32
+
+            def matmul_alone():
+                return torch.matmul(a, b)
+
+            def unfused():
+                out = torch.mm(a, b, out_dtype=torch.float32) if (fp32_out and dev == "cuda") else torch.matmul(a, b)
+                if fp32_out and out.dtype != torch.float32:
+                    out = out.float()
+                torch._amp_foreach_non_finite_check_and_unscale_([out], found, inv)
+                return out
+
+            def ours():
+                return deepseek_ext.ops.matmul_unscale_check(a, b, inv, found, out_dtype=out_dtype)
+
+            t_mm, t_unfused, t_ours = compare_seconds([matmul_alone, unfused, ours], dev, args.rounds,
+                                                      args.min_run_time)
+            flops = 2.0 * M * N * K
+            row = [name, f"{str(dtype)[6:]} -> {str(out_dtype or dtype)[6:]}", f"{flops / t_mm / 1e12:.3f}",
+                   f"{flops / t_unfused / 1e12:.3f}", f"{flops / t_ours / 1e12:.3f}", f"{t_ours / t_mm:.3f}",
+                   f"{t_unfused / t_ours:.3f}"]
+            rows.append(row)
+            data.append(dict(case=name, M=M, N=N, K=K, dtype=str(dtype), out_dtype=str(out_dtype or dtype),
+                             matmul_s=t_mm, unfused_s=t_unfused, ours_s=t_ours))
+            assert found.item() == 0.0
+    cols = ["shape", "dtype", "matmul TFLOP/s", "unfused TFLOP/s", "ours TFLOP/s", "ours time / matmul time",
+            "speedup vs unfused"]
+    text = header("matmul_unscale_check vs torch.matmul and the unfused matmul + scale + check", dev)
+    route = "CPU: BLAS row panels + fused epilogue" if dev == "cpu" else (
+        "CUDA: " + ("CUTLASS sm90 fused kernel" if torch.cuda.get_device_capability()[0] == 9 and
+                    getattr(deepseek_ext._C, "with_cutlass_sm90", False) else "cuBLAS + one epilogue pass (unfused)"))
+    text += f"- route: {route}\n"
+    if dev == "cpu":
+        h = torch.randn(1024, 1024).half()
+        t0 = time.perf_counter()
+        torch.matmul(h, h)
+        t_half = time.perf_counter() - t0
+        text += (f"- float16 is left out on CPU: one torch.matmul in float16 at 1024^3 took {t_half:.2f} s here "
+                 "(not a baseline worth beating)\n")
+    text += (f"- times: median over {args.rounds} alternating rounds; 'matmul' is torch.matmul in the input dtype "
+             "(no scaling, no check); 'unfused' is matmul (fp32 output when asked) + "
+             "torch._amp_foreach_non_finite_check_and_unscale_\n\n")
+    text += markdown_table(cols, rows)
+    print(text)
+    print(f"written to {write_results('gemm', dev, text, data, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
