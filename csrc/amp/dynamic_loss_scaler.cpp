@@ -50,7 +50,7 @@ void DynamicLossScaler::lazy_init(const at::Device& device) {
 at::Tensor DynamicLossScaler::scale(const at::Tensor& loss) {
   if (!options_.enabled()) return loss;
   lazy_init(loss.device());
-  return loss.to(at::kFloat) * scale_.view({});
+  return loss.to(at::kFloat) * scale_.squeeze(0);  // 0-dim: keeps the loss a scalar
 }
 
 void DynamicLossScaler::unscale_(at::TensorList grads) {

@@ -105,7 +105,7 @@ TEST(DynamicLossScaler, SkipsTheStepOnNanAndBacksOff) {
   opt.zero_grad();
   loss = model->forward(x).pow(2).mean();
   scaler.scale(loss).backward();
-  model->bias.grad().index_put_({0}, std::numeric_limits<float>::infinity());
+  model->bias.mutable_grad().index_put_({0}, std::numeric_limits<float>::infinity());
   const auto before = model->weight.detach().clone();
   EXPECT_FALSE(scaler.step(opt));
   EXPECT_TRUE(at::equal(model->weight.detach(), before));
