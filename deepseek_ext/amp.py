@@ -38,6 +38,10 @@ from deepseek_ext import ops
 
 __all__ = ["DynamicLossScaler", "LossScaleStuckError", "active_scaler"]
 
+# The stuck-at-min_scale check reads a copy of the skip counter every this many
+# updates (never the live device tensor, so never a sync).
+_STUCK_CHECK_EVERY = 8
+
 _ACTIVE: Optional["weakref.ReferenceType[DynamicLossScaler]"] = None
 
 
@@ -77,7 +81,8 @@ class DynamicLossScaler:
         min_scale, max_scale: bounds, powers of two.
         max_skips_at_min_scale: raise :class:`LossScaleStuckError` once this many
             consecutive steps were skipped while the scale sat at ``min_scale``
-            (checked without a sync, one step late). ``None`` disables the check.
+            (read from a copy every 8 updates, one update late: never a sync).
+            ``None`` disables the check.
     """
 
     def __init__(
@@ -130,7 +135,8 @@ class DynamicLossScaler:
         self._found_inf: Optional[torch.Tensor] = None  # float32[1]
         self._stages: Dict[int, _Stage] = {}
         self._pre_unscaled: Dict[int, torch.nn.Parameter] = {}
-        self._watch = None  # (pinned skip counts, pinned scale, event) of the last update
+        self._watch = None  # (pinned skip counts, pinned scale, event) of a recent update
+        self._updates = 0
 
     @classmethod
     def for_dtype(cls, dtype: torch.dtype, device: str = "cuda", **kwargs) -> "DynamicLossScaler":
@@ -290,7 +296,8 @@ class DynamicLossScaler:
 
     # -- the stuck check, one step late and without a sync -----------------
     def _start_watch(self) -> None:
-        if self._max_skips_at_min is None:
+        self._updates += 1
+        if self._max_skips_at_min is None or self._updates % _STUCK_CHECK_EVERY != 0:
             return
         if self._scale.device.type == "cuda":
             if self._watch is None:
@@ -304,7 +311,7 @@ class DynamicLossScaler:
             self._watch = (self._skip_counts.clone(), self._scale.clone(), None)
 
     def _check_not_stuck(self) -> None:
-        if self._watch is None:
+        if self._watch is None or self._updates % _STUCK_CHECK_EVERY != 0:
             return
         skips, scale, event = self._watch
         if event is not None and not event.query():

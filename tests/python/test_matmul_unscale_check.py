@@ -160,3 +160,86 @@ def test_cuda_matches_cpu():
                                                 torch.full((1,), 0.5, device="cuda"), f, out_dtype=torch.float32)
     ref = deepseek_ext.ops.matmul_unscale_check(a, b, torch.full((1,), 0.5), torch.zeros(1), out_dtype=torch.float32)
     assert rel_err(out.cpu(), ref.double()) < 1e-5 and f.item() == 0.0
+
+
+def wgrad_operands(T, M, N, dtype, device, seed=0):
+    """a = grad_out^T (column-major view), b = input (row-major): the layout of a
+    Linear weight gradient, which the fused sm90 kernel takes when 16-byte aligned."""
+    gen = torch.Generator().manual_seed(seed)
+    gy = torch.randn(T, M, generator=gen).to(dtype).to(device)
+    x = torch.randn(T, N, generator=gen).to(dtype).to(device)
+    return gy.t(), x
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 8, 8), (72, 264, 136), (1024, 512, 768), (4096, 1000, 1016)])
+def test_cuda_wgrad_layout_matches_float64(dtype, shape):
+    T, M, N = shape
+    a, b = wgrad_operands(T, M, N, dtype, "cuda")
+    found = torch.zeros(1, device="cuda")
+    out = deepseek_ext.ops.matmul_unscale_check(a, b, torch.full((1,), 2.0**-10, device="cuda"), found,
+                                                out_dtype=torch.float32)
+    assert rel_err(out.cpu(), reference(a.cpu(), b.cpu(), 2.0**-10)) < 1e-5
+    assert found.item() == 0.0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_wgrad_layout_flags_every_planted_value(dtype):
+    T, M, N = 256, 264, 136  # not a multiple of any tile: residues on both edges
+    for value in (float("inf"), float("nan")):
+        for (t, i) in [(0, 0), (T - 1, M - 1), (100, 131)]:
+            a, b = wgrad_operands(T, M, N, dtype, "cuda", seed=t + i)
+            a[i, t] = value  # a is a view: this writes grad_out[t, i]
+            found = torch.zeros(1, device="cuda")
+            deepseek_ext.ops.matmul_unscale_check(a, b, torch.ones(1, device="cuda"), found, out_dtype=torch.float32)
+            assert found.item() == 1.0, (value, t, i)
+
+
+@pytest.mark.cuda
+def test_cuda_found_inf_accumulates_across_calls():
+    a, b = wgrad_operands(128, 128, 128, torch.float16, "cuda")
+    found = torch.ones(1, device="cuda")  # set by an earlier GEMM of the same step
+    deepseek_ext.ops.matmul_unscale_check(a, b, torch.ones(1, device="cuda"), found, out_dtype=torch.float32)
+    assert found.item() == 1.0
+
+
+@pytest.mark.cuda
+def test_cuda_float32_overflow_in_output_is_flagged():
+    a = torch.full((64, 128), 60000.0, dtype=torch.float16, device="cuda").t()
+    b = torch.full((64, 128), 60000.0, dtype=torch.float16, device="cuda")
+    found = torch.zeros(1, device="cuda")
+    # 64 * 6e4^2 = 2.3e11: finite in float32 ...
+    deepseek_ext.ops.matmul_unscale_check(a, b, torch.ones(1, device="cuda"), found, out_dtype=torch.float32)
+    assert found.item() == 0.0
+    # ... and inf once multiplied by 2^100.
+    deepseek_ext.ops.matmul_unscale_check(a, b, torch.full((1,), 2.0**100, device="cuda"), found,
+                                          out_dtype=torch.float32)
+    assert found.item() == 1.0
+
+
+@pytest.mark.cuda
+def test_cuda_linear_training_step_has_no_host_sync():
+    model = torch.nn.Sequential(deepseek_ext.nn.Linear(256, 512), torch.nn.GELU(),
+                                deepseek_ext.nn.Linear(512, 256)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scaler = deepseek_ext.amp.DynamicLossScaler("cuda")
+    x = torch.randn(64, 256, device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = model(x).float().pow(2).mean()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
