@@ -12,4 +12,18 @@ TORCH_LIBRARY(deepseek_ext, m) {
   // inf/NaN. Drop-in for aten::_amp_foreach_non_finite_check_and_unscale_,
   // with float32, float16 and bfloat16 gradients mixed in one list.
   m.def("unscale_and_check_(Tensor(a!)[] grads, Tensor(b!) found_inf, Tensor inv_scale) -> ()");
+  // 8-bit gradient quantisation (blockwise int8, scale = absmax / 127 per
+  // block of the flattened tensor; see deepseek_ext/ops.h).
+  // q: int8 with x's shape; scales: float32 [ceil(numel / block_size)].
+  m.def("quantize_int8(Tensor x, int block_size=256, bool stochastic=False, int seed=0, "
+        "int offset=0) -> (Tensor q, Tensor scales)");
+  // Quantises x + residual and writes residual = (x + residual) - dequant(q).
+  m.def("quantize_int8_ef_(Tensor x, Tensor(a!) residual, int block_size=256, "
+        "bool stochastic=False, int seed=0, int offset=0) -> (Tensor q, Tensor scales)");
+  // q * scale in dtype, with q's shape (q has numel elements).
+  m.def("dequantize_int8(Tensor q, Tensor scales, int block_size, ScalarType dtype, int numel) "
+        "-> Tensor");
+  // multiplier * sum_w dequant(q[w]) for q [W, n], scales [W, nblocks] -> [n].
+  m.def("dequantize_reduce_int8(Tensor q, Tensor scales, int block_size, float multiplier, "
+        "ScalarType dtype) -> Tensor");
 }
