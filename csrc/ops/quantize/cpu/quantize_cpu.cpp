@@ -149,54 +149,110 @@ inline void mulhilo8(__m256i c, __m256i m, __m256i& lo, __m256i& hi) {
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX2)
+// Philox4x32-10 of 8 counter blocks at once: lane l of c0..c3 holds counter
+// block l's words on entry and its output words on return. kw0 / kw1: the
+// round keys.
+inline void philox8(__m256i& c0, __m256i& c1, __m256i& c2, __m256i& c3, const __m256i* kw0,
+                    const __m256i* kw1) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(philox::kMul0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(philox::kMul1));
+  for (int r = 0; r < philox::kRounds; ++r) {
+    __m256i lo0, hi0, lo1, hi1;
+    mulhilo8(c0, m0, lo0, hi0);
+    mulhilo8(c2, m1, lo1, hi1);
+    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), kw0[r]);
+    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), kw1[r]);
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+  }
+}
+
+// Stores the words of 8 counter blocks (lane l of c_j = word j of block l) as
+// 32 consecutive words, block by block.
+inline void store_blocks8(uint32_t* words, __m256i c0, __m256i c1, __m256i c2, __m256i c3) {
+  const __m256i t01lo = _mm256_unpacklo_epi32(c0, c1);  // blocks 0,1 | 4,5: w0 w1
+  const __m256i t01hi = _mm256_unpackhi_epi32(c0, c1);  // blocks 2,3 | 6,7
+  const __m256i t23lo = _mm256_unpacklo_epi32(c2, c3);
+  const __m256i t23hi = _mm256_unpackhi_epi32(c2, c3);
+  const __m256i b04 = _mm256_unpacklo_epi64(t01lo, t23lo);  // block 0 | block 4
+  const __m256i b15 = _mm256_unpackhi_epi64(t01lo, t23lo);  // block 1 | block 5
+  const __m256i b26 = _mm256_unpacklo_epi64(t01hi, t23hi);
+  const __m256i b37 = _mm256_unpackhi_epi64(t01hi, t23hi);
+  auto* out = reinterpret_cast<__m256i*>(words);
+  _mm256_storeu_si256(out + 0, _mm256_permute2x128_si256(b04, b15, 0x20));  // blocks 0, 1
+  _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(b26, b37, 0x20));  // blocks 2, 3
+  _mm256_storeu_si256(out + 2, _mm256_permute2x128_si256(b04, b15, 0x31));  // blocks 4, 5
+  _mm256_storeu_si256(out + 3, _mm256_permute2x128_si256(b26, b37, 0x31));  // blocks 6, 7
+}
+
+// Counter words 0 and 1 (low and high half of the 64-bit block index) of
+// blocks first .. first + 7, built in registers (scalar stores followed by a
+// vector load would stall on store forwarding).
+inline void counters8(uint64_t first, __m256i& c0, __m256i& c1) {
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const auto lo = static_cast<uint32_t>(first);
+  const auto hi = static_cast<uint32_t>(first >> 32);
+  c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(lo)), iota);
+  // A lane wrapped past 2^32 iff its low word is now below lo (unsigned):
+  // compare with the sign bits flipped; the all-ones mask is -1, so subtract it.
+  const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i wrapped = _mm256_cmpgt_epi32(
+      _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(lo)), flip), _mm256_xor_si256(c0, flip));
+  c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(hi)), wrapped);
+}
+#endif
+
 // words[4 * k + j] = word j of Philox counter block first + k, k < count
 // (philox::philox_block): the random words of element indices
 // [4 * first, 4 * (first + count)).
 void philox_words(uint64_t seed, uint64_t first, int64_t count, uint32_t* words) {
   int64_t k = 0;
 #if defined(CPU_CAPABILITY_AVX2)
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(philox::kMul0));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(philox::kMul1));
-  for (; k + 8 <= count; k += 8) {
-    alignas(32) uint32_t lo_idx[8], hi_idx[8];
-    for (int l = 0; l < 8; ++l) {
-      const uint64_t idx = first + static_cast<uint64_t>(k + l);
-      lo_idx[l] = static_cast<uint32_t>(idx);
-      hi_idx[l] = static_cast<uint32_t>(idx >> 32);
-    }
-    __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo_idx));
-    __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi_idx));
-    __m256i c2 = _mm256_setzero_si256();
-    __m256i c3 = _mm256_setzero_si256();
-    uint32_t k0 = static_cast<uint32_t>(seed);
-    uint32_t k1 = static_cast<uint32_t>(seed >> 32);
+  __m256i kw0[philox::kRounds], kw1[philox::kRounds];
+  uint32_t k0 = static_cast<uint32_t>(seed);
+  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < philox::kRounds; ++r) {
+    kw0[r] = _mm256_set1_epi32(static_cast<int>(k0));
+    kw1[r] = _mm256_set1_epi32(static_cast<int>(k1));
+    k0 += philox::kWeyl0;
+    k1 += philox::kWeyl1;
+  }
+  // Two independent groups of 8 blocks per step: the rounds are a chain of
+  // multiplies, so two chains in flight keep the multipliers busy.
+  for (; k + 16 <= count; k += 16) {
+    __m256i a0, a1, b0, b1;
+    counters8(first + static_cast<uint64_t>(k), a0, a1);
+    counters8(first + static_cast<uint64_t>(k + 8), b0, b1);
+    __m256i a2 = _mm256_setzero_si256(), a3 = a2, b2 = a2, b3 = a2;
+    const __m256i m0 = _mm256_set1_epi32(static_cast<int>(philox::kMul0));
+    const __m256i m1 = _mm256_set1_epi32(static_cast<int>(philox::kMul1));
     for (int r = 0; r < philox::kRounds; ++r) {
-      __m256i lo0, hi0, lo1, hi1;
-      mulhilo8(c0, m0, lo0, hi0);
-      mulhilo8(c2, m1, lo1, hi1);
-      const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-      const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-      c0 = n0;
-      c1 = lo1;
-      c2 = n2;
-      c3 = lo0;
-      k0 += philox::kWeyl0;
-      k1 += philox::kWeyl1;
+      __m256i alo0, ahi0, alo1, ahi1, blo0, bhi0, blo1, bhi1;
+      mulhilo8(a0, m0, alo0, ahi0);
+      mulhilo8(b0, m0, blo0, bhi0);
+      mulhilo8(a2, m1, alo1, ahi1);
+      mulhilo8(b2, m1, blo1, bhi1);
+      a0 = _mm256_xor_si256(_mm256_xor_si256(ahi1, a1), kw0[r]);
+      b0 = _mm256_xor_si256(_mm256_xor_si256(bhi1, b1), kw0[r]);
+      a2 = _mm256_xor_si256(_mm256_xor_si256(ahi0, a3), kw1[r]);
+      b2 = _mm256_xor_si256(_mm256_xor_si256(bhi0, b3), kw1[r]);
+      a1 = alo1;
+      b1 = blo1;
+      a3 = alo0;
+      b3 = blo0;
     }
-    // 4x8 transpose: lane l of c_j is word j of block k + l.
-    const __m256i t01lo = _mm256_unpacklo_epi32(c0, c1);  // blocks 0,1 | 4,5: w0 w1
-    const __m256i t01hi = _mm256_unpackhi_epi32(c0, c1);  // blocks 2,3 | 6,7
-    const __m256i t23lo = _mm256_unpacklo_epi32(c2, c3);
-    const __m256i t23hi = _mm256_unpackhi_epi32(c2, c3);
-    const __m256i b04 = _mm256_unpacklo_epi64(t01lo, t23lo);  // block 0 | block 4
-    const __m256i b15 = _mm256_unpackhi_epi64(t01lo, t23lo);  // block 1 | block 5
-    const __m256i b26 = _mm256_unpacklo_epi64(t01hi, t23hi);
-    const __m256i b37 = _mm256_unpackhi_epi64(t01hi, t23hi);
-    auto* out = reinterpret_cast<__m256i*>(words + 4 * k);
-    _mm256_storeu_si256(out + 0, _mm256_permute2x128_si256(b04, b15, 0x20));  // blocks 0, 1
-    _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(b26, b37, 0x20));  // blocks 2, 3
-    _mm256_storeu_si256(out + 2, _mm256_permute2x128_si256(b04, b15, 0x31));  // blocks 4, 5
-    _mm256_storeu_si256(out + 3, _mm256_permute2x128_si256(b26, b37, 0x31));  // blocks 6, 7
+    store_blocks8(words + 4 * k, a0, a1, a2, a3);
+    store_blocks8(words + 4 * (k + 8), b0, b1, b2, b3);
+  }
+  for (; k + 8 <= count; k += 8) {
+    __m256i c0, c1;
+    counters8(first + static_cast<uint64_t>(k), c0, c1);
+    __m256i c2 = _mm256_setzero_si256(), c3 = c2;
+    philox8(c0, c1, c2, c3, kw0, kw1);
+    store_blocks8(words + 4 * k, c0, c1, c2, c3);
   }
 #endif
   for (; k < count; ++k) {
