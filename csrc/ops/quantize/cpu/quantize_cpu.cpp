@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -207,8 +208,8 @@ inline void counters8(uint64_t first, __m256i& c0, __m256i& c1) {
 
 // words[4 * k + j] = word j of Philox counter block first + k, k < count
 // (philox::philox_block): the random words of element indices
-// [4 * first, 4 * (first + count)).
-void philox_words(uint64_t seed, uint64_t first, int64_t count, uint32_t* words) {
+// [4 * first, 4 * (first + count)). AVX2 (or scalar) version.
+void philox_words_avx2(uint64_t seed, uint64_t first, int64_t count, uint32_t* words) {
   int64_t k = 0;
 #if defined(CPU_CAPABILITY_AVX2)
   __m256i kw0[philox::kRounds], kw1[philox::kRounds];
@@ -259,6 +260,74 @@ void philox_words(uint64_t seed, uint64_t first, int64_t count, uint32_t* words)
     const philox::Words w = philox::philox_block(seed, first + static_cast<uint64_t>(k));
     std::memcpy(words + 4 * k, w.w, sizeof w.w);
   }
+}
+
+#if defined(CPU_CAPABILITY_AVX2) && defined(__GNUC__) && defined(__x86_64__)
+#define DSX_HAVE_AVX512_PHILOX 1
+// The same words with AVX-512F, used when the CPU has it (the build targets
+// AVX2; this one function is compiled for AVX-512F and chosen at run time).
+// Each 64-bit lane holds one counter block, its 32-bit words in the low
+// halves: one vpmuludq then gives the full 64-bit product (lo in the low half,
+// hi after a shift). The high halves collect garbage that never reaches a low
+// half (vpmuludq reads only low halves, shifts move high to low only from
+// fresh products). Four independent groups of 8 blocks hide the multiply latency.
+__attribute__((target("avx512f"))) void philox_words_avx512(uint64_t seed, uint64_t first,
+                                                            int64_t count, uint32_t* words) {
+  constexpr int kGroups = 4;
+  const __m512i m0 = _mm512_set1_epi64(philox::kMul0);
+  const __m512i m1 = _mm512_set1_epi64(philox::kMul1);
+  const __m512i iota = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  __m512i kw0[philox::kRounds], kw1[philox::kRounds];
+  uint32_t k0 = static_cast<uint32_t>(seed);
+  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < philox::kRounds; ++r) {
+    kw0[r] = _mm512_set1_epi64(k0);
+    kw1[r] = _mm512_set1_epi64(k1);
+    k0 += philox::kWeyl0;
+    k1 += philox::kWeyl1;
+  }
+  const __m512i low32 = _mm512_set1_epi64(0xffffffffLL);
+  int64_t k = 0;
+  for (; k + 8 * kGroups <= count; k += 8 * kGroups) {
+    __m512i c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
+    for (int g = 0; g < kGroups; ++g) {
+      const __m512i idx = _mm512_add_epi64(
+          _mm512_set1_epi64(static_cast<long long>(first + static_cast<uint64_t>(k + 8 * g))), iota);
+      c0[g] = _mm512_and_si512(idx, low32);
+      c1[g] = _mm512_srli_epi64(idx, 32);
+      c2[g] = _mm512_setzero_si512();
+      c3[g] = _mm512_setzero_si512();
+    }
+    for (int r = 0; r < philox::kRounds; ++r) {
+      for (int g = 0; g < kGroups; ++g) {
+        const __m512i p0 = _mm512_mul_epu32(c0[g], m0);
+        const __m512i p1 = _mm512_mul_epu32(c2[g], m1);
+        // 0x96: a ^ b ^ c
+        c0[g] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), c1[g], kw0[r], 0x96);
+        c2[g] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), c3[g], kw1[r], 0x96);
+        c1[g] = p1;
+        c3[g] = p0;
+      }
+    }
+    for (int g = 0; g < kGroups; ++g) {
+      store_blocks8(words + 4 * (k + 8 * g), _mm512_cvtepi64_epi32(c0[g]),
+                    _mm512_cvtepi64_epi32(c1[g]), _mm512_cvtepi64_epi32(c2[g]),
+                    _mm512_cvtepi64_epi32(c3[g]));
+    }
+  }
+  philox_words_avx2(seed, first + static_cast<uint64_t>(k), count - k, words + 4 * k);
+}
+#endif
+
+// The best philox_words for this CPU. DEEPSEEK_EXT_DISABLE_AVX512=1 forces
+// the AVX2 path (to test it on an AVX-512 machine).
+void philox_words(uint64_t seed, uint64_t first, int64_t count, uint32_t* words) {
+#if defined(DSX_HAVE_AVX512_PHILOX)
+  static const bool use_avx512 = __builtin_cpu_supports("avx512f") &&
+                                 std::getenv("DEEPSEEK_EXT_DISABLE_AVX512") == nullptr;
+  if (use_avx512) return philox_words_avx512(seed, first, count, words);
+#endif
+  philox_words_avx2(seed, first, count, words);
 }
 
 struct QuantArgs {
