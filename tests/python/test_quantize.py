@@ -148,6 +148,33 @@ def test_philox_reference_known_answers():
     assert philox_words(0, idx).tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
 
 
+def test_cpu_philox_paths_agree(tmp_path):
+    # On a CPU with AVX-512F the kernels draw Philox words with AVX-512;
+    # DEEPSEEK_EXT_DISABLE_AVX512=1 (read once per process) forces the AVX2 path.
+    # Both must give the reference's bits (elsewhere the two runs share a path).
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch, deepseek_ext\n"
+        "x = torch.randn(70001, generator=torch.Generator().manual_seed(0))\n"
+        "outs = [deepseek_ext.ops.quantize_int8(x, bs, True, 2**40 + 9, off)[0] for bs, off in ((32, 3), (256, 2**33 + 1), (4096, 0))]\n"
+        "torch.save(outs, sys.argv[1])\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(deepseek_ext.__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, DEEPSEEK_EXT_DISABLE_AVX512="1", PYTHONPATH=path)
+    out = tmp_path / "avx2.pt"
+    subprocess.run([sys.executable, "-c", script, str(out)], env=env, check=True)
+    avx2 = torch.load(out)
+    x = torch.randn(70001, generator=torch.Generator().manual_seed(0))
+    for q2, (bs, off) in zip(avx2, ((32, 3), (256, 2**33 + 1), (4096, 0))):
+        q_ref, _, _ = quantize_ref(x, bs, True, 2**40 + 9, off)
+        assert_bitwise(q2, q_ref)
+        assert_bitwise(ops.quantize_int8(x, bs, True, 2**40 + 9, off)[0], q_ref)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [32, 256, 4096])
