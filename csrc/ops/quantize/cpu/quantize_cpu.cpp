@@ -212,49 +212,51 @@ inline void counters8(uint64_t first, __m256i& c0, __m256i& c1) {
 void philox_words_avx2(uint64_t seed, uint64_t first, int64_t count, uint32_t* words) {
   int64_t k = 0;
 #if defined(CPU_CAPABILITY_AVX2)
-  __m256i kw0[philox::kRounds], kw1[philox::kRounds];
-  uint32_t k0 = static_cast<uint32_t>(seed);
-  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-  for (int r = 0; r < philox::kRounds; ++r) {
-    kw0[r] = _mm256_set1_epi32(static_cast<int>(k0));
-    kw1[r] = _mm256_set1_epi32(static_cast<int>(k1));
-    k0 += philox::kWeyl0;
-    k1 += philox::kWeyl1;
-  }
-  // Two independent groups of 8 blocks per step: the rounds are a chain of
-  // multiplies, so two chains in flight keep the multipliers busy.
-  for (; k + 16 <= count; k += 16) {
-    __m256i a0, a1, b0, b1;
-    counters8(first + static_cast<uint64_t>(k), a0, a1);
-    counters8(first + static_cast<uint64_t>(k + 8), b0, b1);
-    __m256i a2 = _mm256_setzero_si256(), a3 = a2, b2 = a2, b3 = a2;
-    const __m256i m0 = _mm256_set1_epi32(static_cast<int>(philox::kMul0));
-    const __m256i m1 = _mm256_set1_epi32(static_cast<int>(philox::kMul1));
+  if (count >= 8) {
+    __m256i kw0[philox::kRounds], kw1[philox::kRounds];
+    uint32_t k0 = static_cast<uint32_t>(seed);
+    uint32_t k1 = static_cast<uint32_t>(seed >> 32);
     for (int r = 0; r < philox::kRounds; ++r) {
-      __m256i alo0, ahi0, alo1, ahi1, blo0, bhi0, blo1, bhi1;
-      mulhilo8(a0, m0, alo0, ahi0);
-      mulhilo8(b0, m0, blo0, bhi0);
-      mulhilo8(a2, m1, alo1, ahi1);
-      mulhilo8(b2, m1, blo1, bhi1);
-      a0 = _mm256_xor_si256(_mm256_xor_si256(ahi1, a1), kw0[r]);
-      b0 = _mm256_xor_si256(_mm256_xor_si256(bhi1, b1), kw0[r]);
-      a2 = _mm256_xor_si256(_mm256_xor_si256(ahi0, a3), kw1[r]);
-      b2 = _mm256_xor_si256(_mm256_xor_si256(bhi0, b3), kw1[r]);
-      a1 = alo1;
-      b1 = blo1;
-      a3 = alo0;
-      b3 = blo0;
+      kw0[r] = _mm256_set1_epi32(static_cast<int>(k0));
+      kw1[r] = _mm256_set1_epi32(static_cast<int>(k1));
+      k0 += philox::kWeyl0;
+      k1 += philox::kWeyl1;
     }
-    store_blocks8(words + 4 * k, a0, a1, a2, a3);
-    store_blocks8(words + 4 * (k + 8), b0, b1, b2, b3);
-  }
-  for (; k + 8 <= count; k += 8) {
-    __m256i c0, c1;
-    counters8(first + static_cast<uint64_t>(k), c0, c1);
-    __m256i c2 = _mm256_setzero_si256(), c3 = c2;
-    philox8(c0, c1, c2, c3, kw0, kw1);
-    store_blocks8(words + 4 * k, c0, c1, c2, c3);
-  }
+    // Two independent groups of 8 blocks per step: the rounds are a chain of
+    // multiplies, so two chains in flight keep the multipliers busy.
+    for (; k + 16 <= count; k += 16) {
+      __m256i a0, a1, b0, b1;
+      counters8(first + static_cast<uint64_t>(k), a0, a1);
+      counters8(first + static_cast<uint64_t>(k + 8), b0, b1);
+      __m256i a2 = _mm256_setzero_si256(), a3 = a2, b2 = a2, b3 = a2;
+      const __m256i m0 = _mm256_set1_epi32(static_cast<int>(philox::kMul0));
+      const __m256i m1 = _mm256_set1_epi32(static_cast<int>(philox::kMul1));
+      for (int r = 0; r < philox::kRounds; ++r) {
+        __m256i alo0, ahi0, alo1, ahi1, blo0, bhi0, blo1, bhi1;
+        mulhilo8(a0, m0, alo0, ahi0);
+        mulhilo8(b0, m0, blo0, bhi0);
+        mulhilo8(a2, m1, alo1, ahi1);
+        mulhilo8(b2, m1, blo1, bhi1);
+        a0 = _mm256_xor_si256(_mm256_xor_si256(ahi1, a1), kw0[r]);
+        b0 = _mm256_xor_si256(_mm256_xor_si256(bhi1, b1), kw0[r]);
+        a2 = _mm256_xor_si256(_mm256_xor_si256(ahi0, a3), kw1[r]);
+        b2 = _mm256_xor_si256(_mm256_xor_si256(bhi0, b3), kw1[r]);
+        a1 = alo1;
+        b1 = blo1;
+        a3 = alo0;
+        b3 = blo0;
+      }
+      store_blocks8(words + 4 * k, a0, a1, a2, a3);
+      store_blocks8(words + 4 * (k + 8), b0, b1, b2, b3);
+    }
+    for (; k + 8 <= count; k += 8) {
+      __m256i c0, c1;
+      counters8(first + static_cast<uint64_t>(k), c0, c1);
+      __m256i c2 = _mm256_setzero_si256(), c3 = c2;
+      philox8(c0, c1, c2, c3, kw0, kw1);
+      store_blocks8(words + 4 * k, c0, c1, c2, c3);
+    }
+  }  // count >= 8
 #endif
   for (; k < count; ++k) {
     const philox::Words w = philox::philox_block(seed, first + static_cast<uint64_t>(k));
@@ -268,9 +270,9 @@ void philox_words_avx2(uint64_t seed, uint64_t first, int64_t count, uint32_t* w
 // AVX2; this one function is compiled for AVX-512F and chosen at run time).
 // Each 64-bit lane holds one counter block, its 32-bit words in the low
 // halves: one vpmuludq then gives the full 64-bit product (lo in the low half,
-// hi after a shift). The high halves collect garbage that never reaches a low
-// half (vpmuludq reads only low halves, shifts move high to low only from
-// fresh products). Four independent groups of 8 blocks hide the multiply latency.
+// hi after swapping halves). The high halves collect garbage that never
+// reaches a low half (vpmuludq reads only low halves; the swap moves a high
+// half down only from a fresh product). Four independent groups of 8 blocks hide the multiply latency.
 __attribute__((target("avx512f"))) void philox_words_avx512(uint64_t seed, uint64_t first,
                                                             int64_t count, uint32_t* words) {
   constexpr int kGroups = 4;
@@ -302,9 +304,12 @@ __attribute__((target("avx512f"))) void philox_words_avx512(uint64_t seed, uint6
       for (int g = 0; g < kGroups; ++g) {
         const __m512i p0 = _mm512_mul_epu32(c0[g], m0);
         const __m512i p1 = _mm512_mul_epu32(c2[g], m1);
-        // 0x96: a ^ b ^ c
-        c0[g] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), c1[g], kw0[r], 0x96);
-        c2[g] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), c3[g], kw1[r], 0x96);
+        // hi: swap the 32-bit halves (a shuffle, off the multiplier's port;
+        // the high half it leaves behind is garbage, see above). 0x96: a ^ b ^ c.
+        const __m512i hi0 = _mm512_shuffle_epi32(p0, _MM_PERM_CDAB);
+        const __m512i hi1 = _mm512_shuffle_epi32(p1, _MM_PERM_CDAB);
+        c0[g] = _mm512_ternarylogic_epi64(hi1, c1[g], kw0[r], 0x96);
+        c2[g] = _mm512_ternarylogic_epi64(hi0, c3[g], kw1[r], 0x96);
         c1[g] = p1;
         c3[g] = p0;
       }
