@@ -131,7 +131,11 @@ def main(argv=None):
                 fns = [lambda: torch.clone(x), lambda: dst.copy_(x), eager, ours]
                 extra = None
                 if bnbf is not None and dev == "cuda" and name == "quantize":
-                    fns.append(lambda: bnbf.quantize_blockwise(x, blocksize=bs))
+                    try:
+                        bnbf.quantize_blockwise(x, blocksize=bs)
+                        fns.append(lambda: bnbf.quantize_blockwise(x, blocksize=bs))
+                    except Exception as e:  # e.g. a dtype or block size it does not take
+                        print(f"bitsandbytes quantize_blockwise failed on {dtype}: {e}", flush=True)
                 ts = compare_seconds(fns, dev, rounds=args.rounds, min_run_time=args.min_run_time)
                 t_clone, t_copy, t_eager, t_ours = ts[:4]
                 clone_gbs = 2 * n * b / t_clone / 1e9
