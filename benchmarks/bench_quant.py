@@ -141,7 +141,8 @@ def main(argv=None):
                 clone_gbs = 2 * n * b / t_clone / 1e9
                 copy_gbs = 2 * n * b / t_copy / 1e9
                 gbs = nbytes / t_ours / 1e9
-                row = [name, str(dtype).replace("torch.", ""), f"{n / 2**20:.0f}M", f"{t_ours * 1e3:.3f}",
+                label = f"{n / 2**20:.0f}M" if n >= 2**20 else f"{n / 2**10:.0f}K"
+                row = [name, str(dtype).replace("torch.", ""), label, f"{t_ours * 1e3:.3f}",
                        f"{gbs:.1f}", f"{t_eager * 1e3:.3f}", f"{t_eager / t_ours:.1f}x",
                        f"{clone_gbs:.1f}", f"{100 * gbs / clone_gbs:.0f}%",
                        f"{copy_gbs:.1f}", f"{100 * gbs / copy_gbs:.0f}%"]
