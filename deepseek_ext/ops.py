@@ -155,3 +155,199 @@ def _update_scale_fake(scale, growth_tracker, hysteresis_tracker, skip_counts, f
         torch._check(t.dtype == dtype, lambda: f"{name} must be a {dtype} tensor, got {t.dtype}")
         torch._check(t.numel() == n, lambda: f"{name} must have {n} element(s), got {t.numel()}")
     return None
+# ---- 8-bit gradient quantisation (blockwise int8) ----
+#
+# The flattened tensor is cut into blocks of ``block_size`` elements (a positive
+# multiple of 32 up to 4096; the last block may be partial). Each block gets a
+# float32 scale = absmax / 127 and int8 values q = round(x / scale). A block of
+# zeros has scale 0; a block holding inf or NaN has scale NaN (and q 0), so
+# dequantising it yields NaN. See csrc/include/deepseek_ext/detail/int8_quant.h.
+
+__all__ += ["quantize_int8", "quantize_int8_ef_", "dequantize_int8", "dequantize_reduce_int8"]
+
+_MAX_BLOCK_SIZE = 4096
+
+
+def _num_blocks(n, block_size: int):
+    return (n + block_size - 1) // block_size
+
+
+def quantize_int8(
+    x: torch.Tensor, block_size: int = 256, stochastic: bool = False, seed: int = 0, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise int8 quantisation of ``x`` (flattened).
+
+    Args:
+        x: float32, float16 or bfloat16 tensor, any shape and strides.
+        block_size: elements per block, a positive multiple of 32 up to 4096.
+        stochastic: round stochastically (unbiased: E[q * scale] = x) instead of
+            to nearest-even. The random words come from Philox4x32-10 keyed by
+            ``seed`` at counter ``offset + i`` for element ``i``, so CPU and CUDA
+            give bit-identical results; use a fresh ``offset`` (or ``seed``) per
+            call to draw fresh numbers.
+        seed: 64-bit Philox key.
+        offset: index of the first element in the random stream (>= 0).
+
+    Returns:
+        ``(q, scales)``: int8 ``q`` with ``x``'s shape, float32 ``scales`` of
+        ``ceil(x.numel() / block_size)`` elements.
+    """
+    return torch.ops.deepseek_ext.quantize_int8.default(x, block_size, stochastic, seed, offset)
+
+
+def quantize_int8_ef_(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    block_size: int = 256,
+    stochastic: bool = False,
+    seed: int = 0,
+    offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantisation with error feedback, in one pass.
+
+    Quantises ``y = x + residual`` (in float32) like :func:`quantize_int8` and
+    writes the part that was not sent, ``y - q * scale`` (one rounding), back
+    into ``residual``. A bfloat16 ``residual`` stores that value rounded to
+    bfloat16. A block holding inf/NaN leaves its residual unchanged (its scale
+    is NaN, so the bad gradient is still visible downstream).
+
+    Args:
+        x: float32, float16 or bfloat16 tensor.
+        residual: float32 or bfloat16 tensor with ``x.numel()`` elements on
+            ``x``'s device; updated in place.
+        block_size, stochastic, seed, offset: as in :func:`quantize_int8`.
+
+    Returns:
+        ``(q, scales)`` of ``x + residual``.
+    """
+    return torch.ops.deepseek_ext.quantize_int8_ef_.default(
+        x, residual, block_size, stochastic, seed, offset
+    )
+
+
+def dequantize_int8(
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    block_size: int,
+    dtype: torch.dtype = torch.float32,
+    numel: int | None = None,
+) -> torch.Tensor:
+    """``q * scale`` per block, in ``dtype``, with ``q``'s shape.
+
+    Args:
+        q: int8 tensor of ``numel`` elements (from :func:`quantize_int8`).
+        scales: float32 1-D tensor of ``ceil(numel / block_size)`` elements.
+        block_size: the block size ``q`` was made with.
+        dtype: float32, float16 or bfloat16.
+        numel: number of elements (default ``q.numel()``); must equal ``q.numel()``.
+    """
+    if numel is None:
+        numel = q.numel()
+    return torch.ops.deepseek_ext.dequantize_int8.default(q, scales, block_size, dtype, numel)
+
+
+def dequantize_reduce_int8(
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    block_size: int,
+    multiplier: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``multiplier * sum_w q[w] * scales[w]`` in one pass, accumulated in float32.
+
+    The reduce step of a compressed reduce-scatter: ``q`` ``[W, n]`` holds W
+    ranks' quantised copies of one shard, ``scales`` ``[W, ceil(n / block_size)]``
+    their scales. Ranks are summed in order 0..W-1, each term with one fused
+    multiply-add, then multiplied by ``multiplier`` (e.g. ``1 / W`` for a mean).
+
+    Returns:
+        ``[n]`` tensor of ``dtype`` (float32, float16 or bfloat16).
+    """
+    return torch.ops.deepseek_ext.dequantize_reduce_int8.default(
+        q, scales, block_size, multiplier, dtype
+    )
+
+
+def _check_block_size(block_size: int) -> None:
+    torch._check(
+        block_size > 0 and block_size % 32 == 0 and block_size <= _MAX_BLOCK_SIZE,
+        lambda: f"block_size must be a positive multiple of 32 up to {_MAX_BLOCK_SIZE}, got {block_size}",
+    )
+
+
+def _check_quantize(x: torch.Tensor, block_size: int, offset: int) -> None:
+    torch._check(
+        x.dtype in _FLOAT_DTYPES, lambda: f"x must be float32, float16 or bfloat16, got {x.dtype}"
+    )
+    _check_block_size(block_size)
+    torch._check(offset >= 0, lambda: f"offset must be >= 0, got {offset}")
+
+
+@torch.library.register_fake("deepseek_ext::quantize_int8")
+def _quantize_int8_fake(x, block_size=256, stochastic=False, seed=0, offset=0):
+    _check_quantize(x, block_size, offset)
+    q = x.new_empty(x.shape, dtype=torch.int8)
+    scales = x.new_empty((_num_blocks(x.numel(), block_size),), dtype=torch.float32)
+    return q, scales
+
+
+@torch.library.register_fake("deepseek_ext::quantize_int8_ef_")
+def _quantize_int8_ef_fake(x, residual, block_size=256, stochastic=False, seed=0, offset=0):
+    _check_quantize(x, block_size, offset)
+    torch._check(
+        residual.device == x.device,
+        lambda: f"residual must be on the same device as x ({x.device}), got {residual.device}",
+    )
+    torch._check(
+        residual.dtype in (torch.float32, torch.bfloat16),
+        lambda: f"residual must be float32 or bfloat16, got {residual.dtype}",
+    )
+    torch._check(
+        residual.numel() == x.numel(),
+        lambda: f"residual must have as many elements as x ({x.numel()}), got {residual.numel()}",
+    )
+    return _quantize_int8_fake(x, block_size, stochastic, seed, offset)
+
+
+def _check_q_scales(q: torch.Tensor, scales: torch.Tensor, block_size: int, dtype) -> None:
+    torch._check(
+        scales.device == q.device,
+        lambda: f"scales must be on the same device as q ({q.device}), got {scales.device}",
+    )
+    torch._check(q.dtype == torch.int8, lambda: f"q must be an int8 tensor, got {q.dtype}")
+    torch._check(
+        scales.dtype == torch.float32, lambda: f"scales must be a float32 tensor, got {scales.dtype}"
+    )
+    _check_block_size(block_size)
+    torch._check(
+        dtype in _FLOAT_DTYPES, lambda: f"dtype must be float32, float16 or bfloat16, got {dtype}"
+    )
+
+
+@torch.library.register_fake("deepseek_ext::dequantize_int8")
+def _dequantize_int8_fake(q, scales, block_size, dtype, numel):
+    _check_q_scales(q, scales, block_size, dtype)
+    torch._check(numel >= 0, lambda: f"numel must be >= 0, got {numel}")
+    torch._check(
+        q.numel() == numel, lambda: f"q must have numel = {numel} elements, got {q.numel()}"
+    )
+    nblocks = _num_blocks(numel, block_size)
+    torch._check(
+        scales.dim() == 1 and scales.numel() == nblocks,
+        lambda: f"scales must be a 1-D tensor of ceil(numel / block_size) = {nblocks} elements, "
+        f"got shape {tuple(scales.shape)}",
+    )
+    return q.new_empty(q.shape, dtype=dtype)
+
+
+@torch.library.register_fake("deepseek_ext::dequantize_reduce_int8")
+def _dequantize_reduce_int8_fake(q, scales, block_size, multiplier, dtype):
+    _check_q_scales(q, scales, block_size, dtype)
+    torch._check(q.dim() == 2, lambda: f"q must be a 2-D tensor [world_size, n], got shape {tuple(q.shape)}")
+    nblocks = _num_blocks(q.shape[1], block_size)
+    torch._check(
+        scales.dim() == 2 and scales.shape[0] == q.shape[0] and scales.shape[1] == nblocks,
+        lambda: f"scales must have shape [{q.shape[0]}, {nblocks}] (q's world_size, "
+        f"ceil(n / block_size)), got {tuple(scales.shape)}",
+    )
+    return q.new_empty((q.shape[1],), dtype=dtype)

@@ -28,4 +28,18 @@ TORCH_LIBRARY(deepseek_ext, m) {
   m.def("update_scale_(Tensor(a!) scale, Tensor(b!) growth_tracker, Tensor(c!) hysteresis_tracker, "
         "Tensor(d!) skip_counts, Tensor found_inf, float growth_factor, float backoff_factor, "
         "int growth_interval, int hysteresis, float min_scale, float max_scale) -> ()");
+  // 8-bit gradient quantisation (blockwise int8, scale = absmax / 127 per
+  // block of the flattened tensor; see deepseek_ext/ops.h).
+  // q: int8 with x's shape; scales: float32 [ceil(numel / block_size)].
+  m.def("quantize_int8(Tensor x, int block_size=256, bool stochastic=False, int seed=0, "
+        "int offset=0) -> (Tensor q, Tensor scales)");
+  // Quantises x + residual and writes residual = (x + residual) - dequant(q).
+  m.def("quantize_int8_ef_(Tensor x, Tensor(a!) residual, int block_size=256, "
+        "bool stochastic=False, int seed=0, int offset=0) -> (Tensor q, Tensor scales)");
+  // q * scale in dtype, with q's shape (q has numel elements).
+  m.def("dequantize_int8(Tensor q, Tensor scales, int block_size, ScalarType dtype, int numel) "
+        "-> Tensor");
+  // multiplier * sum_w dequant(q[w]) for q [W, n], scales [W, nblocks] -> [n].
+  m.def("dequantize_reduce_int8(Tensor q, Tensor scales, int block_size, float multiplier, "
+        "ScalarType dtype) -> Tensor");
 }

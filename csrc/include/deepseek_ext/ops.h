@@ -4,9 +4,12 @@
 // inputs exactly as `torch.ops.deepseek_ext.<op>` does from Python.
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/ArrayRef.h>
 
 #include <optional>
+#include <cstdint>
+#include <tuple>
 
 namespace deepseek_ext {
 
@@ -40,5 +43,40 @@ void update_scale_(const at::Tensor& scale, const at::Tensor& growth_tracker,
                    const at::Tensor& hysteresis_tracker, const at::Tensor& skip_counts,
                    const at::Tensor& found_inf, double growth_factor, double backoff_factor,
                    int64_t growth_interval, int64_t hysteresis, double min_scale, double max_scale);
+// ---- 8-bit gradient quantisation (int8, blockwise) ----
+// The flattened tensor is cut into blocks of `block_size` elements (a positive
+// multiple of 32 up to 4096; the last block may be partial). Each block has a
+// float32 scale = absmax / 127 and int8 values q = round(x / scale). A block of
+// zeros has scale 0; a block holding inf or NaN has scale NaN (and q 0), so
+// that dequantising it gives NaN. Rounding is to nearest (ties to even), or,
+// with `stochastic`, unbiased stochastic rounding driven by Philox4x32-10 keyed
+// by `seed` at counter `offset + element index`: the CPU and CUDA kernels give
+// bit-identical q and scales. The math is in deepseek_ext/detail/int8_quant.h.
+
+// Returns (q, scales): q int8 with x's shape, scales float32 [ceil(numel / block_size)].
+//   x: float32 / float16 / bfloat16, any shape and strides.
+std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& x, int64_t block_size = 256,
+                                                 bool stochastic = false, int64_t seed = 0,
+                                                 int64_t offset = 0);
+
+// Error feedback: quantises y = x + residual and stores residual = y - q * scale
+// (one rounding; in residual's dtype, float32 or bfloat16) in the same pass.
+// A non-finite block leaves its residual unchanged. Returns (q, scales) of y.
+std::tuple<at::Tensor, at::Tensor> quantize_int8_ef_(const at::Tensor& x,
+                                                     const at::Tensor& residual,
+                                                     int64_t block_size = 256,
+                                                     bool stochastic = false, int64_t seed = 0,
+                                                     int64_t offset = 0);
+
+// q * scale in `dtype`, with q's shape; q must have `numel` elements and scales
+// ceil(numel / block_size).
+at::Tensor dequantize_int8(const at::Tensor& q, const at::Tensor& scales, int64_t block_size,
+                           at::ScalarType dtype, int64_t numel);
+
+// multiplier * sum_w q[w] * scales[w] over the W rows of q [W, n] (scales
+// [W, ceil(n / block_size)]), accumulated in float32 in rank order, returned
+// as [n] in `dtype`: the reduce step of a compressed reduce-scatter.
+at::Tensor dequantize_reduce_int8(const at::Tensor& q, const at::Tensor& scales,
+                                  int64_t block_size, double multiplier, at::ScalarType dtype);
 
 }  // namespace deepseek_ext

@@ -1,0 +1,163 @@
+#pragma once
+// Blockwise int8 quantisation math, the single definition used by the CPU and
+// the CUDA kernels (and by the C++ tests as the reference).
+//
+// A block of values y gets scale = absmax(y) / 127 (float32) and
+// q = round(y / scale) in [-127, 127]:
+//   * round-to-nearest-even: q = rint(y / scale);
+//   * stochastic: with v = y / scale, f = floor(v) and u uniform in [0, 1)
+//     from the top 24 bits of one Philox word, q = f + (u < v - f).
+//     v - f is exact, so P(q = f + 1) = ceil((v - f) * 2^24) / 2^24: unbiased
+//     up to less than 2^-24 of a quantisation step.
+//   * a block of zeros has scale 0 and q 0; a block whose absmax underflows
+//     scale to 0 (|y| < 127 * 2^-149) is sent as zeros too;
+//   * a block holding inf or NaN has scale NaN and q 0, so that its
+//     dequantised values are NaN: non-finite gradients stay visible.
+// Dequantisation is q * scale; error feedback keeps y - q * scale computed as
+// one fused multiply-add (fma(-q, scale, y)), a reduction over ranks
+// accumulates acc = fma(q, scale, acc) in rank order.
+//
+// Bit identity between the host and the device rests on using only correctly
+// rounded IEEE operations (division, multiplication, fma, rint, floor) that
+// the compilers may not reshape: device code calls the _rn intrinsics (never
+// contracted), host code writes every multiply-add as an explicit fma and is
+// built without -ffast-math. absmax is taken on the raw bits, so NaN ordering
+// and fast-math do not matter.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "deepseek_ext/detail/macros.h"
+
+namespace deepseek_ext {
+namespace int8q {
+
+constexpr int64_t kBlockMultiple = 32;   // block_size is a multiple of this
+constexpr int64_t kMaxBlockSize = 4096;  // and at most this
+constexpr float kQMax = 127.0f;
+constexpr uint32_t kMagnitudeMask = 0x7fffffffu;
+constexpr uint32_t kInfBits = 0x7f800000u;
+constexpr uint32_t kQuietNaNBits = 0x7fc00000u;
+constexpr float kTwoPowMinus24 = 5.9604644775390625e-08f;  // 2^-24
+
+DSX_INLINE float bits_to_float(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+#endif
+}
+
+DSX_INLINE uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  return b;
+#endif
+}
+
+// |x| as bits: the maximum of these over a block orders like |x| for finite
+// values and is >= kInfBits exactly when the block holds an inf or NaN.
+DSX_INLINE uint32_t magnitude_bits(float x) { return float_to_bits(x) & kMagnitudeMask; }
+
+// Correctly rounded operations that no compiler turns into something else.
+DSX_INLINE float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+DSX_INLINE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+DSX_INLINE float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+DSX_INLINE float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+DSX_INLINE float fma_rn(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+DSX_INLINE float rint_rn(float x) {
+#if defined(__CUDA_ARCH__)
+  return rintf(x);
+#else
+  return std::nearbyint(x);  // default rounding mode: to nearest, ties to even
+#endif
+}
+DSX_INLINE float floor_f(float x) {
+#if defined(__CUDA_ARCH__)
+  return floorf(x);
+#else
+  return std::floor(x);
+#endif
+}
+
+// The scale of a block from the largest magnitude_bits() of its values.
+DSX_INLINE float scale_from_absmax_bits(uint32_t absmax_bits) {
+  if (absmax_bits >= kInfBits) return bits_to_float(kQuietNaNBits);
+  return div_rn(bits_to_float(absmax_bits), kQMax);
+}
+
+// Whether values of a block with this scale are quantised (false for the
+// zero scale of an all-zero / underflowing block and the NaN of a non-finite one).
+DSX_INLINE bool quantizes(float scale) { return scale > 0.0f; }
+
+DSX_INLINE float clamp_q(float r) {
+  return r < -kQMax ? -kQMax : (r > kQMax ? kQMax : r);
+}
+
+// Uniform in [0, 1) from the top 24 bits of a random word (exact in float).
+DSX_INLINE float uniform_from_word(uint32_t word) {
+  return mul_rn(static_cast<float>(word >> 8), kTwoPowMinus24);
+}
+
+// q (as an integral float in [-127, 127]) of y with round-to-nearest-even.
+DSX_INLINE float quantize_rne(float y, float scale) {
+  if (!quantizes(scale)) return 0.0f;
+  return clamp_q(rint_rn(div_rn(y, scale)));
+}
+
+// q (as an integral float in [-127, 127]) of y rounded stochastically with
+// the random word `word`.
+DSX_INLINE float quantize_sr(float y, float scale, uint32_t word) {
+  if (!quantizes(scale)) return 0.0f;
+  const float v = div_rn(y, scale);
+  const float f = floor_f(v);
+  const float frac = sub_rn(v, f);  // exact
+  return clamp_q(uniform_from_word(word) < frac ? add_rn(f, 1.0f) : f);
+}
+
+DSX_INLINE float dequantize(float q, float scale) { return mul_rn(q, scale); }
+
+// The error-feedback residual y - q * scale, rounded once.
+DSX_INLINE float residual(float y, float q, float scale) { return fma_rn(-q, scale, y); }
+
+// One step of the rank reduction: acc + q * scale, rounded once.
+DSX_INLINE float accumulate(float acc, float q, float scale) { return fma_rn(q, scale, acc); }
+
+}  // namespace int8q
+}  // namespace deepseek_ext

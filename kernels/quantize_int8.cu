@@ -1,0 +1,375 @@
+// int8 gradient quantisation on CUDA.
+//
+// quantize_int8 / quantize_int8_ef_: each block of kThreads threads owns a
+// tile of whole quantisation blocks (at most 4096 elements); each thread owns
+// 16 consecutive elements, read with 16-byte loads (x, and the residual for
+// error feedback) into registers. block_size is a multiple of 32, so a
+// thread's 16 elements lie in one quantisation block. absmax is reduced over
+// the lanes of a warp that share a quantisation block (__match_any_sync +
+// __reduce_max_sync on the magnitude bits), then across warps with one shared
+// atomicMax per warp and block. q (16 bytes per thread) and the new residual
+// are written once. Stochastic rounding draws 4 or 5 Philox counter blocks per
+// thread.
+// dequantize_reduce_int8 (and dequantize_int8, its W = 1 case): each thread
+// owns 16 elements and accumulates all ranks' 16-byte q loads in registers.
+//
+// All math is detail/int8_quant.h (the _rn intrinsics: nothing contracted), so
+// the results equal the CPU kernels' bit for bit. No host synchronisation.
+
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+
+#include "deepseek_ext/detail/int8_quant.h"
+#include "deepseek_ext/detail/philox.h"
+#include "quantize/quantize.h"
+
+namespace deepseek_ext {
+namespace ops {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kPerThread = 16;
+constexpr int kTileElems = kThreads * kPerThread;  // 4096 = the largest block_size
+constexpr int kMaxBlocksPerTile = kTileElems / int8q::kBlockMultiple;
+static_assert(kTileElems == int8q::kMaxBlockSize, "a tile holds at least one block");
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  return static_cast<float>(v);
+}
+template <typename T>
+__device__ __forceinline__ T from_float(float f) {
+  return static_cast<T>(f);
+}
+
+// v[0, 16) = p[0, 16) as floats; elements at or past `valid` read as 0.
+template <typename T>
+__device__ __forceinline__ void load16(const T* p, int64_t valid, bool vec_ok, float (&v)[16]) {
+  if (vec_ok && valid >= kPerThread) {
+    constexpr int kVecs = kPerThread * sizeof(T) / 16;
+    uint4 raw[kVecs];
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) raw[k] = reinterpret_cast<const uint4*>(p)[k];
+    T e[kPerThread];
+    memcpy(e, raw, sizeof e);
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) v[i] = to_float(e[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) v[i] = i < valid ? to_float(p[i]) : 0.0f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store16(T* p, int64_t valid, bool vec_ok, const float (&v)[16]) {
+  T e[kPerThread];
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) e[i] = from_float<T>(v[i]);
+  if (vec_ok && valid >= kPerThread) {
+    constexpr int kVecs = kPerThread * sizeof(T) / 16;
+    uint4 raw[kVecs];
+    memcpy(raw, e, sizeof raw);
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) reinterpret_cast<uint4*>(p)[k] = raw[k];
+  } else {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      if (i < valid) p[i] = e[i];
+    }
+  }
+}
+
+// Stochastic q of 16 values whose first element has Philox index 4 * first + kShift.
+template <int kShift>
+__device__ __forceinline__ void quantize16_sr(const float (&y)[16], float scale, uint64_t seed,
+                                              uint64_t first, float (&qf)[16]) {
+  constexpr int kBlocks = kShift == 0 ? 4 : 5;
+  uint32_t w[4 * kBlocks];
+#pragma unroll
+  for (int b = 0; b < kBlocks; ++b) {
+    const philox::Words o = philox::philox_block(seed, first + b);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) w[4 * b + j] = o.w[j];
+  }
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) qf[i] = int8q::quantize_sr(y[i], scale, w[kShift + i]);
+}
+
+struct QuantParams {
+  int64_t n;
+  int block_size;
+  int blocks_per_tile;
+  bool vec_ok;  // x and residual 16-byte aligned
+  bool stochastic;
+  uint64_t seed;
+  uint64_t offset;
+};
+
+template <typename scalar_t, typename res_t, bool kEF>
+__global__ void __launch_bounds__(kThreads)
+    quantize_int8_kernel(const scalar_t* __restrict__ x, res_t* __restrict__ res,
+                         int8_t* __restrict__ q, float* __restrict__ scales, QuantParams p) {
+  __shared__ uint32_t amax_s[kMaxBlocksPerTile];
+  const int64_t tile_elems = static_cast<int64_t>(p.block_size) * p.blocks_per_tile;
+  const int64_t first_block = static_cast<int64_t>(blockIdx.x) * p.blocks_per_tile;
+  for (int i = threadIdx.x; i < p.blocks_per_tile; i += kThreads) amax_s[i] = 0;
+
+  const int local = threadIdx.x * kPerThread;
+  const int64_t e0 = static_cast<int64_t>(blockIdx.x) * tile_elems + local;
+  const bool active = local < tile_elems && e0 < p.n;
+  const int64_t valid = active ? min(static_cast<int64_t>(kPerThread), p.n - e0) : 0;
+  const int lb = active ? local / p.block_size : -1;  // quantisation block within the tile
+
+  float y[kPerThread];
+  uint32_t mag = 0;
+  if (active) {
+    load16(x + e0, valid, p.vec_ok, y);
+    if constexpr (kEF) {
+      float r[kPerThread];
+      load16(res + e0, valid, p.vec_ok, r);
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) y[i] = int8q::add_rn(y[i], r[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      // Elements past `valid` are 0 and do not change the maximum.
+      const uint32_t m = int8q::magnitude_bits(y[i]);
+      mag = m > mag ? m : mag;
+    }
+  }
+  __syncthreads();  // amax_s zeroed
+  // Warp-level absmax over the lanes of the same quantisation block.
+  const unsigned peers = __match_any_sync(0xffffffffu, lb);
+  mag = __reduce_max_sync(peers, mag);
+  const int lane = threadIdx.x & 31;
+  if (active && lane == __ffs(peers) - 1) atomicMax(&amax_s[lb], mag);
+  __syncthreads();
+  if (!active) return;
+
+  const float scale = int8q::scale_from_absmax_bits(amax_s[lb]);
+  if (local % p.block_size == 0) scales[first_block + lb] = scale;
+
+  float qf[kPerThread];
+  if (!int8q::quantizes(scale)) {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) qf[i] = 0.0f;
+  } else if (p.stochastic) {
+    const uint64_t g0 = p.offset + static_cast<uint64_t>(e0);
+    const uint64_t first = g0 >> 2;
+    switch (static_cast<int>(g0 & 3)) {
+      case 0: quantize16_sr<0>(y, scale, p.seed, first, qf); break;
+      case 1: quantize16_sr<1>(y, scale, p.seed, first, qf); break;
+      case 2: quantize16_sr<2>(y, scale, p.seed, first, qf); break;
+      default: quantize16_sr<3>(y, scale, p.seed, first, qf); break;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) qf[i] = int8q::quantize_rne(y[i], scale);
+  }
+
+  // q: 16 bytes, aligned (fresh tensor, e0 % 16 == 0) unless this is the tail.
+  if (valid == kPerThread) {
+    int8_t qb[kPerThread];
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) qb[i] = static_cast<int8_t>(qf[i]);
+    uint4 raw;
+    memcpy(&raw, qb, sizeof raw);
+    *reinterpret_cast<uint4*>(q + e0) = raw;
+  } else {
+    for (int i = 0; i < valid; ++i) q[e0 + i] = static_cast<int8_t>(qf[i]);
+  }
+
+  if constexpr (kEF) {
+    // A non-finite block keeps its residual; otherwise y - q * scale (y when scale is 0).
+    if (scale == scale) {
+      float r[kPerThread];
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) r[i] = int8q::residual(y[i], qf[i], scale);
+      store16(res + e0, valid, p.vec_ok, r);
+    }
+  }
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+template <typename scalar_t, typename res_t, bool kEF>
+void launch_quantize(const at::Tensor& x, const at::Tensor& residual, at::Tensor& q,
+                     at::Tensor& scales, QuantParams p, cudaStream_t stream) {
+  const auto* xp = x.const_data_ptr<scalar_t>();
+  res_t* rp = kEF ? residual.mutable_data_ptr<res_t>() : nullptr;
+  p.vec_ok = aligned16(xp) && (!kEF || aligned16(rp));
+  const int64_t nblocks = num_quant_blocks(p.n, p.block_size);
+  const int64_t tiles = (nblocks + p.blocks_per_tile - 1) / p.blocks_per_tile;
+  quantize_int8_kernel<scalar_t, res_t, kEF><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
+      xp, rp, q.mutable_data_ptr<int8_t>(), scales.mutable_data_ptr<float>(), p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void dispatch_quantize(const at::Tensor& x, const at::Tensor& residual, at::Tensor& q,
+                       at::Tensor& scales, const QuantParams& p, cudaStream_t stream) {
+  if (!residual.defined()) {
+    launch_quantize<scalar_t, float, false>(x, residual, q, scales, p, stream);
+  } else if (residual.scalar_type() == at::kFloat) {
+    launch_quantize<scalar_t, float, true>(x, residual, q, scales, p, stream);
+  } else {
+    launch_quantize<scalar_t, c10::BFloat16, true>(x, residual, q, scales, p, stream);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x_in, const at::Tensor& res_in,
+                                                 int64_t block_size, bool stochastic, int64_t seed,
+                                                 int64_t offset) {
+  const c10::cuda::OptionalCUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor q = at::empty(x_in.sizes(), x_in.options().dtype(at::kChar));
+  at::Tensor scales =
+      at::empty({num_quant_blocks(x.numel(), block_size)}, x_in.options().dtype(at::kFloat));
+  if (x.numel() == 0) return {q, scales};
+  at::Tensor residual = res_in.defined() ? res_in.contiguous() : at::Tensor();
+  QuantParams p{};
+  p.n = x.numel();
+  p.block_size = static_cast<int>(block_size);
+  p.blocks_per_tile = static_cast<int>(kTileElems / block_size);
+  p.stochastic = stochastic;
+  p.seed = static_cast<uint64_t>(seed);
+  p.offset = static_cast<uint64_t>(offset);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  switch (x.scalar_type()) {
+    case at::kFloat: dispatch_quantize<float>(x, residual, q, scales, p, stream); break;
+    case at::kHalf: dispatch_quantize<c10::Half>(x, residual, q, scales, p, stream); break;
+    case at::kBFloat16: dispatch_quantize<c10::BFloat16>(x, residual, q, scales, p, stream); break;
+    default: TORCH_INTERNAL_ASSERT(false, "unexpected dtype ", x.scalar_type());
+  }
+  if (residual.defined() && !residual.is_same(res_in)) res_in.copy_(residual);
+  return {q, scales};
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_int8_cuda(const at::Tensor& x, int64_t block_size,
+                                                      bool stochastic, int64_t seed,
+                                                      int64_t offset) {
+  check_quantize_inputs(x, block_size, offset, c10::DeviceType::CUDA);
+  return quantize_impl(x, at::Tensor(), block_size, stochastic, seed, offset);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_int8_ef_cuda(const at::Tensor& x,
+                                                         const at::Tensor& residual,
+                                                         int64_t block_size, bool stochastic,
+                                                         int64_t seed, int64_t offset) {
+  check_quantize_ef_inputs(x, residual, block_size, offset, c10::DeviceType::CUDA);
+  return quantize_impl(x, residual, block_size, stochastic, seed, offset);
+}
+
+template <typename out_t>
+__global__ void __launch_bounds__(kThreads)
+    dequantize_reduce_int8_kernel(const int8_t* __restrict__ q, const float* __restrict__ scales,
+                                  out_t* __restrict__ out, int64_t W, int64_t n, int64_t nblocks,
+                                  int block_size, float multiplier, bool vec_ok) {
+  const int64_t groups = (n + kPerThread - 1) / kPerThread;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t e0 = g * kPerThread;
+    const int64_t valid = min(static_cast<int64_t>(kPerThread), n - e0);
+    const int64_t blk = e0 / block_size;  // block_size % 16 == 0: one block per thread
+    float acc[kPerThread];
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) acc[i] = 0.0f;
+    for (int64_t w = 0; w < W; ++w) {
+      const int8_t* qw = q + w * n + e0;
+      const float s = scales[w * nblocks + blk];
+      int8_t qb[kPerThread];
+      if (vec_ok && valid == kPerThread) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(qw);
+        memcpy(qb, &raw, sizeof qb);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) qb[i] = i < valid ? qw[i] : int8_t{0};
+      }
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) {
+        acc[i] = int8q::accumulate(acc[i], static_cast<float>(qb[i]), s);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) acc[i] = int8q::mul_rn(multiplier, acc[i]);
+    store16(out + e0, valid, true, acc);  // out: fresh tensor, e0 % 16 == 0
+  }
+}
+
+at::Tensor dequantize_reduce_impl(const at::Tensor& q_in, const at::Tensor& scales_in,
+                                  int64_t block_size, double multiplier, at::ScalarType dtype) {
+  const c10::cuda::OptionalCUDAGuard guard(q_in.device());
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor scales = scales_in.contiguous();
+  const int64_t W = q.size(0);
+  const int64_t n = q.size(1);
+  at::Tensor out = at::empty({n}, q.options().dtype(dtype));
+  if (n == 0) return out;
+  const int64_t nblocks = num_quant_blocks(n, block_size);
+  const auto* qp = q.const_data_ptr<int8_t>();
+  const auto* sp = scales.const_data_ptr<float>();
+  // Rows start 16-byte aligned only when n is a multiple of 16.
+  const bool vec_ok = aligned16(qp) && n % 16 == 0;
+  const int64_t groups = (n + kPerThread - 1) / kPerThread;
+  const int64_t grid_max =
+      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
+  const unsigned grid =
+      static_cast<unsigned>(std::min<int64_t>((groups + kThreads - 1) / kThreads, grid_max));
+  const float m = static_cast<float>(multiplier);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  switch (dtype) {
+    case at::kFloat:
+      dequantize_reduce_int8_kernel<float><<<grid, kThreads, 0, stream>>>(
+          qp, sp, out.mutable_data_ptr<float>(), W, n, nblocks, static_cast<int>(block_size), m,
+          vec_ok);
+      break;
+    case at::kHalf:
+      dequantize_reduce_int8_kernel<c10::Half><<<grid, kThreads, 0, stream>>>(
+          qp, sp, out.mutable_data_ptr<c10::Half>(), W, n, nblocks, static_cast<int>(block_size),
+          m, vec_ok);
+      break;
+    case at::kBFloat16:
+      dequantize_reduce_int8_kernel<c10::BFloat16><<<grid, kThreads, 0, stream>>>(
+          qp, sp, out.mutable_data_ptr<c10::BFloat16>(), W, n, nblocks,
+          static_cast<int>(block_size), m, vec_ok);
+      break;
+    default: TORCH_INTERNAL_ASSERT(false, "unexpected dtype ", dtype);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor dequantize_reduce_int8_cuda(const at::Tensor& q, const at::Tensor& scales,
+                                       int64_t block_size, double multiplier,
+                                       at::ScalarType dtype) {
+  check_dequantize_reduce_inputs(q, scales, block_size, dtype, c10::DeviceType::CUDA);
+  return dequantize_reduce_impl(q, scales, block_size, multiplier, dtype);
+}
+
+at::Tensor dequantize_int8_cuda(const at::Tensor& q, const at::Tensor& scales, int64_t block_size,
+                                at::ScalarType dtype, int64_t numel) {
+  check_dequantize_inputs(q, scales, block_size, dtype, numel, c10::DeviceType::CUDA);
+  return dequantize_reduce_impl(q.reshape({1, numel}), scales.reshape({1, scales.numel()}),
+                                block_size, 1.0, dtype)
+      .view(q.sizes());
+}
+
+}  // namespace
+}  // namespace ops
+}  // namespace deepseek_ext
+
+TORCH_LIBRARY_IMPL(deepseek_ext, CUDA, m) {
+  m.impl("quantize_int8", &deepseek_ext::ops::quantize_int8_cuda);
+  m.impl("quantize_int8_ef_", &deepseek_ext::ops::quantize_int8_ef_cuda);
+  m.impl("dequantize_int8", &deepseek_ext::ops::dequantize_int8_cuda);
+  m.impl("dequantize_reduce_int8", &deepseek_ext::ops::dequantize_reduce_int8_cuda);
+}

@@ -1,0 +1,263 @@
+// int8 gradient quantisation through the C++ API, against ATen-op references
+// (round to nearest) and the scalar definitions of detail/int8_quant.h
+// (stochastic rounding, error feedback, reduction) on the CPU.
+
+#include <ATen/ATen.h>
+#include <ATen/core/PhiloxRNGEngine.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "deepseek_ext/detail/int8_quant.h"
+#include "deepseek_ext/detail/philox.h"
+#include "deepseek_ext/ops.h"
+
+namespace {
+
+namespace int8q = deepseek_ext::int8q;
+namespace philox = deepseek_ext::philox;
+
+const std::vector<int64_t> kSizes = {1, 31, 1000, 4096 + 7, 70001};
+const std::vector<int64_t> kBlocks = {32, 96, 256, 4096};
+
+at::Tensor make_input(int64_t n, at::ScalarType dtype, int64_t seed) {
+  at::manual_seed(seed);
+  // Blocks of very different magnitudes, as real gradients have.
+  const int64_t groups = (n + 31) / 32;
+  auto mags = at::pow(10.0, at::randint(-6, 3, {groups}).to(at::kFloat));
+  auto x = at::randn({n}) * mags.repeat_interleave(32).narrow(0, 0, n);
+  return x.to(dtype);
+}
+
+void expect_bitwise(const at::Tensor& a, const at::Tensor& b, const std::string& what) {
+  ASSERT_EQ(a.scalar_type(), b.scalar_type()) << what;
+  ASSERT_EQ(a.sizes(), b.sizes()) << what;
+  // equal_nan: NaN equals NaN; everything else exactly.
+  EXPECT_TRUE(at::allclose(a.to(at::kDouble), b.to(at::kDouble), 0.0, 0.0, true)) << what;
+}
+
+// Round-to-nearest q and scales with ATen ops (block_size must divide the padded size).
+std::tuple<at::Tensor, at::Tensor> aten_quantize_rne(const at::Tensor& x, int64_t bs) {
+  const int64_t n = x.numel();
+  const int64_t nb = (n + bs - 1) / bs;
+  auto y = at::zeros({nb * bs});
+  y.narrow(0, 0, n).copy_(x.reshape({-1}).to(at::kFloat));
+  auto yb = y.view({nb, bs});
+  auto scales = yb.abs().amax({1}) / 127.0;
+  auto safe = at::where(scales > 0, scales, at::ones_like(scales)).unsqueeze(1);
+  auto r = at::round(yb / safe).clamp(-127, 127);
+  r = at::where((scales > 0).unsqueeze(1), r, at::zeros_like(r));
+  return {r.reshape({-1}).narrow(0, 0, n).to(at::kChar), scales};
+}
+
+class Quantize : public ::testing::TestWithParam<at::ScalarType> {};
+
+TEST_P(Quantize, RoundToNearestMatchesAten) {
+  const auto dtype = GetParam();
+  for (int64_t bs : kBlocks) {
+    for (int64_t n : kSizes) {
+      const auto x = make_input(n, dtype, n + bs);
+      auto [q, s] = deepseek_ext::quantize_int8(x, bs);
+      auto [q_ref, s_ref] = aten_quantize_rne(x, bs);
+      const std::string what = "n=" + std::to_string(n) + " bs=" + std::to_string(bs);
+      expect_bitwise(q, q_ref, "q " + what);
+      expect_bitwise(s, s_ref, "scales " + what);
+      // Per-element error <= scale / 2 (+ the one rounding of x / scale).
+      auto s_elem = s.to(at::kDouble).repeat_interleave(bs).narrow(0, 0, n);
+      auto err = (x.to(at::kDouble) - q.to(at::kDouble) * s_elem).abs();
+      EXPECT_TRUE((err <= s_elem * (0.5 + 127 * std::ldexp(1.0, -24))).all().item<bool>()) << what;
+    }
+  }
+}
+
+TEST_P(Quantize, StochasticMatchesScalarDefinition) {
+  const auto dtype = GetParam();
+  const std::vector<std::pair<uint64_t, uint64_t>> keys = {
+      {0, 0}, {1, 1}, {(uint64_t{1} << 40) + 3, 2}, {7, 3}, {12345, (uint64_t{1} << 33) - 9}};
+  for (int64_t bs : kBlocks) {
+    for (int64_t n : kSizes) {
+      for (auto [seed, offset] : keys) {
+        const auto x = make_input(n, dtype, n);
+        auto [q, s] = deepseek_ext::quantize_int8(x, bs, true, static_cast<int64_t>(seed),
+                                                  static_cast<int64_t>(offset));
+        auto [q_rne, s_ref] = aten_quantize_rne(x, bs);
+        expect_bitwise(s, s_ref, "scales");
+        const auto xf = x.to(at::kFloat).contiguous();
+        const float* xp = xf.const_data_ptr<float>();
+        const float* sp = s.const_data_ptr<float>();
+        const int8_t* qp = q.const_data_ptr<int8_t>();
+        int64_t mismatches = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          const uint32_t w = philox::philox_word(seed, offset + static_cast<uint64_t>(i));
+          const float expected = int8q::quantize_sr(xp[i], sp[i / bs], w);
+          mismatches += static_cast<float>(qp[i]) != expected;
+        }
+        EXPECT_EQ(mismatches, 0) << "n=" << n << " bs=" << bs << " seed=" << seed
+                                 << " offset=" << offset;
+      }
+    }
+  }
+}
+
+TEST_P(Quantize, ErrorFeedbackMatchesScalarDefinition) {
+  const auto dtype = GetParam();
+  for (auto res_dtype : {at::kFloat, at::kBFloat16}) {
+    for (bool stochastic : {false, true}) {
+      for (int64_t bs : {int64_t{32}, int64_t{96}, int64_t{256}}) {
+        const int64_t n = 70001;
+        const auto x = make_input(n, dtype, 3);
+        auto residual = (at::randn({n}) * 0.01).to(res_dtype);
+        const auto r0 = residual.to(at::kFloat).clone();  // .to() of a float tensor aliases it
+        auto [q, s] = deepseek_ext::quantize_int8_ef_(x, residual, bs, stochastic, 5, 17);
+        const auto xf = x.to(at::kFloat);
+        const auto r_new = residual.to(at::kFloat);
+        const float* xp = xf.const_data_ptr<float>();
+        const float* rp0 = r0.const_data_ptr<float>();
+        const float* rp = r_new.const_data_ptr<float>();
+        const float* sp = s.const_data_ptr<float>();
+        const int8_t* qp = q.const_data_ptr<int8_t>();
+        // Scales: from y = x + residual, by ATen.
+        auto [q_unused, s_ref] = aten_quantize_rne((xf + r0), bs);
+        expect_bitwise(s, s_ref, "scales");
+        int64_t bad_q = 0, bad_r = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          const float y = int8q::add_rn(xp[i], rp0[i]);
+          const float scale = sp[i / bs];
+          const float qf = stochastic
+                               ? int8q::quantize_sr(y, scale, philox::philox_word(5, 17 + i))
+                               : int8q::quantize_rne(y, scale);
+          bad_q += static_cast<float>(qp[i]) != qf;
+          float r = int8q::residual(y, qf, scale);
+          if (res_dtype == at::kBFloat16) r = static_cast<float>(c10::BFloat16(r));
+          bad_r += rp[i] != r;
+        }
+        EXPECT_EQ(bad_q, 0) << c10::toString(res_dtype) << " stochastic=" << stochastic << " bs=" << bs;
+        EXPECT_EQ(bad_r, 0) << c10::toString(res_dtype) << " stochastic=" << stochastic << " bs=" << bs;
+      }
+    }
+  }
+}
+
+TEST_P(Quantize, DequantizeMatchesAten) {
+  const auto out_dtype = GetParam();
+  for (int64_t bs : kBlocks) {
+    for (int64_t n : kSizes) {
+      auto [q, s] = deepseek_ext::quantize_int8(make_input(n, at::kFloat, n), bs);
+      auto d = deepseek_ext::dequantize_int8(q, s, bs, out_dtype, n);
+      auto ref = (q.to(at::kFloat) * s.repeat_interleave(bs).narrow(0, 0, n)).to(out_dtype);
+      expect_bitwise(d, ref, "n=" + std::to_string(n) + " bs=" + std::to_string(bs));
+    }
+  }
+}
+
+TEST_P(Quantize, DequantizeReduceMatchesScalarDefinitionAndFloat64) {
+  const auto out_dtype = GetParam();
+  for (int64_t W : {1, 3, 8}) {
+    for (int64_t bs : {int64_t{32}, int64_t{256}}) {
+      const int64_t n = 10007;
+      std::vector<at::Tensor> qs, ss;
+      for (int64_t w = 0; w < W; ++w) {
+        auto [q, s] = deepseek_ext::quantize_int8(make_input(n, at::kFloat, 100 + w), bs);
+        qs.push_back(q);
+        ss.push_back(s);
+      }
+      auto q = at::stack(qs);
+      auto s = at::stack(ss);
+      const double mult = 1.0 / static_cast<double>(W);
+      auto out = deepseek_ext::dequantize_reduce_int8(q, s, bs, mult, out_dtype);
+      // Scalar definition: rank-ordered fmas, then * multiplier, then the dtype.
+      auto expected = at::empty({n});
+      const int8_t* qp = q.const_data_ptr<int8_t>();
+      const float* sp = s.const_data_ptr<float>();
+      const int64_t nb = s.size(1);
+      for (int64_t i = 0; i < n; ++i) {
+        float acc = 0.0f;
+        for (int64_t w = 0; w < W; ++w) {
+          acc = int8q::accumulate(acc, static_cast<float>(qp[w * n + i]), sp[w * nb + i / bs]);
+        }
+        expected[i] = int8q::mul_rn(static_cast<float>(mult), acc);
+      }
+      expect_bitwise(out, expected.to(out_dtype), "W=" + std::to_string(W));
+      // And close to the float64 sum computed by ATen: W + 1 float32 roundings
+      // of partial sums bounded by sum |terms|, then the output dtype's rounding
+      // (relative, plus half its subnormal spacing).
+      auto terms = q.to(at::kDouble) * s.to(at::kDouble).repeat_interleave(bs, 1).narrow(1, 0, n);
+      auto ref = terms.sum(0) * mult;
+      const double eps = out_dtype == at::kFloat ? std::ldexp(1.0, -24)
+                         : out_dtype == at::kHalf ? std::ldexp(1.0, -11)
+                                                  : std::ldexp(1.0, -8);
+      const double tiny = out_dtype == at::kHalf ? std::ldexp(1.0, -25) : 1e-40;
+      auto tol = (W + 1) * std::ldexp(1.0, -24) * terms.abs().sum(0) * mult + eps * ref.abs() + tiny;
+      EXPECT_TRUE(((out.to(at::kDouble) - ref).abs() <= tol).all().item<bool>()) << "W=" << W;
+    }
+  }
+}
+
+TEST_P(Quantize, NonFiniteBlocksDequantiseToNaN) {
+  const auto dtype = GetParam();
+  for (float bad : {std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                    std::numeric_limits<float>::quiet_NaN()}) {
+    auto x = make_input(1000, dtype, 1);
+    x.index_put_({300}, bad);
+    auto [q, s] = deepseek_ext::quantize_int8(x, 256, true, 1, 0);
+    EXPECT_TRUE(std::isnan(s[1].item<float>()));
+    EXPECT_FALSE(std::isnan(s[0].item<float>()));
+    EXPECT_TRUE((q.narrow(0, 256, 256) == 0).all().item<bool>());
+    auto d = deepseek_ext::dequantize_int8(q, s, 256, dtype, 1000);
+    EXPECT_TRUE(d.narrow(0, 256, 256).isnan().all().item<bool>());
+    EXPECT_FALSE(d.narrow(0, 0, 256).isnan().any().item<bool>());
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, Quantize,
+                         ::testing::Values(at::kFloat, at::kHalf, at::kBFloat16),
+                         [](const auto& info) { return std::string(c10::toString(info.param)); });
+
+TEST(Philox, MatchesRandom123AndAten) {
+  // Random123 known-answer vector: philox4x32_10, counter 0, key 0.
+  const auto z = philox::philox4x32_10(0, 0, 0, 0, 0, 0);
+  EXPECT_EQ(z.w[0], 0x6627e8d5u);
+  EXPECT_EQ(z.w[1], 0xe169c58du);
+  EXPECT_EQ(z.w[2], 0xbc57ac4cu);
+  EXPECT_EQ(z.w[3], 0x9b00dbd8u);
+  // ATen's engine at counter {offset, 0}: its first four outputs.
+  for (uint64_t seed : {uint64_t{0}, uint64_t{42}, (uint64_t{1} << 40) + 7}) {
+    for (uint64_t block : {uint64_t{0}, uint64_t{1}, uint64_t{12345}, (uint64_t{1} << 33) + 5}) {
+      at::Philox4_32 engine(seed, 0, block);
+      const auto w = philox::philox_block(seed, block);
+      for (int j = 0; j < 4; ++j) EXPECT_EQ(w.w[j], engine()) << seed << " " << block << " " << j;
+      EXPECT_EQ(philox::philox_word(seed, 4 * block + 2), w.w[2]);
+    }
+  }
+}
+
+TEST(QuantizeErrors, NameTheArgument) {
+  auto x = at::randn({100});
+  auto [q, s] = deepseek_ext::quantize_int8(x, 32);
+  auto expect_error = [](auto fn, const std::string& needle) {
+    try {
+      fn();
+      ADD_FAILURE() << "no error, expected: " << needle;
+    } catch (const c10::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  expect_error([&] { deepseek_ext::quantize_int8(x, 48); },
+               "block_size must be a positive multiple of 32 up to 4096, got 48");
+  expect_error([&] { deepseek_ext::quantize_int8(x.to(at::kDouble)); },
+               "x must be float32, float16 or bfloat16");
+  expect_error([&] { deepseek_ext::quantize_int8(x, 32, true, 0, -3); }, "offset must be >= 0");
+  expect_error([&] { deepseek_ext::quantize_int8_ef_(x, at::zeros({99})); },
+               "residual must have as many elements as x");
+  expect_error([&] { deepseek_ext::dequantize_int8(q, s, 64, at::kFloat, 100); },
+               "scales must be a 1-D tensor of ceil(numel / block_size) = 2 elements");
+  expect_error([&] { deepseek_ext::dequantize_reduce_int8(q, s, 32, 1.0, at::kFloat); },
+               "q must be a 2-D tensor");
+}
+
+}  // namespace
