@@ -21,6 +21,8 @@ export MAX_JOBS ?= $(shell nproc)
 NVCC := $(or $(shell command -v nvcc),$(wildcard /usr/local/cuda/bin/nvcc))
 ifneq ($(shell command -v ccache),)
 export PATH := /usr/lib/ccache:$(PATH)
+# Paths under the checkout are hashed relative to it: clones share the cache.
+export CCACHE_BASEDIR ?= $(CURDIR)
 ifneq ($(NVCC),)
 export PYTORCH_NVCC ?= ccache $(NVCC)
 endif
