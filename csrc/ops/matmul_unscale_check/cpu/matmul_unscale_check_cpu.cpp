@@ -20,7 +20,7 @@
 #include <optional>
 #include <type_traits>
 
-#include "deepseek_ext/detail/float_bits.h"
+#include "deepseek_ext/detail/float_formats.h"
 #include "matmul_unscale_check/matmul_unscale_check.h"
 
 namespace deepseek_ext {
@@ -35,26 +35,11 @@ using at::vec::Vectorized;
 constexpr int64_t kPanelBytes = int64_t{16} << 20;
 constexpr int64_t kEpilogueGrain = int64_t{1} << 15;
 
-template <typename T>
-struct FormatOf;
-template <>
-struct FormatOf<float> {
-  using type = bits::Fp32Format;
-};
-template <>
-struct FormatOf<c10::Half> {
-  using type = bits::Fp16Format;
-};
-template <>
-struct FormatOf<c10::BFloat16> {
-  using type = bits::Bf16Format;
-};
-
 // out[i] = out_t(acc[i] * s) for i in [0, n); returns true if any out[i] is
 // inf/NaN. acc and out may be the same array when out_t is float.
 template <typename out_t>
 bool scale_convert_check(const float* acc, out_t* out, int64_t n, float s) {
-  using Format = typename FormatOf<out_t>::type;
+  using Format = bits::format_of_t<out_t>;
   using ibits_t = std::make_signed_t<typename Format::bits_type>;
   using OVec = Vectorized<out_t>;
   using IVec = Vectorized<ibits_t>;

@@ -19,7 +19,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "deepseek_ext/detail/float_bits.h"
+#include "deepseek_ext/detail/float_formats.h"
 #include "unscale_and_check/unscale_and_check.h"
 
 namespace deepseek_ext {
@@ -39,26 +39,11 @@ struct WorkItem {
   at::ScalarType dtype;
 };
 
-template <typename T>
-struct BitsOf;
-template <>
-struct BitsOf<float> {
-  using format = bits::Fp32Format;
-};
-template <>
-struct BitsOf<c10::Half> {
-  using format = bits::Fp16Format;
-};
-template <>
-struct BitsOf<c10::BFloat16> {
-  using format = bits::Bf16Format;
-};
-
 // Largest magnitude bits of data[0, n) (see detail/float_bits.h), and, when
 // kWrite, data[i] *= s in float arithmetic, in the same pass over memory.
 template <typename scalar_t, bool kWrite>
 bool check_and_scale(scalar_t* data, int64_t n, float s) {
-  using Format = typename BitsOf<scalar_t>::format;
+  using Format = bits::format_of_t<scalar_t>;
   // Magnitude bits are < 2^31 (fp32) or < 2^15 (16-bit), so a signed max works.
   using ibits_t = std::make_signed_t<typename Format::bits_type>;
   using Vec = Vectorized<scalar_t>;
