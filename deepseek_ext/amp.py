@@ -19,7 +19,14 @@ Differences that matter:
   touched again.
 * The scale is always a power of two in ``[min_scale, max_scale]``.
 * One ``found_inf`` per step is shared by all optimizers stepped with the
-  scaler: an overflow anywhere skips every optimizer's step.
+  scaler (an overflow seen before an optimizer steps skips it), on one device.
+* Defaults that GradScaler does not have: ``min_scale=1``, ``max_scale=2**24``,
+  power-of-two ``growth_factor``/``backoff_factor`` only, and
+  :class:`LossScaleStuckError` after 50 skipped steps in a row at ``min_scale``.
+* :class:`deepseek_ext.nn.Linear` produces its weight gradient unscaled: do not
+  tie its weight to another module (e.g. an embedding shared with the output
+  layer), whose share of the gradient would still be scaled. The scaler only
+  affects backward passes between its ``scale()`` and ``update()``.
 
 bfloat16 has float32's exponent range and needs no loss scaling:
 ``DynamicLossScaler.for_dtype(torch.bfloat16)`` returns a disabled scaler.
@@ -99,10 +106,12 @@ class DynamicLossScaler:
         max_scale: float = 2.0**24,
         max_skips_at_min_scale: Optional[int] = 50,
     ) -> None:
-        if not growth_factor > 1.0:
-            raise ValueError(f"growth_factor must be > 1, got {growth_factor}")
-        if not 0.0 < backoff_factor < 1.0:
-            raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor}")
+        # The scale is kept a power of two, so the factors must be powers of two
+        # too (a factor of 1.5 would be rounded away and the scale never grow).
+        if not (growth_factor > 1.0 and _is_pow2(growth_factor)):
+            raise ValueError(f"growth_factor must be a power of two > 1, got {growth_factor}")
+        if not (0.0 < backoff_factor < 1.0 and _is_pow2(backoff_factor)):
+            raise ValueError(f"backoff_factor must be a power of two in (0, 1), got {backoff_factor}")
         if not (isinstance(growth_interval, int) and growth_interval > 0):
             raise ValueError(f"growth_interval must be a positive int, got {growth_interval!r}")
         if not (isinstance(hysteresis, int) and hysteresis > 0):
@@ -199,6 +208,7 @@ class DynamicLossScaler:
         """Multiplies a tensor (or an iterable of tensors) by the scale."""
         global _ACTIVE
         if not self._enabled:
+            _ACTIVE = None  # no scaler of an earlier run may touch this backward
             return outputs
         if isinstance(outputs, torch.Tensor):
             self._lazy_init(outputs.device)
@@ -241,6 +251,12 @@ class DynamicLossScaler:
                         f"{p.grad.device}")
                 grads.append(p.grad)
         ops.unscale_and_check_(grads, self._found_inf, self._inv_scale)
+        # Gradients our Linear unscaled were checked by this rank's GEMM before
+        # DDP averaged them: agree on found_inf across ranks, or one rank could
+        # step on another rank's inf. Asynchronous on NCCL: no host sync.
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1 and self._pre_unscaled:
+            torch.distributed.all_reduce(self._found_inf, op=torch.distributed.ReduceOp.MAX)
         self._stages[id(optimizer)] = _Stage.UNSCALED
 
     def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):
@@ -274,6 +290,9 @@ class DynamicLossScaler:
 
     def update(self, new_scale=None) -> None:
         """Advances the scale state machine on the device and starts a new step."""
+        global _ACTIVE
+        if _ACTIVE is not None and _ACTIVE() is self:
+            _ACTIVE = None  # until the next scale(), Linear backward leaves gradients alone
         if not self._enabled or self._scale is None:
             return
         self._check_not_stuck()
@@ -351,13 +370,14 @@ class DynamicLossScaler:
         if len(state_dict) == 0:
             raise RuntimeError("The source state dict is empty, possibly because it was saved from a disabled "
                                "instance of DynamicLossScaler.")
-        self._init_scale = float(state_dict["scale"])
+        self._min_scale = float(state_dict.get("min_scale", self._min_scale))
+        self._max_scale = float(state_dict.get("max_scale", self._max_scale))
+        loaded = min(max(float(state_dict["scale"]), self._min_scale), self._max_scale)
+        self._init_scale = 2.0 ** math.floor(math.log2(loaded))  # a power of two within the bounds
         self._growth_factor = float(state_dict["growth_factor"])
         self._backoff_factor = float(state_dict["backoff_factor"])
         self._growth_interval = int(state_dict["growth_interval"])
         self._hysteresis = int(state_dict.get("hysteresis", self._hysteresis))
-        self._min_scale = float(state_dict.get("min_scale", self._min_scale))
-        self._max_scale = float(state_dict.get("max_scale", self._max_scale))
         if self._scale is None:
             self._lazy_init(self._device)
         self._scale.fill_(self._init_scale)

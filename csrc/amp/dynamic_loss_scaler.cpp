@@ -20,9 +20,10 @@ bool is_pow2(double x) {
 }  // namespace
 
 DynamicLossScaler::DynamicLossScaler(DynamicLossScalerOptions options) : options_(options) {
-  TORCH_CHECK(options_.growth_factor() > 1.0, "growth_factor must be > 1, got ", options_.growth_factor());
-  TORCH_CHECK(options_.backoff_factor() > 0.0 && options_.backoff_factor() < 1.0,
-              "backoff_factor must be in (0, 1), got ", options_.backoff_factor());
+  TORCH_CHECK(options_.growth_factor() > 1.0 && is_pow2(options_.growth_factor()),
+              "growth_factor must be a power of two > 1, got ", options_.growth_factor());
+  TORCH_CHECK(options_.backoff_factor() < 1.0 && is_pow2(options_.backoff_factor()),
+              "backoff_factor must be a power of two in (0, 1), got ", options_.backoff_factor());
   TORCH_CHECK(options_.growth_interval() > 0, "growth_interval must be > 0, got ", options_.growth_interval());
   TORCH_CHECK(options_.hysteresis() > 0, "hysteresis must be > 0, got ", options_.hysteresis());
   TORCH_CHECK(is_pow2(options_.min_scale()), "min_scale must be a finite power of two, got ",

@@ -70,6 +70,11 @@ class Linear(torch.nn.Linear):
     dtype (float32 master weights get float32 gradients). The scaler then skips
     that gradient in ``unscale_``: one pass fewer than ``GradScaler``. The input
     gradient stays scaled, as it must.
+
+    Do not tie the weight of this layer to another module (a shared
+    embedding/output matrix): the other module's share of the gradient would
+    arrive scaled and be added to this unscaled one. Use ``torch.nn.Linear``
+    for tied layers.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -118,6 +118,7 @@ TEST(DynamicLossScaler, RejectsBadOptions) {
   using Opts = deepseek_ext::amp::DynamicLossScalerOptions;
   EXPECT_THROW(deepseek_ext::amp::DynamicLossScaler(Opts().min_scale(3.0)), c10::Error);
   EXPECT_THROW(deepseek_ext::amp::DynamicLossScaler(Opts().backoff_factor(1.5)), c10::Error);
+  EXPECT_THROW(deepseek_ext::amp::DynamicLossScaler(Opts().growth_factor(1.5)), c10::Error);  // not a power of two
 }
 
 }  // namespace

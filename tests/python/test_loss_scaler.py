@@ -53,7 +53,7 @@ def state(device, scale, hysteresis):
 @pytest.mark.parametrize("seed", range(6))
 def test_update_scale_matches_reference(device, seed):
     rng = random.Random(seed)
-    growth, backoff = rng.choice([(2.0, 0.5), (4.0, 0.25), (3.0, 0.5)])
+    growth, backoff = rng.choice([(2.0, 0.5), (4.0, 0.25), (8.0, 0.5)])
     interval, hysteresis = rng.choice([1, 2, 5]), rng.choice([1, 2, 3])
     lo, hi = 2.0 ** rng.choice([-4, 0, 3]), 2.0 ** rng.choice([10, 16, 24])
     ref = ReferenceScaler(2.0**8, growth, backoff, interval, hysteresis, lo, hi)
@@ -107,8 +107,10 @@ def test_update_scale_bad_inputs():
         ((sc.double(), gt, ht, sk, f) + good, "scale must be a Float tensor"),
         ((sc, gt.long(), ht, sk, f) + good, "growth_tracker must be a Int tensor"),
         ((sc, gt, ht, torch.zeros(3, dtype=torch.int64), f) + good, r"skip_counts must have 2 element"),
-        ((sc, gt, ht, sk, f, 1.0, 0.5, 10, 1, 1.0, 2.0**16), "growth_factor must be a finite number > 1"),
-        ((sc, gt, ht, sk, f, 2.0, 1.5, 10, 1, 1.0, 2.0**16), r"backoff_factor must be in \(0, 1\)"),
+        ((sc, gt, ht, sk, f, 1.0, 0.5, 10, 1, 1.0, 2.0**16), "growth_factor must be a power of two > 1"),
+        ((sc, gt, ht, sk, f, 1.5, 0.5, 10, 1, 1.0, 2.0**16), "growth_factor must be a power of two > 1"),
+        ((sc, gt, ht, sk, f, 2.0, 1.5, 10, 1, 1.0, 2.0**16), r"backoff_factor must be a power of two in \(0, 1\)"),
+        ((sc, gt, ht, sk, f, 2.0, 0.9, 10, 1, 1.0, 2.0**16), r"backoff_factor must be a power of two in \(0, 1\)"),
         ((sc, gt, ht, sk, f, 2.0, 0.5, 0, 1, 1.0, 2.0**16), "growth_interval must be in"),
         ((sc, gt, ht, sk, f, 2.0, 0.5, 10, 0, 1.0, 2.0**16), "hysteresis must be in"),
         ((sc, gt, ht, sk, f, 2.0, 0.5, 10, 1, 3.0, 2.0**16), "min_scale must be a finite power of two"),
@@ -156,10 +158,27 @@ def make_model(seed=0, cls=Linear):
 def test_constructor_rejects_bad_configuration():
     with pytest.raises(ValueError, match="min_scale must be a finite power of two"):
         DynamicLossScaler("cpu", min_scale=3.0)
-    with pytest.raises(ValueError, match="growth_factor must be > 1"):
-        DynamicLossScaler("cpu", growth_factor=1.0)
+    with pytest.raises(ValueError, match="growth_factor must be a power of two > 1"):
+        DynamicLossScaler("cpu", growth_factor=1.5)
+    with pytest.raises(ValueError, match="backoff_factor must be a power of two"):
+        DynamicLossScaler("cpu", backoff_factor=0.9)
     with pytest.raises(ValueError, match="hysteresis must be a positive int"):
         DynamicLossScaler("cpu", hysteresis=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("interval", [1, 3, 50])
+def test_scale_trajectory_matches_torch_amp_update_scale(device, interval):
+    """With hysteresis 1 and bounds out of reach, the rule is GradScaler's."""
+    rng = random.Random(interval)
+    ours = state(device, 2.0**16, 1)
+    theirs = (torch.full((1,), 2.0**16, device=device), torch.zeros(1, dtype=torch.int32, device=device))
+    p_overflow = 0.5 if interval == 1 else 0.2  # a random walk that stays far from the bounds
+    for _ in range(400):
+        found = torch.full((1,), float(rng.random() < p_overflow), device=device)
+        deepseek_ext.ops.update_scale_(*ours, found, 2.0, 0.5, interval, 1, 2.0**-100, 2.0**127)
+        torch._amp_update_scale_(theirs[0], theirs[1], found, 2.0, 0.5, interval)
+        assert ours[0].item() == theirs[0].item() and ours[1].item() == theirs[1].item()
 
 
 def test_defaults_match_gradscaler():
@@ -222,6 +241,35 @@ def test_linear_weight_grads_are_unscaled_in_the_gemm_and_not_twice():
     scaler.unscale_(opt)
     for a, b in zip(ours.parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_stale_or_disabled_scaler_does_not_touch_later_backward():
+    x, y = torch.randn(16, 16), torch.randn(16, 1)
+    ours, ref = make_model(5), make_model(5, torch.nn.Linear)
+    ours.load_state_dict(ref.state_dict())
+    old = DynamicLossScaler("cpu", init_scale=2.0**10)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.0)
+    old.scale(torch.nn.functional.mse_loss(ours(x), y)).backward()
+    old.step(opt)
+    old.update()  # the old run is over, the scaler object still alive
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(ours(x), y).backward()  # plain backward
+    torch.nn.functional.mse_loss(ref(x), y).backward()
+    torch.testing.assert_close(ours[0].weight.grad, ref[0].weight.grad, rtol=1e-5, atol=1e-6)
+    # A disabled scaler (bf16 training) in use after an enabled one: same.
+    opt.zero_grad()
+    old.scale(torch.nn.functional.mse_loss(ours(x), y))  # enabled scaler scales a loss, never steps
+    DynamicLossScaler.for_dtype(torch.bfloat16, "cpu").scale(torch.nn.functional.mse_loss(ours(x), y)).backward()
+    torch.testing.assert_close(ours[0].weight.grad, ref[0].weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_load_state_dict_keeps_the_scale_a_power_of_two_in_bounds():
+    scaler = DynamicLossScaler("cpu")
+    sd = DynamicLossScaler("cpu", min_scale=4.0, max_scale=2.0**10).state_dict()
+    for loaded, expected in ((3000.0, 2.0**10), (100.0, 64.0), (1.0, 4.0)):
+        sd["scale"] = loaded
+        scaler.load_state_dict(sd)
+        assert scaler.get_scale() == expected
 
 
 def test_linear_is_a_drop_in():

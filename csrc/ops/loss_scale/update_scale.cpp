@@ -57,16 +57,17 @@ amp::LossScaleParams check_update_scale_inputs(const at::Tensor& scale, const at
   check_state_tensor(hysteresis_tracker, "hysteresis_tracker", at::kInt, 1, scale, device_type);
   check_state_tensor(skip_counts, "skip_counts", at::kLong, 2, scale, device_type);
   check_state_tensor(found_inf, "found_inf", at::kFloat, 1, scale, device_type);
-  TORCH_CHECK(growth_factor > 1.0 && std::isfinite(growth_factor),
-              "growth_factor must be a finite number > 1, got ", growth_factor);
-  TORCH_CHECK(backoff_factor > 0.0 && backoff_factor < 1.0,
-              "backoff_factor must be in (0, 1), got ", backoff_factor);
+  // The scale stays a power of two, so the factors must be powers of two too.
+  TORCH_CHECK(growth_factor > 1.0 && is_finite_pow2(growth_factor),
+              "growth_factor must be a power of two > 1, got ", growth_factor);
+  TORCH_CHECK(backoff_factor < 1.0 && is_finite_pow2(backoff_factor),
+              "backoff_factor must be a power of two in (0, 1), got ", backoff_factor);
   TORCH_CHECK(growth_interval > 0 && growth_interval <= (int64_t{1} << 30),
               "growth_interval must be in [1, 2^30], got ", growth_interval);
   TORCH_CHECK(hysteresis > 0 && hysteresis <= (int64_t{1} << 30),
               "hysteresis must be in [1, 2^30], got ", hysteresis);
   TORCH_CHECK(is_finite_pow2(min_scale), "min_scale must be a finite power of two > 0, got ", min_scale);
-  TORCH_CHECK(is_finite_pow2(max_scale) && static_cast<float>(max_scale) <= 1.7e38f,
+  TORCH_CHECK(is_finite_pow2(max_scale) && max_scale <= std::ldexp(1.0, 127),
               "max_scale must be a power of two that float32 can hold, got ", max_scale);
   TORCH_CHECK(min_scale <= max_scale, "min_scale (", min_scale, ") must be <= max_scale (", max_scale, ")");
   return amp::LossScaleParams{static_cast<float>(growth_factor), static_cast<float>(backoff_factor),
