@@ -76,8 +76,9 @@ def main(argv=None):
             t_mm, t_unfused, t_ours = compare_seconds([matmul_alone, unfused, ours], dev, args.rounds,
                                                       args.min_run_time)
             flops = 2.0 * M * N * K
-            fused = (dev == "cuda" and torch.cuda.get_device_capability()[0] == 9 and transposed and fp32_out
-                     and getattr(deepseek_ext._C, "with_cutlass_sm90", False))
+            before = deepseek_ext._C.matmul_unscale_check_fused_sm90_calls()
+            ours()
+            fused = deepseek_ext._C.matmul_unscale_check_fused_sm90_calls() > before  # the route it really took
             route = "fused sm90" if fused else ("cuBLAS + epilogue" if dev == "cuda" else "BLAS panels + epilogue")
             row = [name, f"{str(dtype)[6:]} -> {str(out_dtype or dtype)[6:]}", route, f"{flops / t_mm / 1e12:.3f}",
                    f"{flops / t_unfused / 1e12:.3f}", f"{flops / t_ours / 1e12:.3f}", f"{t_ours / t_mm:.3f}",

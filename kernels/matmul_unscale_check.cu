@@ -16,6 +16,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <optional>
 
 #include "deepseek_ext/detail/float_bits.h"
@@ -30,6 +31,14 @@ namespace ops {
 bool matmul_unscale_check_sm90(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_scale,
                                const at::Tensor& found_inf, const at::Tensor& out);
 #endif
+
+namespace {
+std::atomic<int64_t> fused_sm90_calls{0};
+}  // namespace
+
+// Host-side count of calls that took the fused sm90 kernel (tests use it to
+// prove the route ran; a declined shape would silently take cuBLAS).
+int64_t matmul_unscale_check_fused_sm90_calls() { return fused_sm90_calls.load(); }
 
 namespace {
 
@@ -118,6 +127,7 @@ at::Tensor matmul_unscale_check_cuda(const at::Tensor& a, const at::Tensor& b, c
 #if defined(DSX_WITH_CUTLASS_SM90)
   if (a.scalar_type() != at::kFloat && at::cuda::getCurrentDeviceProperties()->major == 9 &&
       matmul_unscale_check_sm90(a, b, inv_scale, found_inf, out)) {
+    fused_sm90_calls.fetch_add(1, std::memory_order_relaxed);
     return out;
   }
 #endif

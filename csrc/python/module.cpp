@@ -6,6 +6,8 @@
 
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
+
 #ifndef DSX_WITH_CUDA
 #define DSX_WITH_CUDA 0
 #endif
@@ -13,8 +15,23 @@
 #define DSX_WITH_CUTLASS_SM90 0
 #endif
 
+#if DSX_WITH_CUDA
+namespace deepseek_ext {
+namespace ops {
+int64_t matmul_unscale_check_fused_sm90_calls();  // kernels/matmul_unscale_check.cu
+}  // namespace ops
+}  // namespace deepseek_ext
+#endif
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "deepseek_ext compiled operators (registered as torch.ops.deepseek_ext.*)";
   m.attr("with_cuda") = static_cast<bool>(DSX_WITH_CUDA);
   m.attr("with_cutlass_sm90") = static_cast<bool>(DSX_WITH_CUTLASS_SM90);
+  m.def("matmul_unscale_check_fused_sm90_calls", [] {
+#if DSX_WITH_CUDA
+    return deepseek_ext::ops::matmul_unscale_check_fused_sm90_calls();
+#else
+    return int64_t{0};
+#endif
+  }, "How many matmul_unscale_check calls took the fused sm90 CUTLASS kernel in this process.");
 }

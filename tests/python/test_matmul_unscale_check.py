@@ -180,8 +180,12 @@ def test_cuda_wgrad_layout_matches_float64(dtype, shape):
     T, M, N = shape
     a, b = wgrad_operands(T, M, N, dtype, "cuda")
     found = torch.zeros(1, device="cuda")
+    fused_before = deepseek_ext._C.matmul_unscale_check_fused_sm90_calls()
     out = deepseek_ext.ops.matmul_unscale_check(a, b, torch.full((1,), 2.0**-10, device="cuda"), found,
                                                 out_dtype=torch.float32)
+    if torch.cuda.get_device_capability()[0] == 9 and deepseek_ext._C.with_cutlass_sm90:
+        # These shapes are aligned for TMA: the fused kernel must have taken them.
+        assert deepseek_ext._C.matmul_unscale_check_fused_sm90_calls() == fused_before + 1
     assert rel_err(out.cpu(), reference(a.cpu(), b.cpu(), 2.0**-10)) < 1e-5
     assert found.item() == 0.0
 
