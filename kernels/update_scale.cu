@@ -15,13 +15,7 @@ namespace {
 
 __global__ void update_scale_kernel(float* scale, int32_t* growth_tracker, int32_t* hysteresis_tracker,
                                     int64_t* skip_counts, const float* found_inf, amp::LossScaleParams p) {
-  amp::LossScaleState s{*scale, *growth_tracker, *hysteresis_tracker, skip_counts[0], skip_counts[1]};
-  amp::update_loss_scale(s, *found_inf != 0.0f, p);
-  *scale = s.scale;
-  *growth_tracker = s.growth_tracker;
-  *hysteresis_tracker = s.hysteresis_left;
-  skip_counts[0] = s.consecutive_skips;
-  skip_counts[1] = s.total_skips;
+  amp::update_loss_scale_in_place(scale, growth_tracker, hysteresis_tracker, skip_counts, *found_inf != 0.0f, p);
 }
 
 void update_scale_cuda(const at::Tensor& scale, const at::Tensor& growth_tracker,

@@ -78,5 +78,19 @@ DSX_INLINE void update_loss_scale(LossScaleState& s, bool found_inf, const LossS
   }
 }
 
+// One step on state held in memory, as the update_scale_ kernels store it:
+// scale float32[1], growth_tracker int32[1], hysteresis_tracker int32[1],
+// skip_counts int64[2] (consecutive, total).
+DSX_INLINE void update_loss_scale_in_place(float* scale, int32_t* growth_tracker, int32_t* hysteresis_tracker,
+                                           int64_t* skip_counts, bool found_inf, const LossScaleParams& p) {
+  LossScaleState s{*scale, *growth_tracker, *hysteresis_tracker, skip_counts[0], skip_counts[1]};
+  update_loss_scale(s, found_inf, p);
+  *scale = s.scale;
+  *growth_tracker = s.growth_tracker;
+  *hysteresis_tracker = s.hysteresis_left;
+  skip_counts[0] = s.consecutive_skips;
+  skip_counts[1] = s.total_skips;
+}
+
 }  // namespace amp
 }  // namespace deepseek_ext

@@ -16,17 +16,9 @@ void update_scale_cpu(const at::Tensor& scale, const at::Tensor& growth_tracker,
   const amp::LossScaleParams p = check_update_scale_inputs(
       scale, growth_tracker, hysteresis_tracker, skip_counts, found_inf, growth_factor, backoff_factor,
       growth_interval, hysteresis, min_scale, max_scale, c10::DeviceType::CPU);
-  float* sc = scale.data_ptr<float>();
-  int32_t* gt = growth_tracker.data_ptr<int32_t>();
-  int32_t* ht = hysteresis_tracker.data_ptr<int32_t>();
-  int64_t* skips = skip_counts.data_ptr<int64_t>();
-  amp::LossScaleState s{*sc, *gt, *ht, skips[0], skips[1]};
-  amp::update_loss_scale(s, *found_inf.const_data_ptr<float>() != 0.0f, p);
-  *sc = s.scale;
-  *gt = s.growth_tracker;
-  *ht = s.hysteresis_left;
-  skips[0] = s.consecutive_skips;
-  skips[1] = s.total_skips;
+  amp::update_loss_scale_in_place(scale.data_ptr<float>(), growth_tracker.data_ptr<int32_t>(),
+                                  hysteresis_tracker.data_ptr<int32_t>(), skip_counts.data_ptr<int64_t>(),
+                                  *found_inf.const_data_ptr<float>() != 0.0f, p);
 }
 
 }  // namespace
