@@ -6,6 +6,8 @@
 #include <ATen/core/PhiloxRNGEngine.h>
 #include <gtest/gtest.h>
 
+#include "test_util.h"
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -239,24 +241,16 @@ TEST(Philox, MatchesRandom123AndAten) {
 TEST(QuantizeErrors, NameTheArgument) {
   auto x = at::randn({100});
   auto [q, s] = deepseek_ext::quantize_int8(x, 32);
-  auto expect_error = [](auto fn, const std::string& needle) {
-    try {
-      fn();
-      ADD_FAILURE() << "no error, expected: " << needle;
-    } catch (const c10::Error& e) {
-      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-    }
-  };
-  expect_error([&] { deepseek_ext::quantize_int8(x, 48); },
+  deepseek_ext::testing::expect_error([&] { deepseek_ext::quantize_int8(x, 48); },
                "block_size must be a positive multiple of 32 up to 4096, got 48");
-  expect_error([&] { deepseek_ext::quantize_int8(x.to(at::kDouble)); },
+  deepseek_ext::testing::expect_error([&] { deepseek_ext::quantize_int8(x.to(at::kDouble)); },
                "x must be float32, float16 or bfloat16");
-  expect_error([&] { deepseek_ext::quantize_int8(x, 32, true, 0, -3); }, "offset must be >= 0");
-  expect_error([&] { deepseek_ext::quantize_int8_ef_(x, at::zeros({99})); },
+  deepseek_ext::testing::expect_error([&] { deepseek_ext::quantize_int8(x, 32, true, 0, -3); }, "offset must be >= 0");
+  deepseek_ext::testing::expect_error([&] { deepseek_ext::quantize_int8_ef_(x, at::zeros({99})); },
                "residual must have as many elements as x");
-  expect_error([&] { deepseek_ext::dequantize_int8(q, s, 64, at::kFloat, 100); },
+  deepseek_ext::testing::expect_error([&] { deepseek_ext::dequantize_int8(q, s, 64, at::kFloat, 100); },
                "scales must be a 1-D tensor of ceil(numel / block_size) = 2 elements");
-  expect_error([&] { deepseek_ext::dequantize_reduce_int8(q, s, 32, 1.0, at::kFloat); },
+  deepseek_ext::testing::expect_error([&] { deepseek_ext::dequantize_reduce_int8(q, s, 32, 1.0, at::kFloat); },
                "q must be a 2-D tensor");
 }
 

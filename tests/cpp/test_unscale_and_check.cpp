@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include "test_util.h"
+
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -92,19 +94,11 @@ TEST(UnscaleAndCheckErrors, NamesTheArgument) {
   auto ok = at::ones({4});
   auto found = at::zeros({1});
   auto inv = at::ones({1});
-  auto expect_error = [](auto fn, const std::string& needle) {
-    try {
-      fn();
-      ADD_FAILURE() << "no error, expected: " << needle;
-    } catch (const c10::Error& e) {
-      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-    }
-  };
-  expect_error([&] { deepseek_ext::unscale_and_check_({ok, at::ones({2}, at::kInt)}, found, inv); },
+  deepseek_ext::testing::expect_error([&] { deepseek_ext::unscale_and_check_({ok, at::ones({2}, at::kInt)}, found, inv); },
                "grads[1] must be float32, float16 or bfloat16");
-  expect_error([&] { deepseek_ext::unscale_and_check_({ok}, at::zeros({2}), inv); },
+  deepseek_ext::testing::expect_error([&] { deepseek_ext::unscale_and_check_({ok}, at::zeros({2}), inv); },
                "found_inf must have exactly one element");
-  expect_error([&] { deepseek_ext::unscale_and_check_({ok}, found, at::ones({1}, at::kDouble)); },
+  deepseek_ext::testing::expect_error([&] { deepseek_ext::unscale_and_check_({ok}, found, at::ones({1}, at::kDouble)); },
                "inv_scale must be a float32 tensor");
   EXPECT_TRUE(at::equal(ok, at::ones({4})));
 }

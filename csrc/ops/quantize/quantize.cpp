@@ -99,8 +99,9 @@ void check_quantize_ef_inputs(const at::Tensor& x, const at::Tensor& residual, i
               x.numel(), "), got ", residual.numel(), " (shape ", residual.sizes(), ")");
 }
 
-void check_dequantize_inputs(const at::Tensor& q, const at::Tensor& scales, int64_t block_size,
-                             at::ScalarType dtype, int64_t numel, c10::DeviceType device_type) {
+// What both dequantize ops ask of (q, scales), block_size and the output dtype.
+static void check_quantized_pair(const at::Tensor& q, const at::Tensor& scales, int64_t block_size,
+                                 at::ScalarType dtype, c10::DeviceType device_type) {
   check_tensor(q, "q", device_type);
   check_tensor(scales, "scales", device_type);
   check_same_device(scales, "scales", q, "q");
@@ -109,6 +110,11 @@ void check_dequantize_inputs(const at::Tensor& q, const at::Tensor& scales, int6
               scales.scalar_type());
   check_block_size(block_size);
   TORCH_CHECK(is_float_dtype(dtype), "dtype must be float32, float16 or bfloat16, got ", dtype);
+}
+
+void check_dequantize_inputs(const at::Tensor& q, const at::Tensor& scales, int64_t block_size,
+                             at::ScalarType dtype, int64_t numel, c10::DeviceType device_type) {
+  check_quantized_pair(q, scales, block_size, dtype, device_type);
   TORCH_CHECK(numel >= 0, "numel must be >= 0, got ", numel);
   TORCH_CHECK(q.numel() == numel, "q must have numel = ", numel, " elements, got ", q.numel(),
               " (shape ", q.sizes(), ")");
@@ -121,14 +127,7 @@ void check_dequantize_inputs(const at::Tensor& q, const at::Tensor& scales, int6
 void check_dequantize_reduce_inputs(const at::Tensor& q, const at::Tensor& scales,
                                     int64_t block_size, at::ScalarType dtype,
                                     c10::DeviceType device_type) {
-  check_tensor(q, "q", device_type);
-  check_tensor(scales, "scales", device_type);
-  check_same_device(scales, "scales", q, "q");
-  TORCH_CHECK(q.scalar_type() == at::kChar, "q must be an int8 tensor, got ", q.scalar_type());
-  TORCH_CHECK(scales.scalar_type() == at::kFloat, "scales must be a float32 tensor, got ",
-              scales.scalar_type());
-  check_block_size(block_size);
-  TORCH_CHECK(is_float_dtype(dtype), "dtype must be float32, float16 or bfloat16, got ", dtype);
+  check_quantized_pair(q, scales, block_size, dtype, device_type);
   TORCH_CHECK(q.dim() == 2, "q must be a 2-D tensor [world_size, n], got shape ", q.sizes());
   const int64_t nblocks = num_quant_blocks(q.size(1), block_size);
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == q.size(0) && scales.size(1) == nblocks,
