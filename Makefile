@@ -1,7 +1,7 @@
 # deepseek_ext — every target sets up what it needs (venv, pinned packages,
 # Debian packages, build) and is quick when that is already done.
 #
-#   make demo        the main job (until the training demo lands: every op benchmark, tables in runs/)
+#   make demo        the main job: train a small LM, baseline vs low-cost recipe (runs/demo-*)
 #   make test        build everything, run CTest (GoogleTest + C++ example) and pytest
 #   make build       the Python extension, in place (incremental)
 #   make build-cpp   the C++ library with CMake, installed to build/install, + example
@@ -68,11 +68,10 @@ test-python: build
 
 test: test-cpp test-python
 
-# Until the training demo lands: every op benchmark, fewer rounds, tables to runs/.
-DEMO_OUT := runs/demo-$(shell date -u +%Y%m%d-%H%M%S)
+# The main job (python -m deepseek_ext.demo); DEMO_ARGS e.g. "--ablate" or "--device cuda".
+DEMO_ARGS ?=
 demo: build
-	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b --rounds 2 --out $(DEMO_OUT) || exit 1; done
-	@echo "tables written to $(DEMO_OUT)/"
+	$(PY) -m deepseek_ext.demo $(DEMO_ARGS)
 
 bench: build
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -1,0 +1,204 @@
+"""The low-cost training recipe, one switch per technique.
+
+A :class:`Recipe` says which of the library's techniques a training run uses;
+each can be turned on alone, so that its contribution can be measured against
+the baseline (all off)::
+
+    recipe = Recipe.low_cost()                       # everything on
+    model = recipe.build_model(ModelConfig(vocab_size=256, d_model=256, n_layers=4,
+                                           n_heads=4, d_ff=1024, max_seq_len=128))
+    ddp = DDP(model)
+    comm = recipe.register_comm_hook(ddp)            # int8 hook, or counting allreduce
+    scaler = recipe.make_scaler("cuda")              # fp16 + DynamicLossScaler on CUDA
+    with recipe.autocast("cuda"):
+        loss = ...
+
+The techniques:
+
+``mixed_precision``
+    float16 autocast with :class:`deepseek_ext.amp.DynamicLossScaler` on CUDA.
+    On a CPU the run stays in float32: CPUs without native half-precision
+    matrix units (like the 2-core machine the demo defaults target) run
+    bf16/fp16 GEMMs slower than fp32, so the switch changes nothing there and
+    :meth:`Recipe.precision_label` says so.
+``shared_attention``
+    attention parameters shared across layers (:class:`deepseek_ext.nn.SharedAttentionTransformer`
+    with ``sharing="all"`` by default).
+``sparse_ffn``
+    :class:`deepseek_ext.nn.GatedSparseFFN` at ``ffn_density`` (0.3) instead of the dense FFN.
+``int8_comm``
+    :func:`deepseek_ext.distributed.int8_compress_hook` on the DDP model; the baseline gets
+    :func:`deepseek_ext.distributed.counting_allreduce_hook` (plain allreduce, bytes counted
+    the same way).
+``progressive``
+    :class:`deepseek_ext.train.ProgressiveSchedule`: a shallower model on a data fraction
+    first, then deepened, then only the top layers tuned.
+``data_pipeline``
+    memory-mapped token windows (:class:`deepseek_ext.data.MemmapTokenDataset`) with a
+    background prefetcher, instead of reading and tokenising text per sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+__all__ = ["ModelConfig", "Recipe", "TECHNIQUES"]
+
+TECHNIQUES = ("mixed_precision", "shared_attention", "sparse_ffn", "int8_comm", "progressive", "data_pipeline")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A GPT-style decoder (pre-norm blocks, learned positions, tied LM head)."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    max_seq_len: int
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    mixed_precision: bool = False
+    shared_attention: bool = False
+    sparse_ffn: bool = False
+    int8_comm: bool = False
+    progressive: bool = False
+    data_pipeline: bool = False
+    # Knobs of the techniques.
+    sharing: str = "all"
+    ffn_density: float = 0.3
+    ffn_block_size: int = 64
+    comm_block_size: int = 256
+    progressive_start_frac: float = 0.5  # start with this fraction of the layers
+    progressive_freeze_top: Optional[int] = None  # layers left trainable in phase 3 (default: half)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ffn_density <= 1.0:
+            raise ValueError(f"ffn_density must be in (0, 1], got {self.ffn_density}")
+        if not 0.0 < self.progressive_start_frac <= 1.0:
+            raise ValueError(f"progressive_start_frac must be in (0, 1], got {self.progressive_start_frac}")
+
+    # -- named recipes -------------------------------------------------------
+    @classmethod
+    def baseline(cls, **knobs) -> "Recipe":
+        """Every technique off: fp32, dense FFN, unshared attention, plain allreduce, naive data."""
+        return cls(**knobs)
+
+    @classmethod
+    def low_cost(cls, **knobs) -> "Recipe":
+        """Every technique on."""
+        return cls(**{t: True for t in TECHNIQUES}, **knobs)
+
+    @classmethod
+    def only(cls, technique: str, **knobs) -> "Recipe":
+        """The baseline with one technique on."""
+        if technique not in TECHNIQUES:
+            raise ValueError(f"technique must be one of {TECHNIQUES}, got {technique!r}")
+        return cls(**{technique: True}, **knobs)
+
+    def enabled(self) -> List[str]:
+        return [t for t in TECHNIQUES if getattr(self, t)]
+
+    def replace(self, **changes) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+    # -- precision -----------------------------------------------------------
+    def compute_dtype(self, device) -> torch.dtype:
+        """float16 on CUDA when mixed precision is on; float32 otherwise (see the module doc)."""
+        if self.mixed_precision and torch.device(device).type == "cuda":
+            return torch.float16
+        return torch.float32
+
+    def precision_label(self, device) -> str:
+        dt = self.compute_dtype(device)
+        if dt == torch.float16:
+            return "fp16 autocast + DynamicLossScaler"
+        if self.mixed_precision:
+            return "fp32 (mixed precision is CUDA-only: no fast half GEMM on this CPU)"
+        return "fp32"
+
+    def autocast(self, device):
+        dt = self.compute_dtype(device)
+        if dt == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(device).type, dtype=dt)
+
+    def make_scaler(self, device):
+        from deepseek_ext.amp import DynamicLossScaler
+
+        dt = self.compute_dtype(device)
+        return DynamicLossScaler.for_dtype(dt, device=str(device))
+
+    # -- model ---------------------------------------------------------------
+    def start_layers(self, cfg: ModelConfig) -> int:
+        if not self.progressive:
+            return cfg.n_layers
+        return max(1, round(cfg.n_layers * self.progressive_start_frac))
+
+    def build_model(self, cfg: ModelConfig, n_layers: Optional[int] = None) -> torch.nn.Module:
+        """The model of this recipe (``n_layers`` overrides the config's depth)."""
+        from deepseek_ext.nn import GatedSparseFFN, SharedAttentionTransformer
+
+        ffn_factory = None
+        if self.sparse_ffn:
+            def ffn_factory(_layer: int) -> torch.nn.Module:
+                return GatedSparseFFN(cfg.d_model, cfg.d_ff, block_size=self.ffn_block_size,
+                                      density=self.ffn_density, activation="gelu")
+        return SharedAttentionTransformer(
+            cfg.vocab_size, cfg.d_model, n_layers or cfg.n_layers, cfg.n_heads, cfg.d_ff, cfg.max_seq_len,
+            sharing=self.sharing if self.shared_attention else "none", dropout=cfg.dropout, causal=True,
+            activation="gelu", ffn_factory=ffn_factory)
+
+    def ffn_flops_per_token(self, cfg: ModelConfig) -> int:
+        """Forward FFN FLOPs per token of the whole stack (gate included)."""
+        from deepseek_ext.nn import ffn_flops
+
+        if self.sparse_ffn:
+            f = ffn_flops(cfg.d_model, cfg.d_ff, block_size=self.ffn_block_size, density=self.ffn_density,
+                          activation="gelu")["sparse"]
+        else:
+            f = ffn_flops(cfg.d_model, cfg.d_ff, activation="gelu")["dense"]
+        return int(f) * cfg.n_layers
+
+    @staticmethod
+    def aux_loss(model: torch.nn.Module) -> Optional[torch.Tensor]:
+        """Sum of the auxiliary losses the model's sparse FFNs produced in the last forward."""
+        from deepseek_ext.nn import GatedSparseFFN
+
+        total = None
+        for m in model.modules():
+            if isinstance(m, GatedSparseFFN) and getattr(m, "aux_loss_weight", 0.0):
+                total = m.aux_loss if total is None else total + m.aux_loss
+        return total
+
+    # -- communication -------------------------------------------------------
+    def register_comm_hook(self, ddp_model, process_group=None, **state_kwargs):
+        """Registers the recipe's DDP hook and returns its state (``state.stats()`` counts bytes)."""
+        from deepseek_ext import distributed as ddist
+
+        if self.int8_comm:
+            state = ddist.Int8CompressionState(process_group, block_size=self.comm_block_size, **state_kwargs)
+            ddp_model.register_comm_hook(state, ddist.int8_compress_hook)
+        else:
+            state = ddist.CountingAllreduceState(process_group)
+            ddp_model.register_comm_hook(state, ddist.counting_allreduce_hook)
+        return state
+
+    # -- progressive schedule ------------------------------------------------
+    def make_schedule(self, total_steps: int, cfg: ModelConfig):
+        """The progressive schedule of this recipe, or ``None`` when it is off."""
+        if not self.progressive:
+            return None
+        from deepseek_ext.train import ProgressiveSchedule
+
+        top = self.progressive_freeze_top or max(1, cfg.n_layers // 2)
+        return ProgressiveSchedule(total_steps, grow_to_layers=cfg.n_layers, freeze_top_n=top)
