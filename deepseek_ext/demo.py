@@ -58,9 +58,8 @@ class DemoConfig:
     price_per_device_hour: float = 0.05  # USD; CPU: one process = one device (a cloud vCPU pair is ~$0.05-0.10/h)
     seed: int = 0
 
-    @property
-    def model(self) -> ModelConfig:
-        return ModelConfig(vocab_size=256, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
+    def model(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(vocab_size=vocab_size, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
                            d_ff=self.d_ff, max_seq_len=self.seq_len)
 
     @property
@@ -68,7 +67,7 @@ class DemoConfig:
         return self.world_size * self.batch_size * self.seq_len
 
 
-SMOKE = dict(steps=12, batch_size=4, seq_len=32, d_model=64, n_layers=2, n_heads=2, d_ff=256, warmup_steps=2,
+SMOKE = dict(steps=12, batch_size=4, seq_len=32, d_model=64, n_layers=4, n_heads=2, d_ff=256, warmup_steps=2,
              eval_windows=8, train_corpus_mb=0.3, num_workers=0)
 CUDA_DEFAULTS = dict(steps=600, batch_size=32, seq_len=512, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
                      lr=1e-3, warmup_steps=60, train_corpus_mb=48.0, num_workers=2, price_per_device_hour=3.0,
@@ -189,7 +188,7 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
         else:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.world_size))
         torch.manual_seed(cfg.seed)  # the same initial model on every rank
-        mcfg = cfg.model
+        mcfg = cfg.model(int(data["vocab_size"]))
         schedule = recipe.make_schedule(cfg.steps, mcfg)
         model = recipe.build_model(mcfg, n_layers=recipe.start_layers(mcfg)).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95),
@@ -221,8 +220,8 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
 
         monitor = None
         if rank == 0:
-            monitor = Monitor(run_dir, price_per_device_hour=cfg.price_per_device_hour * cfg.world_size,
-                              device=device, tensorboard=True)
+            monitor = Monitor(run_dir, price_per_device_hour=cfg.price_per_device_hour, device=device,
+                              num_devices=cfg.world_size, tensorboard=True)
             monitor.start()
         bar = None
         if rank == 0:
@@ -236,6 +235,10 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
         dist.barrier()
         t_start = time.perf_counter()
         for step in range(cfg.steps):
+            if step == 1:  # step 0 (worker start-up, lazy initialisation) is not timed
+                if cuda:
+                    torch.cuda.synchronize()
+                t_start, data_wait = time.perf_counter(), 0.0
             t0 = time.perf_counter()
             x, y = next(stream)
             waited = time.perf_counter() - t0
@@ -266,8 +269,8 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
                             if scaler.is_enabled() else 1.0)
             if bar is not None:
                 bar.update(1)
-                if step % 10 == 0:
-                    bar.set_postfix(loss=f"{shown.push(loss):.3f}", refresh=False)
+                if step % 10 == 0 and not math.isnan(shown.push(loss)):
+                    bar.set_postfix(loss=f"{shown.value:.3f}", refresh=False)
         if cuda:
             torch.cuda.synchronize()
         train_s = time.perf_counter() - t_start
@@ -296,7 +299,7 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
                 param_grad_adam_bytes=4 * n_params * 4,
                 ffn_flops_per_token=recipe.ffn_flops_per_token(mcfg),
                 tokens=cfg.steps * cfg.tokens_per_step, train_s=train_s,
-                tokens_per_s=cfg.steps * cfg.tokens_per_step / train_s,
+                tokens_per_s=(cfg.steps - 1) * cfg.tokens_per_step / train_s,  # steps 1.. (step 0 untimed)
                 peak_memory_bytes=int(peak_mem),
                 bytes_communicated=float(sums[0]),
                 data_wait_fraction=float(sums[1] / sums[2]),
@@ -419,7 +422,7 @@ def run_demo(cfg: DemoConfig, out: Path, ablate: bool = False) -> dict:
     data_dir.mkdir(exist_ok=True)
     train_info = build_token_dataset(train_files, data_dir / "train.bin", tokenizer="byte", overwrite=True)
     eval_info = build_token_dataset(eval_files, data_dir / "eval.bin", tokenizer="byte", overwrite=True)
-    data = dict(train_files=train_files, train_bin=str(data_dir / "train.bin"), eval_bin=str(data_dir / "eval.bin"))
+    data = dict(vocab_size=max(train_info.vocab_size, eval_info.vocab_size), train_files=train_files, train_bin=str(data_dir / "train.bin"), eval_bin=str(data_dir / "eval.bin"))
     print(f"corpus: {len(train_files)} stdlib files for training ({_tokens(train_info):,} byte tokens), "
           f"{len(eval_files)} held-out files for evaluation ({_tokens(eval_info):,} tokens)")
     print(f"budget: {cfg.steps} steps x {cfg.tokens_per_step:,} tokens = {cfg.steps * cfg.tokens_per_step:,} "
@@ -484,6 +487,8 @@ def main(argv=None) -> int:
             cfg = replace(cfg, **{key: getattr(args, key)})
     if cfg.world_size < 1:
         p.error(f"--world-size must be >= 1, got {cfg.world_size}")
+    if cfg.steps < 2:
+        p.error(f"--steps must be >= 2 (step 0 is not timed), got {cfg.steps}")
     out = args.out or Path("runs") / f"demo-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
     run_demo(cfg, out, ablate=args.ablate)
     return 0

@@ -96,7 +96,7 @@ class Recipe:
     @classmethod
     def low_cost(cls, **knobs) -> "Recipe":
         """Every technique on."""
-        return cls(**{t: True for t in TECHNIQUES}, **knobs)
+        return cls(**{**{t: True for t in TECHNIQUES}, **knobs})
 
     @classmethod
     def only(cls, technique: str, **knobs) -> "Recipe":
@@ -142,14 +142,19 @@ class Recipe:
     def start_layers(self, cfg: ModelConfig) -> int:
         if not self.progressive:
             return cfg.n_layers
-        return max(1, round(cfg.n_layers * self.progressive_start_frac))
+        # Growth copies blocks and keeps what blocks share shared: with attention
+        # shared across layers, start from at least two blocks so there is sharing to keep.
+        floor = 2 if self.shared_attention and self.sharing != "none" else 1
+        return min(cfg.n_layers, max(floor, round(cfg.n_layers * self.progressive_start_frac)))
 
     def build_model(self, cfg: ModelConfig, n_layers: Optional[int] = None) -> torch.nn.Module:
         """The model of this recipe (``n_layers`` overrides the config's depth)."""
-        from deepseek_ext.nn import GatedSparseFFN, SharedAttentionTransformer
+        from deepseek_ext.nn import SharedAttentionTransformer
 
         ffn_factory = None
         if self.sparse_ffn:
+            from deepseek_ext.nn import GatedSparseFFN
+
             def ffn_factory(_layer: int) -> torch.nn.Module:
                 return GatedSparseFFN(cfg.d_model, cfg.d_ff, block_size=self.ffn_block_size,
                                       density=self.ffn_density, activation="gelu")
@@ -172,11 +177,9 @@ class Recipe:
     @staticmethod
     def aux_loss(model: torch.nn.Module) -> Optional[torch.Tensor]:
         """Sum of the auxiliary losses the model's sparse FFNs produced in the last forward."""
-        from deepseek_ext.nn import GatedSparseFFN
-
         total = None
         for m in model.modules():
-            if isinstance(m, GatedSparseFFN) and getattr(m, "aux_loss_weight", 0.0):
+            if type(m).__name__ == "GatedSparseFFN" and getattr(m, "aux_loss_weight", 0.0):
                 total = m.aux_loss if total is None else total + m.aux_loss
         return total
 

@@ -32,7 +32,7 @@ def test_recipe_switches():
 
 
 def test_recipe_models_differ_where_they_should():
-    cfg = ModelConfig(vocab_size=256, d_model=64, n_layers=4, n_heads=2, d_ff=256, max_seq_len=32)
+    cfg = ModelConfig(vocab_size=257, d_model=64, n_layers=4, n_heads=2, d_ff=256, max_seq_len=32)
     base = Recipe.baseline().build_model(cfg)
     shared = Recipe.only("shared_attention").build_model(cfg)
     sparse = Recipe.only("sparse_ffn").build_model(cfg)
