@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from deepseek_ext.data.cache import HotSampleCache
-from deepseek_ext.data.token_file import _DTYPES, _as_file_list, load_token_dataset_info
+from deepseek_ext.data.token_file import _DTYPES, TokenDatasetInfo, _as_file_list, load_token_dataset_info
 from deepseek_ext.data.tokenizer import make_tokenizer
 
 
@@ -124,6 +124,18 @@ class MemmapTokenDataset(_TokenFile, Dataset):
             self.cache.put(j, sample)
         return sample
 
+    def __getitems__(self, indices):
+        """A whole batch in one gather (``DataLoader`` calls this with a batch's
+        indices): one fancy-indexed read of the memmap into a ``[B, seq_len + 1]``
+        int64 tensor, samples are views of its rows. Same values as ``ds[i]``."""
+        if self.cache is not None:
+            return [self[i] for i in indices]
+        js = np.fromiter((self.window_index(int(i)) for i in indices), dtype=np.int64, count=len(indices))
+        starts = self.start + js * self.seq_len
+        rows = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)]
+        batch = torch.from_numpy(rows.astype(np.int64, copy=False))
+        return [(w[:-1], w[1:]) for w in batch]
+
 
 class MemmapDocumentDataset(_TokenFile, Dataset):
     """Variable-length samples: every document of a token file, cut into pieces
@@ -188,11 +200,15 @@ class NaiveTextDataset(Dataset):
     """
 
     def __init__(self, text_files, seq_len: int, tokenizer="byte"):
+        """tokenizer: "byte", a ``tokenizers.Tokenizer``, or the ``TokenDatasetInfo`` of a
+        token file (its tokenizer, e.g. the BPE trained by ``build_token_dataset``)."""
         if not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
         if tokenizer == "bpe":
             raise ValueError("tokenizer: NaiveTextDataset needs a trained tokenizer, not 'bpe' "
-                             "(pass info.tokenizer.tokenizer from build_token_dataset)")
+                             "(pass the TokenDatasetInfo from build_token_dataset, or its .tokenizer)")
+        if isinstance(tokenizer, TokenDatasetInfo):
+            tokenizer = tokenizer.tokenizer
         self.files = _as_file_list(text_files)
         self.seq_len = seq_len
         self.tokenizer = make_tokenizer(tokenizer)

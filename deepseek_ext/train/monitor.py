@@ -182,7 +182,7 @@ class Monitor:
                 if v.numel() != 1:
                     raise ValueError(f"metric {k} must be a scalar, got a tensor of shape {tuple(v.shape)}")
                 if v.device.type == "cpu":
-                    host[k] = v.detach()
+                    host[k] = v.item()  # no device involved: read it now
                 else:
                     dev_names.append(k)
                     dev_vals.append(v.detach().reshape(()).float())
@@ -193,10 +193,12 @@ class Monitor:
         copied = event = None
         if dev_vals:
             stacked = torch.stack(dev_vals) if len(dev_vals) > 1 else dev_vals[0].reshape(1)
-            copied = stacked.to("cpu", non_blocking=True)  # lands in pinned memory
             if stacked.device.type == "cuda":
+                copied = stacked.to("cpu", non_blocking=True)  # lands in pinned memory
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(stacked.device))
+            else:  # other devices: no event to wait on, so a plain (synchronous) copy
+                copied = stacked.to("cpu")
         self._pending.append((int(step), time.time(), host, dev_names, copied, event))
         self._log_s += time.perf_counter() - t0
 
@@ -279,8 +281,7 @@ class Monitor:
                     event.synchronize()
                 self._pending.popleft()
                 rec = {"step": step, "time": t - self.t0}
-                for k, v in host.items():
-                    rec[k] = v.item() if isinstance(v, torch.Tensor) else v
+                rec.update(host)
                 if copied is not None:
                     rec.update(zip(dev_names, copied.tolist()))
                 if self._prev is not None and t > self._prev:

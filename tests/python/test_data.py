@@ -151,7 +151,7 @@ def test_naive_dataset_windows_match_the_file_bytes():
 
 
 def test_naive_dataset_with_bpe(bpe_file):
-    ds = NaiveTextDataset(CORPUS[:1], 20, bpe_file.tokenizer)
+    ds = NaiveTextDataset(CORPUS[:1], 20, bpe_file)
     toks = np.fromfile(bpe_file.path, dtype=np.uint16).astype(np.int64)
     assert torch.equal(ds[2][0], torch.from_numpy(toks[40:60]))
 
