@@ -224,6 +224,11 @@ class Monitor:
             self._data_wait_s += time.perf_counter() - t0
             yield item
 
+    @property
+    def data_wait_s(self) -> float:
+        """Seconds spent in data_wait() / timed() so far."""
+        return self._data_wait_s
+
     # ---- background work
     def cost(self, at: Optional[float] = None) -> Optional[float]:
         if self.price is None:
