@@ -15,10 +15,12 @@ train/eval split by token range. Model: a pre-LN causal transformer
   (last 20%) trains only the top ``--layers // 2`` blocks and the output head.
 
 Both use the same optimizer (AdamW, constant lr after a short warm-up), batch,
-seed, eval set and eval points. Time-to-target counts training time only (eval
+seed, eval set and eval points, and they run in lockstep in one process (one
+step of each, alternating which goes first) so that the load of a shared
+machine falls on both alike. Time-to-target counts training time only (eval
 passes are excluded for both). The target is ``--target`` or, by default, the
-baseline's final eval loss: the baseline then reaches it at or before its last
-step, and the question is when (whether) the progressive run does. Both runs
+mean of the baseline's last three eval losses (where the baseline ends, less
+noisy than one eval): the question is when each run first reaches it. Both runs
 log through a ``Monitor``; its own cost (time inside ``log`` plus its
 background thread's CPU time) is reported as a fraction of the training time.
 
@@ -122,60 +124,81 @@ def evaluate(model, eval_batches):
     return float(tot)
 
 
-def run(kind, args, train_ds, eval_batches, vocab, mon_dir):
-    torch.manual_seed(args.seed)
-    dev = args.device
-    progressive = kind == "progressive"
-    half = max(1, args.layers // 2)
-    model = TinyLM(vocab, args.d_model, half if progressive else args.layers, max_len=args.seq_len).to(dev)
-    sched = None
-    if progressive:
-        sched = ProgressiveSchedule(args.steps, phase1_frac=0.3, phase3_frac=0.2, data_fraction_start=0.1,
-                                    grow_to_layers=args.layers, freeze_top_n=half,
-                                    keep_trainable=("ln_f", "head"), init_new_block=zero_residual_outputs)
-        sampler = FractionSampler(len(train_ds), sched, seed=args.seed)
-    else:
-        sampler = torch.utils.data.RandomSampler(train_ds, replacement=True, num_samples=10**9,
-                                                 generator=torch.Generator().manual_seed(args.seed))
-    loader = iter(DataLoader(train_ds, batch_size=args.batch, sampler=sampler, num_workers=0))
-    params = sched.trainable_parameters(model) if sched else model.parameters()
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    warm = max(1, args.steps // 20)
-    curve, reached = [], None
-    train_s = 0.0
-    mon = Monitor(mon_dir, device=dev, sample_interval_s=1.0, price_per_device_hour=args.price).start()
-    ev = evaluate(model, eval_batches)
-    curve.append((0, 0.0, ev))
-    for step in range(args.steps):
+class Run:
+    """One training run (baseline or progressive) that advances one step at a time,
+    so that the two runs can alternate steps on a shared machine."""
+
+    def __init__(self, kind, args, train_ds, vocab, mon_dir):
+        torch.manual_seed(args.seed)
+        self.kind, self.args, self.dev = kind, args, args.device
+        half = max(1, args.layers // 2)
+        self.model = TinyLM(vocab, args.d_model, half if kind == "progressive" else args.layers,
+                            max_len=args.seq_len).to(self.dev)
+        self.sched = None
+        if kind == "progressive":
+            self.sched = ProgressiveSchedule(args.steps, phase1_frac=0.3, phase3_frac=0.2, data_fraction_start=0.1,
+                                             grow_to_layers=args.layers, freeze_top_n=half,
+                                             keep_trainable=("ln_f", "head"), init_new_block=zero_residual_outputs)
+            sampler = FractionSampler(len(train_ds), self.sched, seed=args.seed)
+        else:
+            sampler = torch.utils.data.RandomSampler(train_ds, replacement=True, num_samples=10**9,
+                                                     generator=torch.Generator().manual_seed(args.seed))
+        self.loader = iter(DataLoader(train_ds, batch_size=args.batch, sampler=sampler, num_workers=0))
+        params = self.sched.trainable_parameters(self.model) if self.sched else self.model.parameters()
+        self.opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+        self.warm = max(1, args.steps // 20)
+        self.curve, self.train_s = [], 0.0
+        self.mon = Monitor(mon_dir, device=self.dev, sample_interval_s=1.0, price_per_device_hour=args.price).start()
+
+    def step(self, step):
+        model, opt, sched, mon, args = self.model, self.opt, self.sched, self.mon, self.args
         t0 = time.perf_counter()
         if sched:
             sched.on_step(step)
             sched.maybe_grow(model, opt)
         for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, (step + 1) / warm)
+            g["lr"] = args.lr * min(1.0, (step + 1) / self.warm)
         with mon.data_wait():
-            x, y = next(loader)
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            x, y = next(self.loader)
+        x, y = x.to(self.dev, non_blocking=True), y.to(self.dev, non_blocking=True)
         loss = lm_loss(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         mon.log(step, loss=loss.detach(), tokens=x.numel(), layers=len(model.layers),
                 phase=sched.phase if sched else 0)
-        if dev == "cuda":
+        if self.dev == "cuda":
             torch.cuda.synchronize()
-        train_s += time.perf_counter() - t0
+        self.train_s += time.perf_counter() - t0
+
+    def evaluate(self, step, eval_batches):
+        ev = evaluate(self.model, eval_batches)
+        self.curve.append((step, self.train_s, ev))
+        self.mon.log(max(0, step - 1), eval_loss=ev)
+        print(f"{self.kind:12s} step {step:5d}  train {self.train_s:7.1f} s  eval loss {ev:.4f}  "
+              f"layers {len(self.model.layers)}", flush=True)
+
+    def finish(self):
+        summary = self.mon.close()
+        self.mon.plot()
+        return {"curve": self.curve, "train_s": self.train_s, "final_eval": self.curve[-1][2], "monitor": summary,
+                "params": sum(p.numel() for p in self.model.parameters()),
+                "history": self.sched.history if self.sched else []}
+
+
+def run_both(args, train_ds, eval_batches, vocab, work):
+    """Both runs in lockstep: each step, one step of each, the order alternating,
+    so that a slow spell of the shared machine hits both alike."""
+    runs = [Run(k, args, train_ds, vocab, work / k) for k in ("baseline", "progressive")]
+    for r in runs:
+        r.evaluate(0, eval_batches)
+    for step in range(args.steps):
+        for r in (runs if step % 2 == 0 else runs[::-1]):
+            r.step(step)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            ev = evaluate(model, eval_batches)
-            curve.append((step + 1, train_s, ev))
-            mon.log(step, eval_loss=ev)
-            print(f"{kind:12s} step {step + 1:5d}  train {train_s:7.1f} s  eval loss {ev:.4f}  "
-                  f"layers {len(model.layers)}", flush=True)
-    summary = mon.close()
-    mon.plot()
-    return {"curve": curve, "train_s": train_s, "final_eval": curve[-1][2], "monitor": summary,
-            "params": sum(p.numel() for p in model.parameters()),
-            "history": sched.history if sched else []}
+            for r in runs:
+                r.evaluate(step + 1, eval_batches)
+    return {r.kind: r.finish() for r in runs}
 
 
 def first_reach(curve, target):
@@ -195,9 +218,10 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--eval-batches", type=int, default=12)
     p.add_argument("--corpus-mb", type=float, default=8.0)
-    p.add_argument("--target", type=float, default=None, help="target eval loss (default: the baseline's final one)")
+    p.add_argument("--target", type=float, default=None,
+                   help="target eval loss (default: mean of the baseline's last 3 eval losses)")
     p.add_argument("--price", type=float, default=2.0, help="price per device-hour for the monitor's cost column")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice)")
@@ -218,8 +242,7 @@ def main(argv=None):
                         for k in range(0, len(pick), args.batch)]
         print(f"corpus: {len(files)} files, {info.num_tokens / 1e6:.1f}M byte tokens; "
               f"{len(train_ds)} train windows", flush=True)
-        results = {k: run(k, args, train_ds, eval_batches, info.vocab_size, work / k)
-                   for k in ("baseline", "progressive")}
+        results = run_both(args, train_ds, eval_batches, info.vocab_size, work)
         res_dir = Path(args.out or __import__("os").environ.get("OUT") or Path(__file__).parent / "results")
         res_dir.mkdir(parents=True, exist_ok=True)
         for k in results:
@@ -228,7 +251,8 @@ def main(argv=None):
         shutil.rmtree(work, ignore_errors=True)
 
     base, prog = results["baseline"], results["progressive"]
-    target = args.target if args.target is not None else base["final_eval"]
+    last3 = [ev for _, _, ev in base["curve"][-3:]]
+    target = args.target if args.target is not None else sum(last3) / len(last3)
     rows, data = [], {"args": vars(args), "target": target, "runs": {}}
     reach = {}
     for k, r in results.items():
@@ -253,7 +277,7 @@ def main(argv=None):
              f"seq {args.seq_len}, batch {args.batch}, {args.steps} steps, AdamW lr {args.lr}, seed {args.seed}, "
              f"torch threads {torch.get_num_threads()}\n"
              f"- target eval loss: {target:.4f} nats/byte "
-             f"({'given' if args.target is not None else 'the baseline final eval loss'}); "
+             f"({'given' if args.target is not None else 'the mean of the baseline last 3 eval losses'}); "
              f"eval every {args.eval_every} steps on {args.eval_batches} held-out batches\n"
              "- time = training time (eval passes excluded); monitor = time inside Monitor.log / train time, "
              "and + its background thread CPU time\n\n")
@@ -264,7 +288,7 @@ def main(argv=None):
     if ps is not None and bt:
         ratio = pt / bt
         text += (f"\nProgressive reached the target in {pt:.1f} s vs {bt:.1f} s: time ratio {ratio:.2f} "
-                 f"({100 * (1 - ratio):.0f}% {'shorter' if ratio < 1 else 'longer'}), "
+                 f"({100 * abs(1 - ratio):.0f}% {'shorter' if ratio < 1 else 'longer'}), "
                  f"steps {ps} vs {bs}.\n")
         data["time_ratio"] = ratio
     else:
