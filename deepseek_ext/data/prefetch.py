@@ -78,7 +78,7 @@ class Prefetcher:
                 stream = torch.cuda.Stream(self.device)
 
                 def to_device(t):
-                    if not t.is_pinned():
+                    if t.device.type == "cpu" and not t.is_pinned():
                         t = t.pin_memory()
                     return t.to(self.device, non_blocking=True)
             for batch in self.loader:

@@ -249,7 +249,7 @@ class ProgressiveSchedule:
                 src_params = dict(src.named_parameters(remove_duplicate=False))
                 for name, p in dup.named_parameters(remove_duplicate=False):
                     q = src_params[name]
-                    if p is q or id(q) not in groups or any(p is r for r in groups[id(q)]["params"]):
+                    if p is q or id(q) not in groups:  # shared with the source, or not optimised
                         continue
                     groups[id(q)]["params"].append(p)
                     groups[id(p)] = groups[id(q)]
