@@ -185,6 +185,7 @@ class Int8CompressionState:
         self.iteration = 0
         self.rng_offset = 0
         self._residuals = {}
+        self.layout_resets = 0  # saved residuals dropped because a bucket's layout changed
         self._counters = Counters()
         self._bind(process_group)
 
@@ -297,6 +298,8 @@ class Int8CompressionState:
         r = self._residuals.get(idx)
         if r is None or r.signature != signature or any(
                 r.t[k].numel() != n or r.t[k].device != d for k, (n, d) in specs.items()):
+            if r is not None:
+                self.layout_resets += 1
             r = _BucketResiduals(signature, {k: torch.zeros(n, dtype=torch.float32, device=d)
                                              for k, (n, d) in specs.items()})
             self._residuals[idx] = r
@@ -327,7 +330,11 @@ class _Pipeline:
     def __init__(self, state, seq, idx, iteration, buffer, stages, finish):
         self.state, self.seq, self.idx, self.iteration = state, seq, idx, iteration
         self.stages, self.finish = stages, finish
-        self.result = torch.futures.Future(devices=[buffer.device] if buffer.is_cuda else None)
+        self._inner = torch.futures.Future(devices=[buffer.device] if buffer.is_cuda else None)
+        # Raising inside a then-callback completes the future with a real error
+        # that DDP reports as is (set_exception alone stores the exception as a
+        # value, which DDP's C++ side then fails to cast to a Tensor).
+        self.result = self._inner.then(lambda f: f.value())
         self._failed = False
 
     def start(self) -> torch.futures.Future:
@@ -354,7 +361,7 @@ class _Pipeline:
             with HostTimer(self.state._counters):
                 out = self.finish(payload)
             self.state._mark("done", self.idx, self.iteration)
-            self.result.set_result(out)
+            self._inner.set_result(out)
         except BaseException as e:  # noqa: BLE001
             self._fail(k, e)
 
@@ -364,13 +371,13 @@ class _Pipeline:
         self._failed = True
         for launcher in self.state._launchers[k + 1:]:
             launcher.skip(self.seq)  # later buckets must not wait for this one
-        self.result.set_exception(RuntimeError(
+        self._inner.set_exception(RuntimeError(
             f"int8_compress_hook: bucket {self.idx} (iteration {self.iteration}) failed in stage {k} "
             f"on rank {self.state.rank} of {self.state.world_size}; a peer may have died or the process "
             f"group timed out: {type(err).__name__}: {err}"))
 
 
-def int8_compress_hook(state: Int8CompressionState, bucket) -> torch.futures.Future:
+def int8_compress_hook(state: Int8CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: the bucket's gradients averaged over the group,
     sent as blockwise int8 with error feedback (see the module docstring).
 
@@ -532,7 +539,7 @@ class CountingAllreduceState:
         self._counters.load(state_dict["counters"])
 
 
-def counting_allreduce_hook(state: CountingAllreduceState, bucket) -> torch.futures.Future:
+def counting_allreduce_hook(state: CountingAllreduceState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Plain averaging allreduce (what DDP does without a hook), counted."""
     t0 = time.perf_counter()
     buffer = bucket.buffer()

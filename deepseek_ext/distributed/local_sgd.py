@@ -181,7 +181,7 @@ class AdaptiveLocalSGD:
         self.inner_state.load_state_dict(state_dict["inner"], process_group)
 
 
-def adaptive_local_sgd_hook(state: AdaptiveLocalSGD, bucket) -> torch.futures.Future:
+def adaptive_local_sgd_hook(state: AdaptiveLocalSGD, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP hook of :class:`AdaptiveLocalSGD`: the inner hook during warm-up,
     then the local gradient unchanged (no communication)."""
     if not state.local:
