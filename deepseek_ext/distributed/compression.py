@@ -382,8 +382,9 @@ def int8_compress_hook(state: Int8CompressionState, bucket: dist.GradBucket) -> 
     sent as blockwise int8 with error feedback (see the module docstring).
 
     Never waits: it launches the first collective and returns a future that the
-    last collective's callback completes with ``bucket.buffer()`` (overwritten
-    in place). ``bucket`` needs ``buffer()``, ``index()`` and ``is_last()`` (and,
+    last collective's callback completes with the averaged gradients (a new
+    tensor shaped like ``bucket.buffer()``, which DDP copies into the grads;
+    the full-precision path averages ``bucket.buffer()`` in place). ``bucket`` needs ``buffer()``, ``index()`` and ``is_last()`` (and,
     optionally, ``parameters()``), as ``torch.distributed.GradBucket`` has.
     """
     t0 = time.perf_counter()
@@ -442,8 +443,7 @@ def _flat_stages(state, bucket, buffer, idx):
 
     def finish(gathered):
         deq = ops.dequantize_int8(gathered.q.reshape(-1), gathered.scales.reshape(-1), bs, buffer.dtype, npad)
-        buffer.copy_(deq[:n])
-        return buffer
+        return deq[:n]  # DDP copies the hook's result into the gradients; no copy into the bucket first
 
     packed = 2 * (p - 1) * (shard + 4 * (shard // bs))
     return [all_to_all, all_gather], finish, packed, packed
@@ -499,8 +499,7 @@ def _hierarchical_stages(state, bucket, buffer, idx):
 
     def finish(everything):
         deq = ops.dequantize_int8(everything.q.reshape(-1), everything.scales.reshape(-1), bs, buffer.dtype, npad)
-        buffer.copy_(deq[:n])
-        return buffer
+        return deq[:n]
 
     row = sub + 4 * (sub // bs)
     inter = 2 * (M - 1) * row
