@@ -31,6 +31,7 @@ deleted on exit, also after an error or Ctrl-C. Run through
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -123,7 +124,9 @@ def run_method(names, procs_per_host, method, args, workdir):
                f"--master-addr={SUBNET}.1", f"--master-port={PORT}", str(Path(__file__).resolve()),
                "--worker", "--method", method, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--width", str(args.width), "--depth", str(args.depth), "--out-json", str(out_json)]
-        cmds.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        # A session of its own: on a timeout the whole tree (torchrun and its ranks) is killed.
+        cmds.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True))
     deadline = time.monotonic() + args.run_timeout
     logs = []
     for p in cmds:
@@ -131,7 +134,11 @@ def run_method(names, procs_per_host, method, args, workdir):
             logs.append(p.communicate(timeout=max(1, deadline - time.monotonic()))[0])
         except subprocess.TimeoutExpired:
             for q in cmds:
-                q.kill()
+                try:
+                    os.killpg(q.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                q.communicate()
             raise RuntimeError(f"{method}: torchrun did not finish within {args.run_timeout} s")
     if any(p.returncode for p in cmds) or not out_json.exists():
         raise RuntimeError(f"{method} failed:\n" + "\n".join(log[-3000:] for log in logs))
@@ -159,6 +166,7 @@ def worker(args):
     from deepseek_ext.distributed import Int8CompressionState, int8_compress_hook
 
     torch.set_num_threads(1)
+    t_import = time.perf_counter()
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -168,7 +176,10 @@ def worker(args):
         layers += [torch.nn.Linear(args.width, args.width), torch.nn.ReLU()]
     model = torch.nn.Sequential(*layers, torch.nn.Linear(args.width, args.width))
     teacher = torch.randn(args.width, args.width) / args.width ** 0.5
-    ddp = DDP(model, bucket_cap_mb=4)
+    # torch's pertensor and PowerSGD hooks wait() inside their callbacks, which run on
+    # Gloo's worker threads: with several buckets in flight they can deadlock, so
+    # they get one bucket (no overlap for them; their bytes are the same).
+    ddp = DDP(model, bucket_cap_mb=4 if args.method not in ("pertensor", "powersgd") else 1000)
     state = None
     if args.method == "fp16":
         ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
@@ -235,6 +246,7 @@ def worker(args):
                                             if state else None),
             "final_loss": final.item() / world,
             "overlap": everyone[0]["overlap"],
+            "worker_s": time.perf_counter() - t_import,
         }
         Path(args.out_json).write_text(json.dumps(res))
     dist.destroy_process_group()
@@ -327,7 +339,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--run-timeout", type=int, default=240)
+    p.add_argument("--run-timeout", type=int, default=150)
     p.add_argument("--quick", action="store_true", help="only 2 hosts at 1 Gbit/s, allreduce and int8")
     p.add_argument("--world8", action="store_true", help="also 8 hosts (no rate limit, smaller model): bytes")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results or $OUT)")
@@ -342,7 +354,7 @@ def main(argv=None):
     from benchmarks.common import header, markdown_table, write_results
 
     configs = [(2, 1, "1gbit", ["allreduce", "int8"])] if args.quick else CONFIGS + ([WORLD8] if args.world8 else [])
-    results = []
+    results, failed = [], []
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory() as workdir:
         try:
@@ -353,11 +365,18 @@ def main(argv=None):
                     run_args = argparse.Namespace(**vars(args))
                     if small:
                         run_args.width, run_args.steps = 512, 3
-                    r = run_method(names, per_host, method, run_args, workdir)
-                    r.update(rate=rate, per_host=per_host)
+                    t_run = time.monotonic()
+                    try:
+                        r = run_method(names, per_host, method, run_args, workdir)
+                    except RuntimeError as e:  # one method failing must not lose the others
+                        print(f"{hosts}x{per_host} {rate} {method}: FAILED: {str(e)[-1500:]}", flush=True)
+                        failed.append(f"{hosts}x{per_host} {rate} {method}: {str(e).splitlines()[0]}")
+                        continue
+                    r.update(rate=rate, per_host=per_host, run_s=time.monotonic() - t_run)
                     results.append(r)
                     print(f"{hosts}x{per_host} {rate:>6} {method:>10}: {r['step_s'] * 1e3:8.1f} ms/step, "
-                          f"{r['wire_bytes_per_host_step'] / 1e6:7.2f} MB/host/step, loss {r['final_loss']:.5f}",
+                          f"{r['wire_bytes_per_host_step'] / 1e6:7.2f} MB/host/step, loss {r['final_loss']:.5f} "
+                          f"(run {r['run_s']:.0f} s, worker {r['worker_s']:.0f} s)",
                           flush=True)
                 teardown()
         finally:
