@@ -114,6 +114,26 @@ def setup(hosts, rate):
     return names
 
 
+LIVE = []  # torchrun processes still running (stopped on any exit)
+
+
+def stop(procs):
+    """SIGTERM to torchrun (it stops its ranks, which run in their own process
+    groups), then SIGKILL to what is left of its session."""
+    for q in procs:
+        if q.poll() is None:
+            q.terminate()
+    for q in procs:
+        try:
+            q.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(q.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            q.communicate()
+
+
 def run_method(names, procs_per_host, method, args, workdir):
     out_json = Path(workdir) / f"{method}_{len(names)}x{procs_per_host}.json"
     cmds = []
@@ -127,18 +147,14 @@ def run_method(names, procs_per_host, method, args, workdir):
         # A session of its own: on a timeout the whole tree (torchrun and its ranks) is killed.
         cmds.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True))
+    LIVE[:] = cmds
     deadline = time.monotonic() + args.run_timeout
     logs = []
     for p in cmds:
         try:
             logs.append(p.communicate(timeout=max(1, deadline - time.monotonic()))[0])
         except subprocess.TimeoutExpired:
-            for q in cmds:
-                try:
-                    os.killpg(q.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                q.communicate()
+            stop(cmds)
             raise RuntimeError(f"{method}: torchrun did not finish within {args.run_timeout} s")
     if any(p.returncode for p in cmds) or not out_json.exists():
         raise RuntimeError(f"{method} failed:\n" + "\n".join(log[-3000:] for log in logs))
@@ -193,7 +209,7 @@ def worker(args):
         if args.method == "int8_hier" and not state.hierarchical:
             raise SystemExit("int8_hier needs several ranks per host")
         ddp.register_comm_hook(state, int8_compress_hook)
-    opt = torch.optim.Adam(ddp.parameters(), lr=1e-3)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.02, momentum=0.9)
     losses, marks = [], []
 
     def step(i):
@@ -354,6 +370,7 @@ def main(argv=None):
     from benchmarks.common import header, markdown_table, write_results
 
     configs = [(2, 1, "1gbit", ["allreduce", "int8"])] if args.quick else CONFIGS + ([WORLD8] if args.world8 else [])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench_comm.py: terminated"))  # run the cleanup
     results, failed = [], []
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory() as workdir:
@@ -380,11 +397,12 @@ def main(argv=None):
                           flush=True)
                 teardown()
         finally:
+            stop(LIVE)
             teardown()
     text = header("DDP gradient sync over network namespaces (Gloo, torchrun multi-node)", "cpu")
     text += (f"- model: {args.depth + 1} x Linear({args.width}, {args.width}) "
              f"({results[0]['params'] / 1e6:.1f} M params, {results[0]['params'] * 4 / 1e6:.0f} MB of fp32 "
-             f"gradients), batch 16 per rank, Adam, DDP bucket_cap_mb=4\n"
+             f"gradients), batch 16 per rank, SGD (momentum 0.9), DDP bucket_cap_mb=4 (pertensor and powersgd: one bucket, see the module docstring)\n"
              f"- {args.warmup} warm-up steps, then {args.steps} timed steps; hosts = network namespaces, "
              "tc tbf on every host link both ways; all ranks share this machine's CPU cores\n"
              f"- total benchmark time: {time.monotonic() - t_start:.0f} s\n\n")
@@ -412,6 +430,8 @@ def main(argv=None):
              "hosts. counted = bytes our hook's stats() says this rank sent, over 2N(p-1)/p x 4. "
              "overlap: of the buckets of one backward, how many had their all_to_all completed (sent) / were fully "
              "averaged (done) before backward handed over its last bucket.\n")
+    if failed:
+        text += "\nFailed runs (not in the table):\n" + "".join(f"- {f}\n" for f in failed)
     print(text)
     path = write_results("comm", "cpu", text, results, args.out)
     print(f"wrote {path}")
