@@ -1,0 +1,446 @@
+"""DDP gradient sync over a rate-limited network: our int8 hook vs torch's hooks.
+
+Each "host" is a Linux network namespace with one veth interface (eth0);
+2 hosts are joined by one veth pair, more by a bridge in a "switch"
+namespace. ``tc qdisc ... tbf`` limits every host's interface, both ways, to
+the given rate. In each host namespace ``torchrun`` starts the host's ranks
+(multi-node rendezvous on host 0's address, Gloo over eth0), which train the
+same model for ``--warmup`` + ``--steps`` steps with each method:
+
+  allreduce   DDP's default (no hook): fp32 ring allreduce
+  fp16        torch fp16_compress_hook
+  pertensor   torch quantization_pertensor_hook (uint8 all-gather of whole buckets;
+              re-stated in pertensor_hook below: torch 2.11's raises on Gloo)
+  powersgd    torch PowerSGD, rank 4 (start_powerSGD_iter 2, error feedback)
+  int8        ours, flat (all_to_all int8 reduce-scatter + int8 all-gather)
+  int8_hier   ours, hierarchical (bf16 inside a host, int8 between hosts)
+
+Reported per timed step: wall time, bytes on the wire per host (eth0 tx
+counter, so TCP/IP headers included), bytes our accounting predicts (ours and
+the allreduce formula), the final loss (mean of the last 3 steps over all
+ranks), and for ours an overlap summary from the hook's timeline.
+
+Needs root (``ip netns``). Every namespace it creates is named ``dsxb*`` and
+deleted on exit, also after an error or Ctrl-C. Run through
+``benchmarks/netns_launch.sh`` (which also sweeps leftovers), e.g.::
+
+    sudo benchmarks/netns_launch.sh                 # the default sweep (~8 min on 2 cores)
+    sudo benchmarks/netns_launch.sh --quick         # one small config
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+NS_PREFIX = "dsxb"
+SUBNET = "10.77.0"
+PORT = 29533
+
+
+# ---------------------------------------------------------------- network (root)
+
+
+def sh(*cmd, check=True):
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def ns_names(hosts):
+    return [f"{NS_PREFIX}h{i}" for i in range(hosts)]
+
+
+def teardown():
+    out = sh("ip", "netns", "list", check=False).stdout
+    for line in out.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        if name.startswith(NS_PREFIX):
+            sh("ip", "netns", "del", name, check=False)
+    sh("ip", "link", "del", f"{NS_PREFIX}v0", check=False)
+
+
+def rate_bits(rate: str) -> int:
+    """'1gbit' -> 1e9, '500mbit' -> 5e8."""
+    for unit, mult in (("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3)):
+        if rate.lower().endswith(unit):
+            return int(float(rate[: -len(unit)]) * mult)
+    raise ValueError(f"rate must look like 1gbit or 500mbit, got {rate!r}")
+
+
+def limit(ns, dev, rate):
+    if rate == "none":
+        return
+    burst = max(rate_bits(rate) // 8 // 200, 64 * 1024)  # 5 ms of traffic
+    sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
+       "burst", str(burst), "latency", "50ms")
+
+
+def setup(hosts, rate):
+    """hosts namespaces with eth0 at SUBNET.(i+1), limited to rate both ways."""
+    teardown()
+    names = ns_names(hosts)
+    for ns in names:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+    if hosts == 2:
+        sh("ip", "link", "add", f"{NS_PREFIX}v0", "type", "veth", "peer", "name", f"{NS_PREFIX}v1")
+        for i, ns in enumerate(names):
+            sh("ip", "link", "set", f"{NS_PREFIX}v{i}", "netns", ns)
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", f"{NS_PREFIX}v{i}", "name", "eth0")
+    else:
+        sw = f"{NS_PREFIX}sw"
+        sh("ip", "netns", "add", sw)
+        sh("ip", "netns", "exec", sw, "ip", "link", "add", "br0", "type", "bridge")
+        sh("ip", "netns", "exec", sw, "ip", "link", "set", "br0", "up")
+        for i, ns in enumerate(names):
+            sh("ip", "link", "add", f"{NS_PREFIX}e{i}", "type", "veth", "peer", "name", f"{NS_PREFIX}p{i}")
+            sh("ip", "link", "set", f"{NS_PREFIX}e{i}", "netns", ns)
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", f"{NS_PREFIX}e{i}", "name", "eth0")
+            sh("ip", "link", "set", f"{NS_PREFIX}p{i}", "netns", sw)
+            sh("ip", "netns", "exec", sw, "ip", "link", "set", f"{NS_PREFIX}p{i}", "master", "br0")
+            sh("ip", "netns", "exec", sw, "ip", "link", "set", f"{NS_PREFIX}p{i}", "up")
+            limit(sw, f"{NS_PREFIX}p{i}", rate)  # the host's download
+    for i, ns in enumerate(names):
+        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{SUBNET}.{i + 1}/24", "dev", "eth0")
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up")
+        limit(ns, "eth0", rate)  # the host's upload
+    return names
+
+
+LIVE = []  # torchrun processes still running (stopped on any exit)
+
+
+def stop(procs):
+    """SIGTERM to torchrun (it stops its ranks, which run in their own process
+    groups), then SIGKILL to what is left of its session."""
+    for q in procs:
+        if q.poll() is None:
+            q.terminate()
+    for q in procs:
+        try:
+            q.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(q.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            q.communicate()
+
+
+def run_method(names, procs_per_host, method, args, workdir):
+    out_json = Path(workdir) / f"{method}_{len(names)}x{procs_per_host}.json"
+    cmds = []
+    for i, ns in enumerate(names):
+        env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run",
+               f"--nnodes={len(names)}", f"--nproc-per-node={procs_per_host}", f"--node-rank={i}",
+               f"--master-addr={SUBNET}.1", f"--master-port={PORT}", str(Path(__file__).resolve()),
+               "--worker", "--method", method, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--width", str(args.width), "--depth", str(args.depth), "--out-json", str(out_json)]
+        # A session of its own: on a timeout the whole tree (torchrun and its ranks) is killed.
+        cmds.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True))
+    LIVE[:] = cmds
+    deadline = time.monotonic() + args.run_timeout
+    logs = []
+    for p in cmds:
+        try:
+            logs.append(p.communicate(timeout=max(1, deadline - time.monotonic()))[0])
+        except subprocess.TimeoutExpired:
+            stop(cmds)
+            raise RuntimeError(f"{method}: torchrun did not finish within {args.run_timeout} s")
+    if any(p.returncode for p in cmds) or not out_json.exists():
+        raise RuntimeError(f"{method} failed:\n" + "\n".join(log[-3000:] for log in logs))
+    return json.loads(out_json.read_text())
+
+
+# ---------------------------------------------------------------- worker (one rank)
+
+
+def tx_bytes(dev="eth0"):
+    try:
+        return int(Path(f"/sys/class/net/{dev}/statistics/tx_bytes").read_text())
+    except OSError:
+        return 0
+
+
+def worker(args):
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from deepseek_ext.distributed import Int8CompressionState, int8_compress_hook
+
+    torch.set_num_threads(1)
+    t_import = time.perf_counter()
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(args.depth):
+        layers += [torch.nn.Linear(args.width, args.width), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(args.width, args.width))
+    teacher = torch.randn(args.width, args.width) / args.width ** 0.5
+    # torch's pertensor and PowerSGD hooks wait() inside their callbacks, which run on
+    # Gloo's worker threads: with several buckets in flight they can deadlock, so
+    # they get one bucket (no overlap for them; their bytes are the same).
+    ddp = DDP(model, bucket_cap_mb=4 if args.method not in ("pertensor", "powersgd") else 1000)
+    state = None
+    if args.method == "fp16":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif args.method == "pertensor":
+        ddp.register_comm_hook(None, pertensor_hook)
+    elif args.method == "powersgd":
+        ps = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=2)
+        ddp.register_comm_hook(ps, powerSGD_hook.powerSGD_hook)
+    elif args.method in ("int8", "int8_hier"):
+        state = Int8CompressionState(hierarchical=args.method == "int8_hier", record_timeline=True)
+        if args.method == "int8_hier" and not state.hierarchical:
+            raise SystemExit("int8_hier needs several ranks per host")
+        ddp.register_comm_hook(state, int8_compress_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.02, momentum=0.9)
+    losses, marks = [], []
+
+    def step(i):
+        g = torch.Generator().manual_seed(1000 * i + rank)
+        x = torch.randn(16, args.width, generator=g)
+        loss = torch.nn.functional.mse_loss(ddp(x), x @ teacher)
+        t_bwd = time.perf_counter()
+        loss.backward()
+        marks.append((t_bwd, time.perf_counter()))
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+
+    for i in range(args.warmup):
+        step(i)
+    dist.barrier()
+    sent0 = state.stats()["bytes_sent"] if state else 0
+    tx0 = tx_bytes()
+    if state:
+        state.timeline.clear()
+    marks.clear()
+    t0 = time.perf_counter()
+    for i in range(args.warmup, args.warmup + args.steps):
+        step(i)
+    dist.barrier()
+    elapsed = time.perf_counter() - t0
+    tx1 = tx_bytes()
+    n = sum(p.numel() for p in model.parameters())
+    mine = {
+        "host_tx": (tx1 - tx0) if local_rank == 0 else 0,
+        "counted": (state.stats()["bytes_sent"] - sent0) if state else None,
+        "counted_inter": None,
+        "elapsed": elapsed,
+        "overlap": overlap_summary(state.timeline, marks) if state else None,
+    }
+    if state:
+        mine["counted_inter"] = state.stats()["bytes_sent_inter_node"]
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    final = torch.stack(losses[-3:]).mean()
+    dist.all_reduce(final)
+    if rank == 0:
+        hosts = int(os.environ.get("GROUP_WORLD_SIZE", world // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        res = {
+            "method": args.method, "world": world, "hosts": hosts, "params": n, "steps": args.steps,
+            "step_s": max(e["elapsed"] for e in everyone) / args.steps,
+            "wire_bytes_per_host_step": sum(e["host_tx"] for e in everyone) / hosts / args.steps,
+            "fp32_ring_bytes_per_rank_step": 2 * n * (world - 1) / world * 4,
+            "counted_bytes_per_rank_step": (sum(e["counted"] for e in everyone) / world / args.steps
+                                            if state else None),
+            "final_loss": final.item() / world,
+            "overlap": everyone[0]["overlap"],
+            "worker_s": time.perf_counter() - t_import,
+        }
+        Path(args.out_json).write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
+def pertensor_hook(process_group, bucket):
+    """torch's ``quantization_pertensor_hook``, step for step, with one fix:
+    on Gloo an all_gather future's value is the flat list of output tensors,
+    not ``[list]`` as the torch hook indexes it (``fut.wait()[0]``), so the
+    torch 2.11 hook raises ``IndexError: invalid index of a 0-dim tensor`` on
+    Gloo. Same traffic: an all_gather of (scale, zero point), then of every
+    rank's whole uint8 bucket."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.quantization_hooks import (
+        _dequantize_per_tensor_backend,
+        _quantize_per_tensor_backend,
+    )
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    tensor = bucket.buffer()
+    observer = torch.ao.quantization.MinMaxObserver()
+    observer(tensor)
+    s, z = observer.calculate_qparams()
+    s_and_z = torch.FloatTensor([s, z])
+    all_s_and_z = [torch.zeros_like(s_and_z) for _ in range(world)]
+    fut = dist.all_gather(all_s_and_z, s_and_z, async_op=True).get_future()
+
+    def quantize_and_allgather(fut):
+        fut.wait()
+        q = _quantize_per_tensor_backend(tensor, all_s_and_z[rank][0], all_s_and_z[rank][1])
+        outs = [torch.zeros_like(q) for _ in range(world)]
+        dist.all_gather(outs, q, async_op=True).get_future().wait()
+        return outs
+
+    def dequantize_and_aggregate(fut):
+        outs = fut.wait()
+        total = torch.zeros_like(outs[0], dtype=torch.float32)
+        for r, q in enumerate(outs):
+            total += _dequantize_per_tensor_backend(q, all_s_and_z[r][0], all_s_and_z[r][1])
+        return total / world
+
+    return fut.then(quantize_and_allgather).then(dequantize_and_aggregate)
+
+
+def overlap_summary(timeline, marks):
+    """Per step: buckets handed over, and how many had their first collective
+    completed while backward was still producing later buckets."""
+    if not timeline or not marks:
+        return None
+    steps = {}
+    for t, ev, idx, it in timeline:
+        steps.setdefault(it, []).append((t, ev, idx))
+    rows = []
+    for (it, evs), (t_bwd, t_end) in zip(sorted(steps.items()), marks):
+        hooks = [t for t, ev, _ in evs if ev == "hook"]
+        sent = [t for t, ev, _ in evs if ev == "sent"]
+        done = [t for t, ev, _ in evs if ev == "done"]
+        last_hook = max(hooks)
+        rows.append({
+            "buckets": len(hooks),
+            "first_hook_ms": (min(hooks) - t_bwd) * 1e3,
+            "last_hook_ms": (last_hook - t_bwd) * 1e3,
+            "sent_before_last_hook": sum(t < last_hook for t in sent),
+            "done_before_last_hook": sum(t < last_hook for t in done),
+            "backward_ms": (t_end - t_bwd) * 1e3,
+        })
+    mid = rows[len(rows) // 2]
+    return {"median_step": mid, "steps": len(rows)}
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+CONFIGS = [  # (hosts, ranks per host, rate, methods)
+    (2, 1, "1gbit", ["allreduce", "fp16", "pertensor", "powersgd", "int8"]),
+    (2, 1, "10gbit", ["allreduce", "int8"]),
+    (4, 1, "1gbit", ["allreduce", "fp16", "pertensor", "powersgd", "int8"]),
+    (2, 2, "1gbit", ["allreduce", "int8", "int8_hier"]),
+]
+WORLD8 = (8, 1, "none", ["allreduce", "int8"])  # --world8: bytes at 8 ranks (16 Python processes: slow on 2 cores)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--method", default="int8")
+    p.add_argument("--out-json", default=None)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--run-timeout", type=int, default=150)
+    p.add_argument("--quick", action="store_true", help="only 2 hosts at 1 Gbit/s, allreduce and int8")
+    p.add_argument("--world8", action="store_true", help="also 8 hosts (no rate limit, smaller model): bytes")
+    p.add_argument("--rate", default=None, help="one rate for every configuration (e.g. 100mbit) instead of "
+                   "the default 1gbit / 10gbit sweep; results go to comm_<rate>_cpu.md")
+    p.add_argument("--out", default=None, help="results directory (default benchmarks/results or $OUT)")
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    if os.geteuid() != 0:
+        raise SystemExit("bench_comm.py needs root for ip netns / tc (run it through benchmarks/netns_launch.sh)")
+
+    import torch
+
+    from benchmarks.common import header, markdown_table, write_results
+
+    configs = [(2, 1, "1gbit", ["allreduce", "int8"])] if args.quick else CONFIGS + ([WORLD8] if args.world8 else [])
+    if args.rate:
+        seen, configs = set(), [(h, L, args.rate if r != "none" else r, m) for h, L, r, m in configs]
+        configs = [c for c in configs if (c[0], c[1], c[2]) not in seen and not seen.add((c[0], c[1], c[2]))]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench_comm.py: terminated"))  # run the cleanup
+    results, failed = [], []
+    t_start = time.monotonic()
+    with tempfile.TemporaryDirectory() as workdir:
+        try:
+            for hosts, per_host, rate, methods in configs:
+                names = setup(hosts, rate)
+                for method in methods:
+                    small = hosts * per_host >= 8  # bytes-only run: a smaller model keeps 8 ranks on 2 cores short
+                    run_args = argparse.Namespace(**vars(args))
+                    if small:
+                        run_args.width, run_args.steps = 512, 3
+                    t_run = time.monotonic()
+                    try:
+                        r = run_method(names, per_host, method, run_args, workdir)
+                    except RuntimeError as e:  # one method failing must not lose the others
+                        print(f"{hosts}x{per_host} {rate} {method}: FAILED: {str(e)[-1500:]}", flush=True)
+                        failed.append(f"{hosts}x{per_host} {rate} {method}: {str(e).splitlines()[0]}")
+                        continue
+                    r.update(rate=rate, per_host=per_host, run_s=time.monotonic() - t_run)
+                    results.append(r)
+                    print(f"{hosts}x{per_host} {rate:>6} {method:>10}: {r['step_s'] * 1e3:8.1f} ms/step, "
+                          f"{r['wire_bytes_per_host_step'] / 1e6:7.2f} MB/host/step, loss {r['final_loss']:.5f} "
+                          f"(run {r['run_s']:.0f} s, worker {r['worker_s']:.0f} s)",
+                          flush=True)
+                teardown()
+        finally:
+            stop(LIVE)
+            teardown()
+    text = header("DDP gradient sync over network namespaces (Gloo, torchrun multi-node)", "cpu")
+    text += (f"- model: {args.depth + 1} x Linear({args.width}, {args.width}) "
+             f"({results[0]['params'] / 1e6:.1f} M params, {results[0]['params'] * 4 / 1e6:.0f} MB of fp32 "
+             f"gradients), batch 16 per rank, SGD (momentum 0.9), DDP bucket_cap_mb=4 (pertensor and powersgd: one bucket, see the module docstring)\n"
+             f"- {args.warmup} warm-up steps, then {args.steps} timed steps; hosts = network namespaces, "
+             "tc tbf on every host link both ways; all ranks share this machine's CPU cores\n"
+             f"- total benchmark time: {time.monotonic() - t_start:.0f} s\n\n")
+    rows = []
+    for hosts, per_host, rate, _ in configs:
+        group = [r for r in results if r["hosts"] == hosts and r["per_host"] == per_host and r["rate"] == rate]
+        base = next(r for r in group if r["method"] == "allreduce")
+        for r in group:
+            counted = r["counted_bytes_per_rank_step"]
+            ov = r["overlap"]["median_step"] if r["overlap"] else None
+            rows.append([
+                f"{hosts}x{per_host}", rate, r["method"], f"{r['step_s'] * 1e3:.0f}",
+                f"{r['step_s'] / base['step_s']:.2f}",
+                f"{r['wire_bytes_per_host_step'] / 1e6:.2f}",
+                f"{r['wire_bytes_per_host_step'] / base['wire_bytes_per_host_step']:.3f}",
+                f"{counted / r['fp32_ring_bytes_per_rank_step']:.3f}" if counted else "",
+                f"{r['final_loss']:.5f}", f"{(r['final_loss'] / base['final_loss'] - 1) * 100:+.2f}%",
+                (f"{ov['sent_before_last_hook']}/{ov['buckets']} sent, {ov['done_before_last_hook']} done "
+                 f"before last bucket ({ov['last_hook_ms']:.0f} of {ov['backward_ms']:.0f} ms)") if ov else "",
+            ])
+    text += markdown_table(
+        ["hosts x ranks", "rate", "method", "ms/step", "x allreduce", "wire MB/host/step", "wire x allreduce",
+         "counted x fp32 ring", "final loss", "loss vs allreduce", "overlap (ours, median step)"], rows)
+    text += ("\nwire = eth0 tx bytes of each host namespace (TCP/IP headers included), per step, averaged over "
+             "hosts. counted = bytes our hook's stats() says this rank sent, over 2N(p-1)/p x 4. "
+             "overlap: of the buckets of one backward, how many had their all_to_all completed (sent) / were fully "
+             "averaged (done) before backward handed over its last bucket.\n")
+    if failed:
+        text += "\nFailed runs (not in the table):\n" + "".join(f"- {f}\n" for f in failed)
+    print(text)
+    path = write_results(f"comm_{args.rate}" if args.rate else "comm", "cpu", text, results, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""DDP communication hooks and their state (gradient compression, local SGD).
+
+- :class:`Int8CompressionState` + :func:`int8_compress_hook`: blockwise int8
+  all-to-all reduce-scatter + all-gather with error feedback, flat or
+  hierarchical (bf16 inside a node, int8 between nodes).
+- :class:`CountingAllreduceState` + :func:`counting_allreduce_hook`: DDP's
+  plain averaging allreduce, counted the same way (a like-for-like baseline).
+- :class:`AdaptiveLocalSGD` + :func:`adaptive_local_sgd_hook`: local SGD with
+  an averaging period that adapts to how far the ranks drift apart.
+"""
+
+from deepseek_ext.distributed.compression import (
+    CountingAllreduceState,
+    Int8CompressionState,
+    counting_allreduce_hook,
+    int8_compress_hook,
+)
+from deepseek_ext.distributed.local_sgd import AdaptiveLocalSGD, adaptive_local_sgd_hook
+
+__all__ = [
+    "Int8CompressionState",
+    "int8_compress_hook",
+    "CountingAllreduceState",
+    "counting_allreduce_hook",
+    "AdaptiveLocalSGD",
+    "adaptive_local_sgd_hook",
+]
