@@ -4,7 +4,8 @@
 
 Environment switches:
     DEEPSEEK_EXT_CPU_ONLY=1   build without CUDA even when torch and nvcc have it
-    TORCH_CUDA_ARCH_LIST      CUDA architectures (default "8.0;9.0a": A100, H100/H200)
+    TORCH_CUDA_ARCH_LIST      CUDA architectures (default "8.0;9.0a": A100, H100/H200); the fused
+                              CUTLASS GEMMs need 9.0a (sm90 kernel) or an 8.x entry (sm80 kernel)
     DEEPSEEK_EXT_CPU_ISA      "avx2" (default on x86-64: AVX2+FMA+F16C kernels through
                               at::vec, import refuses CPUs without them) or "generic"
     DEBUG=1                   -O0 -g host code, -G device code
@@ -67,10 +68,14 @@ if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
 
 arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
-cutlass = find_cutlass() if with_cuda and "9.0a" in arch_list.replace(" ", ";").split(";") else None
+arch_entries = [a for a in arch_list.replace(" ", ";").split(";") if a]
+# Sources tagged [cutlass-sm90] need 9.0a in the arch list, [cutlass-sm80] an 8.x entry.
+cutlass_archs = {"cutlass-sm90": "9.0a" in arch_entries, "cutlass-sm80": any(a.startswith("8.") for a in arch_entries)}
+cutlass = find_cutlass() if with_cuda and any(cutlass_archs.values()) else None
+cutlass_tags = {tag for tag, wanted in cutlass_archs.items() if wanted and cutlass}
 sources = [
     path for tag, path in library_sources()
-    if (with_cuda or not path.endswith(".cu")) and (tag == "" or (tag == "cutlass-sm90" and cutlass))
+    if (with_cuda or not path.endswith(".cu")) and (tag == "" or tag in cutlass_tags)
 ]
 sources.append("csrc/python/module.cpp")
 
@@ -85,8 +90,10 @@ nvcc_flags = (["-O0", "-G", "-g"] if debug else ["-O3", "-lineinfo", "-DNDEBUG"]
     "-Xcompiler=-fno-fast-math",
 ] + [f"-Xcompiler={f}" for f in isa_flags if f.startswith("-m")]
 macros = [("DSX_WITH_CUDA", "1" if with_cuda else "0")]
-if cutlass:
+if "cutlass-sm90" in cutlass_tags:
     macros.append(("DSX_WITH_CUTLASS_SM90", "1"))
+if "cutlass-sm80" in cutlass_tags:
+    macros.append(("DSX_WITH_CUTLASS_SM80", "1"))
 Extension = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
 ext = Extension(
     name="deepseek_ext._C",
@@ -103,7 +110,8 @@ ext = Extension(
     f"TORCH_VERSION = {torch.__version__!r}\n"
     f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n"
     f"WITH_CUDA = {with_cuda!r}\n"
-    f"WITH_CUTLASS_SM90 = {cutlass is not None!r}\n"
+    f"WITH_CUTLASS_SM90 = {'cutlass-sm90' in cutlass_tags!r}\n"
+    f"WITH_CUTLASS_SM80 = {'cutlass-sm80' in cutlass_tags!r}\n"
     f"CPU_ISA = {cpu_isa!r}\n"
     f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST', '') if with_cuda else ''!r}\n"
 )
@@ -114,7 +122,8 @@ print(
     f"  CUDA kernels     {'yes, nvcc ' + nvcc if with_cuda else 'no'}"
     f"{' (DEEPSEEK_EXT_CPU_ONLY=1)' if cpu_only else ''}\n"
     f"  arch list        {os.environ.get('TORCH_CUDA_ARCH_LIST', '-') if with_cuda else '-'}\n"
-    f"  CUTLASS sm90     {cutlass or 'no (needs nvidia-cutlass or third_party/cutlass, and 9.0a)'}\n"
+    f"  CUTLASS sm90     {cutlass if 'cutlass-sm90' in cutlass_tags else 'no (needs CUTLASS headers and 9.0a)'}\n"
+    f"  CUTLASS sm80     {cutlass if 'cutlass-sm80' in cutlass_tags else 'no (needs CUTLASS headers and an 8.x arch)'}\n"
     f"  CPU ISA          {cpu_isa}\n"
     f"  debug            {debug}\n"
     f"  MAX_JOBS         {os.environ.get('MAX_JOBS', 'default')}\n"

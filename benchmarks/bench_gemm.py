@@ -27,7 +27,7 @@ CPU_CASES = [  # (name, M, N, K, transposed a)
     ("wgrad (4096x1024)^T (4096x1024)", 1024, 1024, 4096, True),
 ]
 # On the GPU every case passes `a` as a transposed view: the layout of a Linear
-# weight gradient, and the one the fused sm90 kernel is instantiated for.
+# weight gradient, and the one the fused sm90 and sm80 kernels are instantiated for.
 GPU_CASES = [
     ("4096^3, a = A^T view", 4096, 4096, 4096, True),
     ("8192^3, a = A^T view", 8192, 8192, 8192, True),
@@ -76,10 +76,14 @@ def main(argv=None):
             t_mm, t_unfused, t_ours = compare_seconds([matmul_alone, unfused, ours], dev, args.rounds,
                                                       args.min_run_time)
             flops = 2.0 * M * N * K
-            before = deepseek_ext._C.matmul_unscale_check_fused_sm90_calls()
+            # The route it really took, from the fused kernels' call counters.
+            before = (deepseek_ext._C.matmul_unscale_check_fused_sm90_calls(),
+                      deepseek_ext._C.matmul_unscale_check_fused_sm80_calls())
             ours()
-            fused = deepseek_ext._C.matmul_unscale_check_fused_sm90_calls() > before  # the route it really took
-            route = "fused sm90" if fused else ("cuBLAS + epilogue" if dev == "cuda" else "BLAS panels + epilogue")
+            after = (deepseek_ext._C.matmul_unscale_check_fused_sm90_calls(),
+                     deepseek_ext._C.matmul_unscale_check_fused_sm80_calls())
+            route = "fused sm90" if after[0] > before[0] else "fused sm80" if after[1] > before[1] else \
+                ("cuBLAS + epilogue" if dev == "cuda" else "BLAS panels + epilogue")
             row = [name, f"{str(dtype)[6:]} -> {str(out_dtype or dtype)[6:]}", route, f"{flops / t_mm / 1e12:.3f}",
                    f"{flops / t_unfused / 1e12:.3f}", f"{flops / t_ours / 1e12:.3f}", f"{t_ours / t_mm:.3f}",
                    f"{t_unfused / t_ours:.3f}"]
@@ -91,6 +95,10 @@ def main(argv=None):
             "speedup vs unfused"]
     text = header("matmul_unscale_check vs torch.matmul and the unfused matmul + scale + check", dev)
     text += f"- built with the CUTLASS sm90 kernel: {getattr(deepseek_ext._C, 'with_cutlass_sm90', False)}\n"
+    text += f"- built with the CUTLASS sm80 kernel: {getattr(deepseek_ext._C, 'with_cutlass_sm80', False)}"
+    if dev == "cuda":
+        text += f" (code for this GPU: {deepseek_ext._C.matmul_unscale_check_sm80_has_code_for(torch.cuda.current_device())})"
+    text += "\n"
     if dev == "cpu":
         h = torch.randn(1024, 1024).half()
         t0 = time.perf_counter()

@@ -7,6 +7,9 @@
 # writes logs and result tables to $OUT (default benchmarks/results/gpu-<date>/)
 # and prints a short summary table last. Build inputs that would need a
 # download are staged beforehand by `make gpu-prep` into third_party/.
+# GPU_CHECK_ARCH overrides the arch list: GPU_CHECK_ARCH="8.0+PTX" on a Hopper
+# GPU builds only the Ampere kernels and runs them through the driver's JIT,
+# which exercises the fused sm80 GEMM where no sm_8x GPU is at hand.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,6 +21,7 @@ t0=$(date +%s)
 cap=$($PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('%d.%d' % torch.cuda.get_device_capability())") || {
   echo "gpu_check: torch sees no CUDA GPU"; exit 1; }
 case "$cap" in 9.0) arch="9.0a" ;; *) arch="$cap" ;; esac
+arch=${GPU_CHECK_ARCH:-$arch}
 export TORCH_CUDA_ARCH_LIST="$arch"
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 {

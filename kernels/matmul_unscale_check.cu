@@ -1,12 +1,21 @@
 // matmul_unscale_check on CUDA.
 //
-// Route (documented in README "Mixed precision"):
-//   * sm_90 with float16/bfloat16 inputs, when the build has the CUTLASS
-//     kernel (DSX_WITH_CUTLASS_SM90): one fused kernel, see
-//     matmul_unscale_check_sm90.cu.
+// Route (documented in README "Mixed precision"), first that takes the call:
+//   * sm_90, float16/bfloat16 inputs in the weight-gradient layout, float32
+//     output, when the build has the CUTLASS 3 kernel (DSX_WITH_CUTLASS_SM90):
+//     one fused kernel, see matmul_unscale_check_sm90.cu.
+//   * sm_8x (an image built for an 8.x arch is what the device loads), the
+//     same layout, float32 or input-dtype output, when the build has the
+//     CUTLASS 2 kernel (DSX_WITH_CUTLASS_SM80): one fused kernel, see
+//     matmul_unscale_check_sm80.cu. It declines on Hopper in the default
+//     "8.0;9.0a" build, where cuBLAS (wgmma) + the pass below is expected to
+//     beat an mma.sync kernel.
 //   * otherwise (unfused): cuBLAS through at::mm with float32 output, then
 //     one pass that multiplies by inv_scale, converts to out_dtype and flags
 //     non-finite converted values. inv_scale and found_inf stay on the device.
+// Each fused kernel counts the calls it took (fused_sm90_calls, fused_sm80_calls)
+// so tests and benchmarks can prove the route; a kernel that declines a shape
+// (layout, alignment, launch limits) leaves it to the next route silently.
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -31,14 +40,23 @@ namespace ops {
 bool matmul_unscale_check_sm90(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_scale,
                                const at::Tensor& found_inf, const at::Tensor& out);
 #endif
+#if defined(DSX_WITH_CUTLASS_SM80)
+// Defined in matmul_unscale_check_sm80.cu; returns false when the fused kernel
+// cannot take these operands or has no code for this device.
+bool matmul_unscale_check_sm80(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_scale,
+                               const at::Tensor& found_inf, const at::Tensor& out);
+#endif
 
 namespace {
 std::atomic<int64_t> fused_sm90_calls{0};
+std::atomic<int64_t> fused_sm80_calls{0};
 }  // namespace
 
 // Host-side count of calls that took the fused sm90 kernel (tests use it to
 // prove the route ran; a declined shape would silently take cuBLAS).
 int64_t matmul_unscale_check_fused_sm90_calls() { return fused_sm90_calls.load(); }
+// The same for the fused sm80 (Ampere) kernel.
+int64_t matmul_unscale_check_fused_sm80_calls() { return fused_sm80_calls.load(); }
 
 namespace {
 
@@ -128,6 +146,12 @@ at::Tensor matmul_unscale_check_cuda(const at::Tensor& a, const at::Tensor& b, c
   if (a.scalar_type() != at::kFloat && at::cuda::getCurrentDeviceProperties()->major == 9 &&
       matmul_unscale_check_sm90(a, b, inv_scale, found_inf, out)) {
     fused_sm90_calls.fetch_add(1, std::memory_order_relaxed);
+    return out;
+  }
+#endif
+#if defined(DSX_WITH_CUTLASS_SM80)
+  if (a.scalar_type() != at::kFloat && matmul_unscale_check_sm80(a, b, inv_scale, found_inf, out)) {
+    fused_sm80_calls.fetch_add(1, std::memory_order_relaxed);
     return out;
   }
 #endif

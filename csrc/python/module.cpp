@@ -14,11 +14,18 @@
 #ifndef DSX_WITH_CUTLASS_SM90
 #define DSX_WITH_CUTLASS_SM90 0
 #endif
+#ifndef DSX_WITH_CUTLASS_SM80
+#define DSX_WITH_CUTLASS_SM80 0
+#endif
 
 #if DSX_WITH_CUDA
 namespace deepseek_ext {
 namespace ops {
 int64_t matmul_unscale_check_fused_sm90_calls();  // kernels/matmul_unscale_check.cu
+int64_t matmul_unscale_check_fused_sm80_calls();  // kernels/matmul_unscale_check.cu
+#if DSX_WITH_CUTLASS_SM80
+bool matmul_unscale_check_sm80_has_code_for(int device);  // kernels/matmul_unscale_check_sm80.cu
+#endif
 }  // namespace ops
 }  // namespace deepseek_ext
 #endif
@@ -34,4 +41,21 @@ PYBIND11_MODULE(_C, m) {
     return int64_t{0};
 #endif
   }, "How many matmul_unscale_check calls took the fused sm90 CUTLASS kernel in this process.");
+  m.attr("with_cutlass_sm80") = static_cast<bool>(DSX_WITH_CUTLASS_SM80);
+  m.def("matmul_unscale_check_fused_sm80_calls", [] {
+#if DSX_WITH_CUDA
+    return deepseek_ext::ops::matmul_unscale_check_fused_sm80_calls();
+#else
+    return int64_t{0};
+#endif
+  }, "How many matmul_unscale_check calls took the fused sm80 CUTLASS kernel in this process.");
+  m.def("matmul_unscale_check_sm80_has_code_for", [](int device) {
+#if DSX_WITH_CUTLASS_SM80
+    return deepseek_ext::ops::matmul_unscale_check_sm80_has_code_for(device);
+#else
+    (void)device;
+    return false;
+#endif
+  }, "Whether the image the CUDA runtime loads for this device index holds the fused sm80 kernel "
+     "(an 8.x build target: sm_8x GPUs, or newer ones through the JIT of an 8.0+PTX build).");
 }

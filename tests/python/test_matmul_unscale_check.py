@@ -181,11 +181,14 @@ def test_cuda_wgrad_layout_matches_float64(dtype, shape):
     a, b = wgrad_operands(T, M, N, dtype, "cuda")
     found = torch.zeros(1, device="cuda")
     fused_before = deepseek_ext._C.matmul_unscale_check_fused_sm90_calls()
+    sm80_before = deepseek_ext._C.matmul_unscale_check_fused_sm80_calls()
     out = deepseek_ext.ops.matmul_unscale_check(a, b, torch.full((1,), 2.0**-10, device="cuda"), found,
                                                 out_dtype=torch.float32)
     if torch.cuda.get_device_capability()[0] == 9 and deepseek_ext._C.with_cutlass_sm90:
         # These shapes are aligned for TMA: the fused kernel must have taken them.
         assert deepseek_ext._C.matmul_unscale_check_fused_sm90_calls() == fused_before + 1
+    elif sm80_serves_this_gpu():
+        assert deepseek_ext._C.matmul_unscale_check_fused_sm80_calls() == sm80_before + 1
     assert rel_err(out.cpu(), reference(a.cpu(), b.cpu(), 2.0**-10)) < 1e-5
     assert found.item() == 0.0
 
@@ -249,3 +252,156 @@ def test_cuda_linear_training_step_has_no_host_sync():
             step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# --- The fused sm80 (Ampere) kernel: kernels/matmul_unscale_check_sm80.cu -------------------------
+# Each test compares with float64 (or with exact values) on whatever route the GPU takes and, where
+# the sm80 kernel serves this GPU, asserts through its call counter that it took (or declined) the call.
+
+
+def sm80_serves_this_gpu():
+    """The fused sm80 kernel has code for this GPU: sm_8x in the default build, any GPU in an
+    8.0+PTX build (through the driver's JIT), never Hopper in the default 8.0;9.0a build."""
+    return deepseek_ext._C.matmul_unscale_check_sm80_has_code_for(torch.cuda.current_device())
+
+
+def sm90_takes(out_dtype):
+    return (torch.cuda.get_device_capability()[0] == 9 and deepseek_ext._C.with_cutlass_sm90
+            and out_dtype == torch.float32)
+
+
+class Sm80Route:
+    """Asserts on exit that the sm80 kernel took the calls in the block (`taken=True`) or none."""
+
+    def __init__(self, taken, calls=1):
+        self.want = calls if taken else 0
+
+    def __enter__(self):
+        self.before = deepseek_ext._C.matmul_unscale_check_fused_sm80_calls()
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            assert deepseek_ext._C.matmul_unscale_check_fused_sm80_calls() - self.before == self.want
+
+
+@pytest.mark.cuda
+def test_cuda_sm80_kernel_serves_ampere():
+    if torch.cuda.get_device_capability()[0] != 8 or not deepseek_ext._C.with_cutlass_sm80:
+        pytest.skip("needs an sm_8x GPU and a build with the CUTLASS sm80 kernel")
+    assert sm80_serves_this_gpu()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, None])
+# Residues on every edge of both tiles; (4096, 4096, 4096) has a full wave of 128x256 tiles on
+# an A100 (108 SMs): the large-tile kernel. The others take 128x128 tiles.
+@pytest.mark.parametrize("shape", [(64, 8, 8), (72, 264, 136), (1000, 520, 776), (4096, 4096, 4096)])
+def test_cuda_sm80_wgrad_matches_float64(dtype, out_dtype, shape):
+    T, M, N = shape
+    a, b = wgrad_operands(T, M, N, dtype, "cuda", seed=T + M)
+    found = torch.zeros(1, device="cuda")
+    with Sm80Route(sm80_serves_this_gpu() and not sm90_takes(out_dtype)):
+        out = deepseek_ext.ops.matmul_unscale_check(a, b, torch.full((1,), 2.0**-10, device="cuda"), found,
+                                                    out_dtype=out_dtype)
+    want = out_dtype or dtype
+    assert out.dtype == want and out.shape == (M, N) and out.is_contiguous()
+    assert rel_err(out.cpu(), reference(a.cpu(), b.cpu(), 2.0**-10)) < TOL[want]
+    assert found.item() == 0.0
+    # The CPU path of the same op agrees to the output dtype's rounding.
+    ref = deepseek_ext.ops.matmul_unscale_check(a.cpu(), b.cpu(), torch.full((1,), 2.0**-10), torch.zeros(1),
+                                                out_dtype=out_dtype)
+    assert rel_err(out.cpu(), ref.double()) < TOL[want]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, acc, inv_finite, inv_inf", [
+    # float16: 65504 is the largest finite value, 65520 rounds (to even) to inf.
+    (torch.float16, 8 * 1024, 65504 / 8192, 65520 / 8192),
+    # bfloat16: (2 - 2^-7) 2^127 is the largest finite value, (2 - 2^-8) 2^127 rounds to inf.
+    (torch.bfloat16, 8 * 1024, (2 - 2**-7) * 2.0**114, (2 - 2**-8) * 2.0**114),
+])
+def test_cuda_sm80_inf_after_conversion_is_flagged(dtype, acc, inv_finite, inv_inf):
+    # a^T b = 8 * 1024 everywhere, exactly; inv_scale puts it just below / on the rounding edge.
+    T, M, N = 8, 64, 128
+    a = torch.ones(T, M, dtype=dtype, device="cuda").t()
+    b = torch.full((T, N), 1024.0, dtype=dtype, device="cuda")
+    assert acc == T * 1024
+    route = sm80_serves_this_gpu()
+    for inv, flagged in ((inv_finite, False), (inv_inf, True)):
+        found = torch.zeros(1, device="cuda")
+        with Sm80Route(route):
+            out = deepseek_ext.ops.matmul_unscale_check(a, b, torch.full((1,), inv, device="cuda"), found)
+        assert found.item() == float(flagged)
+        assert torch.isinf(out).all().item() == flagged
+        if not flagged:
+            assert (out.double() == acc * inv).all()
+        # The same value is finite in float32: no flag there.
+        found = torch.zeros(1, device="cuda")
+        with Sm80Route(route and not sm90_takes(torch.float32)):
+            out32 = deepseek_ext.ops.matmul_unscale_check(a, b, torch.full((1,), inv, device="cuda"), found,
+                                                          out_dtype=torch.float32)
+        assert found.item() == 0.0 and (out32.double() == acc * inv).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, None])
+def test_cuda_sm80_planted_nonfinite_is_flagged(dtype, out_dtype):
+    T, M, N = 200, 264, 136  # residues on both edges of a 128x128 tile
+    route = sm80_serves_this_gpu() and not sm90_takes(out_dtype)
+    for value in (float("inf"), float("-inf"), float("nan")):
+        for (t, i) in [(0, 0), (T - 1, M - 1), (100, 131), (T - 1, 0)]:  # corners, last tile, edges
+            a, b = wgrad_operands(T, M, N, dtype, "cuda", seed=t + i)
+            a[i, t] = value  # writes grad_out[t, i]: row i of the output becomes non-finite
+            found = torch.zeros(1, device="cuda")
+            with Sm80Route(route):
+                out = deepseek_ext.ops.matmul_unscale_check(a, b, torch.ones(1, device="cuda"), found,
+                                                            out_dtype=out_dtype)
+            assert found.item() == 1.0, (value, t, i)
+            assert not torch.isfinite(out[i]).any() and torch.isfinite(out[(i + 1) % M]).all()
+
+
+@pytest.mark.cuda
+def test_cuda_sm80_found_inf_accumulates_and_is_not_reset():
+    a, b = wgrad_operands(128, 128, 128, torch.float16, "cuda")
+    found = torch.ones(1, device="cuda")  # set by an earlier GEMM of the same step
+    with Sm80Route(sm80_serves_this_gpu()):
+        deepseek_ext.ops.matmul_unscale_check(a, b, torch.ones(1, device="cuda"), found)
+    assert found.item() == 1.0
+
+
+def declined_operands(kind, dtype):
+    """Operands the sm80 kernel must decline (the unfused route computes them)."""
+    gen = torch.Generator().manual_seed(3)
+    T, M, N = 96, 64, 72
+    if kind == "row-major a":  # a plain matrix, not grad_out^T
+        return torch.randn(M, T, generator=gen).to(dtype).cuda(), torch.randn(T, N, generator=gen).to(dtype).cuda()
+    if kind == "column-major b":
+        return (torch.randn(T, M, generator=gen).to(dtype).cuda().t(),
+                torch.randn(N, T, generator=gen).to(dtype).cuda().t())
+    if kind == "M not a multiple of 8":
+        return wgrad_operands(T, M + 4, N, dtype, "cuda")
+    if kind == "lda not a multiple of 8":  # a = grad_out[:, :M]^T with grad_out rows of M + 3
+        gy = torch.randn(T, M + 3, generator=gen).to(dtype).cuda()
+        return gy[:, :M].t(), torch.randn(T, N, generator=gen).to(dtype).cuda()
+    if kind == "a not 16-byte aligned":  # a view starting one element into its storage
+        gy = torch.randn(T * M + 8, generator=gen).to(dtype).cuda()[1:1 + T * M].view(T, M)
+        return gy.t(), torch.randn(T, N, generator=gen).to(dtype).cuda()
+    raise ValueError(kind)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["row-major a", "column-major b", "M not a multiple of 8",
+                                  "lda not a multiple of 8", "a not 16-byte aligned"])
+def test_cuda_sm80_declines_other_layouts_and_the_result_is_still_right(dtype, kind):
+    a, b = declined_operands(kind, dtype)
+    for out_dtype in (torch.float32, None):
+        found = torch.zeros(1, device="cuda")
+        with Sm80Route(False):
+            out = deepseek_ext.ops.matmul_unscale_check(a, b, torch.full((1,), 0.5, device="cuda"), found,
+                                                        out_dtype=out_dtype)
+        assert rel_err(out.cpu(), reference(a.cpu(), b.cpu(), 0.5)) < TOL[out_dtype or dtype]
+        assert found.item() == 0.0
