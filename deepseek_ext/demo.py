@@ -291,8 +291,7 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
             params = _unique_params(model)
             n_params = sum(p.numel() for p in params)
             trainable = sum(p.numel() for p in params if p.requires_grad)
-            peak_mem = (torch.cuda.max_memory_allocated(device) if cuda
-                        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            peak_mem = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes()
             result = dict(
                 name=name, recipe=recipe.enabled(), precision=recipe.precision_label(device),
                 parameters=n_params, trainable_parameters_at_end=trainable,
@@ -314,6 +313,18 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: a spawned worker
+    is forked from the launcher before exec, and ru_maxrss keeps the launcher's peak."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _is_plain(v) -> bool:
