@@ -6,13 +6,16 @@
 // `order` (stable: pairs of a block stay in token order) and `offsets`.
 //
 // sparse_ffn / sparse_ffn_backward: at::parallel_for over blocks. A block
-// gathers its tokens' rows, runs its GEMMs through ATen (MKL; single-threaded
+// walks its pairs in tiles of kTileRows: it gathers the tiles' token rows into
+// a thread-local buffer, runs its GEMMs through ATen (MKL; single-threaded
 // inside the parallel region, one block per thread), applies the activation and
-// the gate weights, and writes its per-pair results into a [T * k, d_model]
-// buffer at its rows of `order`; a second at::parallel_for over tokens adds up
-// each token's k rows (no atomics, deterministic). The weight gradients of a
-// block are written directly into its own rows of grad_w1 / grad_w2. Only the
-// selected blocks are ever multiplied.
+// the gate weights, and adds the tile's [rows, d_model] result into its
+// thread's accumulator (thread 0: the output itself; others: a private [T,
+// d_model] buffer added in at the end), so no two threads write one row and
+// nothing [T * k, d_model] is materialised. The weight gradients of a block are
+// accumulated over its tiles directly into its own rows of grad_w1 / grad_w2.
+// Only the selected blocks are ever multiplied. Summation order depends on the
+// thread count (not on timing): results are reproducible for a fixed count.
 
 #include <ATen/Dispatch.h>
 #include <ATen/ATen.h>
@@ -28,6 +31,8 @@
 #include <vector>
 
 #include "sparse_ffn/sparse_ffn.h"
+
+#include <dlfcn.h>
 
 namespace deepseek_ext {
 namespace ops {
@@ -90,49 +95,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_ffn_route_cpu(const at::Te
   return {idx, order, offsets};
 }
 
-// ---- per-token sum of the k per-pair rows ----
+// ---- row gather / scatter-add (memory-bound: plain vector loops) ----
 
-// out[t] = sum_j rows[pos[t * k + j]] for rows [P, D] (sorted order).
+// dst[i] = src[rows[i] / k] for i < n (token rows of the pairs `rows`).
 template <typename scalar_t>
-void sum_pairs(const at::Tensor& rows, const std::vector<int64_t>& pos, int64_t k,
-               at::Tensor& out) {
+void gather_rows(const scalar_t* src, const int64_t* pairs, int64_t n, int64_t k, int64_t D,
+                 scalar_t* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* r = src + (pairs[i] / k) * D;
+    std::copy(r, r + D, dst + i * D);
+  }
+}
+
+// acc[pairs[i] / k] += src[i] for i < n.
+template <typename scalar_t>
+void scatter_add_rows(const scalar_t* src, const int64_t* pairs, int64_t n, int64_t k, int64_t D,
+                      scalar_t* acc) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  const int64_t T = out.size(0), D = out.size(1);
-  const scalar_t* src = rows.const_data_ptr<scalar_t>();
-  scalar_t* dst = out.data_ptr<scalar_t>();
-  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      scalar_t* o = dst + t * D;
-      const scalar_t* first = src + pos[t * k] * D;
-      std::copy(first, first + D, o);
-      for (int64_t j = 1; j < k; ++j) {
-        const scalar_t* r = src + pos[t * k + j] * D;
-        int64_t d = 0;
-        for (; d + Vec::size() <= D; d += Vec::size()) {
-          (Vec::loadu(o + d) + Vec::loadu(r + d)).store(o + d);
-        }
-        for (; d < D; ++d) o[d] = o[d] + r[d];
-      }
-    }
+  for (int64_t i = 0; i < n; ++i) {
+    scalar_t* o = acc + (pairs[i] / k) * D;
+    const scalar_t* r = src + i * D;
+    int64_t d = 0;
+    for (; d + Vec::size() <= D; d += Vec::size()) (Vec::loadu(o + d) + Vec::loadu(r + d)).store(o + d);
+    for (; d < D; ++d) o[d] = o[d] + r[d];
+  }
+}
+
+// out += sum of the other threads' partial sums, in parallel over rows.
+void reduce_partials(at::Tensor& out, std::vector<at::Tensor>& partials) {
+  std::vector<at::Tensor> used;
+  for (size_t i = 1; i < partials.size(); ++i) {
+    if (partials[i].defined()) used.push_back(partials[i]);
+  }
+  if (used.empty()) return;
+  at::parallel_for(0, out.size(0), 64, [&](int64_t r0, int64_t r1) {
+    at::Tensor o = out.narrow(0, r0, r1 - r0);
+    for (const auto& p : used) o.add_(p.narrow(0, r0, r1 - r0));
   });
 }
 
-void sum_pairs_dispatch(const at::Tensor& rows, const std::vector<int64_t>& pos, int64_t k,
-                        at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "sparse_ffn_sum",
-                                  [&] { sum_pairs<scalar_t>(rows, pos, k, out); });
-}
-
-std::vector<int64_t> inverse_order(const at::Tensor& order) {
+void check_order(const at::Tensor& order) {
   const int64_t P = order.numel();
   const int64_t* op = order.const_data_ptr<int64_t>();
-  std::vector<int64_t> pos(P);
   for (int64_t i = 0; i < P; ++i) {
     TORCH_CHECK(op[i] >= 0 && op[i] < P, "order must be a permutation of 0 .. tokens * k - 1, got ",
                 op[i], " at ", i);
-    pos[op[i]] = i;
   }
-  return pos;
 }
 
 void check_offsets(const at::Tensor& offsets, int64_t P) {
@@ -146,9 +154,54 @@ void check_offsets(const at::Tensor& offsets, int64_t P) {
   }
 }
 
-// Blocks per parallel_for task: one, so that the two MKL-sized GEMMs of a block
-// are the unit of work.
+// Blocks per parallel_for task: one (its GEMMs are the unit of work); rows
+// per tile: a block's pairs are processed in tiles whose gathered inputs and
+// outputs stay in the core's cache.
 constexpr int64_t kBlockGrain = 1;
+constexpr int64_t kTileRows = 512;
+
+// Keeps MKL single-threaded on this thread while alive: inside a block-parallel
+// region each thread's GEMMs must not start a nested team (PyTorch turns MKL's
+// dynamic adjustment off, so MKL would otherwise oversubscribe the cores). MKL
+// is linked into libtorch_cpu; its Fortran-convention entry point (argument by
+// pointer, the one name every MKL build exports) is looked up once, and the
+// guard does nothing when torch was built without MKL.
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() {
+    if (fn() != nullptr) {
+      const int one = 1;
+      prev_ = fn()(&one);
+    }
+  }
+  ~SingleThreadedBlas() {
+    if (fn() != nullptr) fn()(&prev_);
+  }
+
+ private:
+  using SetLocal = int (*)(const int*);
+  static SetLocal fn() {
+    static const SetLocal f = [] {
+      // The library that holds ATen's thread pool (libtorch_cpu) holds MKL.
+      Dl_info info;
+      if (dladdr(reinterpret_cast<void*>(&at::get_num_threads), &info) == 0) return SetLocal{};
+      void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+      return lib ? reinterpret_cast<SetLocal>(dlsym(lib, "mkl_set_num_threads_local_")) : SetLocal{};
+    }();
+    return f;
+  }
+  int prev_ = 0;
+};
+
+// Per-thread accumulator for the token rows: thread 0 writes `out` itself, the
+// others get a zeroed [T, D] buffer on first use.
+at::Tensor& thread_accumulator(std::vector<at::Tensor>& partials, at::Tensor& out) {
+  const int tid = at::get_thread_num();
+  TORCH_INTERNAL_ASSERT(tid >= 0 && static_cast<size_t>(tid) < partials.size());
+  if (tid == 0) return out;
+  if (!partials[tid].defined()) partials[tid] = at::zeros_like(out);
+  return partials[tid];
+}
 
 std::tuple<at::Tensor, at::Tensor> sparse_ffn_cpu(const at::Tensor& x_in, const at::Tensor& w1,
                                                   const std::optional<at::Tensor>& b1,
@@ -165,37 +218,47 @@ std::tuple<at::Tensor, at::Tensor> sparse_ffn_cpu(const at::Tensor& x_in, const 
   const at::Tensor offsets = offsets_in.contiguous();
   const int64_t T = x.size(0), D = x.size(1), k = gate_in.size(1), P = T * k;
   const int64_t mb = w1_rows_per_unit(act) * block_size;
-  at::Tensor out = at::empty({T, D}, x.options());
+  at::Tensor out = at::zeros({T, D}, x.options());
   at::Tensor hidden = at::empty({P, mb}, x.options());
   if (P == 0) return {out, hidden};
   check_offsets(offsets, P);
-  const std::vector<int64_t> pos = inverse_order(order);
+  check_order(order);
   const bool has_b1 = b1.has_value() && b1->defined();
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
-  at::Tensor y = at::empty({P, D}, x.options());
   const int64_t* off = offsets.const_data_ptr<int64_t>();
+  const int64_t* ord = order.const_data_ptr<int64_t>();
+  std::vector<at::Tensor> partials(at::get_num_threads());
 
-  at::parallel_for(0, nb, kBlockGrain, [&](int64_t b0, int64_t b1_) {
-    for (int64_t b = b0; b < b1_; ++b) {
-      const int64_t s = off[b], n = off[b + 1] - off[b];
-      if (n == 0) continue;
-      const at::Tensor pairs = order.narrow(0, s, n);
-      const at::Tensor tok = at::div(pairs, k, "floor");
-      const at::Tensor xg = x.index_select(0, tok);
-      at::Tensor a = hidden.narrow(0, s, n);
-      const at::Tensor w1b = w1c.narrow(0, b * mb, mb);
-      if (has_b1) {
-        at::addmm_out(a, b1->narrow(0, b * mb, mb), xg, w1b.t());
-      } else {
-        at::mm_out(a, xg, w1b.t());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_ffn_cpu", [&] {
+    at::parallel_for(0, nb, kBlockGrain, [&](int64_t b0, int64_t b1_) {
+      SingleThreadedBlas single_threaded_blas;
+      at::Tensor& acc = thread_accumulator(partials, out);
+      at::Tensor xg_buf = at::empty({kTileRows, D}, x.options());
+      at::Tensor y_buf = at::empty({kTileRows, D}, x.options());
+      for (int64_t b = b0; b < b1_; ++b) {
+        const at::Tensor w1b = w1c.narrow(0, b * mb, mb);
+        const at::Tensor w2b = w2c.narrow(0, b * block_size, block_size);
+        for (int64_t s = off[b]; s < off[b + 1]; s += kTileRows) {
+          const int64_t n = std::min(kTileRows, off[b + 1] - s);
+          at::Tensor xg = xg_buf.narrow(0, 0, n);
+          gather_rows(x.const_data_ptr<scalar_t>(), ord + s, n, k, D, xg.data_ptr<scalar_t>());
+          at::Tensor a = hidden.narrow(0, s, n);
+          if (has_b1) {
+            at::addmm_out(a, b1->narrow(0, b * mb, mb), xg, w1b.t());
+          } else {
+            at::mm_out(a, xg, w1b.t());
+          }
+          const at::Tensor h = activation_forward(a, act, block_size);
+          h.mul_(gate.index_select(0, order.narrow(0, s, n)).unsqueeze(1));
+          at::Tensor y = y_buf.narrow(0, 0, n);
+          at::mm_out(y, h, w2b);
+          scatter_add_rows(y.const_data_ptr<scalar_t>(), ord + s, n, k, D,
+                           acc.data_ptr<scalar_t>());
+        }
       }
-      const at::Tensor h = activation_forward(a, act, block_size);
-      h.mul_(gate.index_select(0, pairs).unsqueeze(1));
-      at::Tensor yb = y.narrow(0, s, n);
-      at::mm_out(yb, h, w2c.narrow(0, b * block_size, block_size));
-    }
+    });
   });
-  sum_pairs_dispatch(y, pos, k, out);
+  reduce_partials(out, partials);
   return {out, hidden};
 }
 
@@ -218,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ff
   const int64_t mb = w1_rows_per_unit(act) * block_size;
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
 
-  at::Tensor grad_x = at::empty({T, D}, x.options());
+  at::Tensor grad_x = at::zeros({T, D}, x.options());
   at::Tensor grad_w1 = at::empty_like(w1c);
   at::Tensor grad_b1 = at::empty({w1c.size(0)}, x.options());
   at::Tensor grad_w2 = at::empty_like(w2c);
@@ -230,41 +293,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ff
     return {grad_x, grad_w1, grad_b1, grad_w2, grad_gate.view({T, k})};
   }
   check_offsets(offsets, P);
-  const std::vector<int64_t> pos = inverse_order(order);
-  at::Tensor dxs = at::empty({P, D}, x.options());
+  check_order(order);
   const int64_t* off = offsets.const_data_ptr<int64_t>();
+  const int64_t* ord = order.const_data_ptr<int64_t>();
+  std::vector<at::Tensor> partials(at::get_num_threads());
 
-  at::parallel_for(0, nb, kBlockGrain, [&](int64_t b0, int64_t b1_) {
-    for (int64_t b = b0; b < b1_; ++b) {
-      const int64_t s = off[b], n = off[b + 1] - off[b];
-      at::Tensor gw1 = grad_w1.narrow(0, b * mb, mb);
-      at::Tensor gb1 = grad_b1.narrow(0, b * mb, mb);
-      at::Tensor gw2 = grad_w2.narrow(0, b * block_size, block_size);
-      if (n == 0) {
-        gw1.zero_();
-        gb1.zero_();
-        gw2.zero_();
-        continue;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_ffn_backward_cpu", [&] {
+    at::parallel_for(0, nb, kBlockGrain, [&](int64_t b0, int64_t b1_) {
+      SingleThreadedBlas single_threaded_blas;
+      at::Tensor& acc = thread_accumulator(partials, grad_x);
+      at::Tensor xg_buf = at::empty({kTileRows, D}, x.options());
+      at::Tensor gd_buf = at::empty({kTileRows, D}, x.options());
+      at::Tensor dx_buf = at::empty({kTileRows, D}, x.options());
+      for (int64_t b = b0; b < b1_; ++b) {
+        at::Tensor gw1 = grad_w1.narrow(0, b * mb, mb);
+        at::Tensor gb1 = grad_b1.narrow(0, b * mb, mb);
+        at::Tensor gw2 = grad_w2.narrow(0, b * block_size, block_size);
+        if (off[b] == off[b + 1]) {  // no pair chose this block
+          gw1.zero_();
+          gb1.zero_();
+          gw2.zero_();
+          continue;
+        }
+        const at::Tensor w2b = w2c.narrow(0, b * block_size, block_size);
+        const at::Tensor w1b = w1c.narrow(0, b * mb, mb);
+        for (int64_t s = off[b]; s < off[b + 1]; s += kTileRows) {
+          const int64_t n = std::min(kTileRows, off[b + 1] - s);
+          const at::Tensor pairs = order.narrow(0, s, n);
+          at::Tensor gd = gd_buf.narrow(0, 0, n);
+          at::Tensor xg = xg_buf.narrow(0, 0, n);
+          gather_rows(grad_out.const_data_ptr<scalar_t>(), ord + s, n, k, D, gd.data_ptr<scalar_t>());
+          gather_rows(x.const_data_ptr<scalar_t>(), ord + s, n, k, D, xg.data_ptr<scalar_t>());
+          const at::Tensor a = hidden.narrow(0, s, n);
+          const at::Tensor g = gate.index_select(0, pairs).unsqueeze(1);
+          const at::Tensor gh = at::mm(gd, w2b.t());              // d loss / d (g * h)
+          at::Tensor h = activation_forward(a, act, block_size);  // h = act(a)
+          grad_gate.index_copy_(0, pairs, (gh * h).sum(1));
+          // The first tile writes the block's weight gradients, later ones add.
+          const double beta = s == off[b] ? 0.0 : 1.0;
+          gw2.addmm_(h.mul_(g).t(), gd, beta);
+          const at::Tensor da = activation_backward(gh.mul_(g), a, act, block_size);
+          gw1.addmm_(da.t(), xg, beta);
+          if (beta == 0.0) {
+            at::sum_out(gb1, da, 0);
+          } else {
+            gb1.add_(da.sum(0));
+          }
+          at::Tensor dx = dx_buf.narrow(0, 0, n);
+          at::mm_out(dx, da, w1b);
+          scatter_add_rows(dx.const_data_ptr<scalar_t>(), ord + s, n, k, D,
+                           acc.data_ptr<scalar_t>());
+        }
       }
-      const at::Tensor pairs = order.narrow(0, s, n);
-      const at::Tensor tok = at::div(pairs, k, "floor");
-      const at::Tensor gd = grad_out.index_select(0, tok);
-      const at::Tensor w2b = w2c.narrow(0, b * block_size, block_size);
-      const at::Tensor w1b = w1c.narrow(0, b * mb, mb);
-      const at::Tensor a = hidden.narrow(0, s, n);
-      const at::Tensor g = gate.index_select(0, pairs).unsqueeze(1);
-      const at::Tensor gh = at::mm(gd, w2b.t());             // d loss / d (g * h)
-      at::Tensor h = activation_forward(a, act, block_size);  // h = act(a)
-      grad_gate.index_copy_(0, pairs, (gh * h).sum(1));
-      at::mm_out(gw2, h.mul_(g).t(), gd);
-      const at::Tensor da = activation_backward(gh.mul_(g), a, act, block_size);
-      at::mm_out(gw1, da.t(), x.index_select(0, tok));
-      at::sum_out(gb1, da, 0);
-      at::Tensor dxb = dxs.narrow(0, s, n);
-      at::mm_out(dxb, da, w1b);
-    }
+    });
   });
-  sum_pairs_dispatch(dxs, pos, k, grad_x);
+  reduce_partials(grad_x, partials);
   return {grad_x, grad_w1, grad_b1, grad_w2, grad_gate.view({T, k})};
 }
 
