@@ -13,7 +13,7 @@ timed in the same run in alternating rounds. For each density the table gives:
   the backward scales the same way.
 
     python benchmarks/bench_sparse_ffn.py [--device cpu|cuda] [--densities 0.1,0.3,0.5]
-        [--tokens N --d-model D --d-ff F --dtype float32|bfloat16] [--rounds R] [--out DIR]
+        [--tokens N --d-model D --d-ff F --dtype float32|bfloat16] [--threads N] [--rounds R] [--out DIR]
 
 Defaults: CPU 4096 tokens, d_model 512, d_ff 2048, float32; CUDA (the GPU check)
 16384 tokens, d_model 4096, d_ff 16384, bfloat16.
@@ -45,11 +45,14 @@ def main(argv=None):
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--activation", default="gelu", choices=sorted(_ACT))
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", default=None, help="comma-separated torch CPU thread counts to run, "
+                   "e.g. 1,2 (default: torch's current count)")
     p.add_argument("--out", default=None, help="results folder (default $OUT or benchmarks/results)")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per configuration")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
     args = p.parse_args(argv)
     dev = args.device
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     gpu = dev == "cuda"
     T = args.tokens or (16384 if gpu else 4096)
     D = args.d_model or (4096 if gpu else 512)
@@ -67,7 +70,8 @@ def main(argv=None):
         dense(x).backward(grad)
 
     rows, data = [], []
-    for density in densities:
+    for threads, density in [(t, d) for t in thread_counts for d in densities]:
+        torch.set_num_threads(threads)
         ffn = GatedSparseFFN(D, Fh, block_size=bs, density=density, activation=act).to(dev, dtype)
         ffn.train()
         fl = ffn_flops(D, Fh, block_size=bs, density=density, activation=act)
@@ -83,10 +87,10 @@ def main(argv=None):
                              min_run_time=args.min_run_time)
         t_dense, t_sparse, t_route = ts
         ratio, route_share = t_sparse / t_dense, t_route / t_dense
-        rows.append([f"{density:g}", f"{fl['k']}/{fl['n_blocks']}", f"{t_dense * 1e3:.1f}",
+        rows.append([threads, f"{density:g}", f"{fl['k']}/{fl['n_blocks']}", f"{t_dense * 1e3:.1f}",
                      f"{t_sparse * 1e3:.1f}", f"{ratio:.2f}x", f"{t_route * 1e3:.2f}",
                      f"{100 * route_share:.1f}%", f"{fl['ratio']:.3f}", f"{100 * fl['saved']:.1f}%"])
-        data.append({"density": density, "k": fl["k"], "n_blocks": fl["n_blocks"],
+        data.append({"threads": threads, "density": density, "k": fl["k"], "n_blocks": fl["n_blocks"],
                      "dense_ms": t_dense * 1e3, "sparse_ms": t_sparse * 1e3, "ratio": ratio,
                      "routing_ms": t_route * 1e3, "routing_share": route_share,
                      "flops_ratio": fl["ratio"], "flops_saved": fl["saved"],
@@ -99,7 +103,7 @@ def main(argv=None):
              f"{str(dtype).replace('torch.', '')}\n"
              f"- dense: nn.Linear + {_ACT[act].__name__} + nn.Linear; sparse: GatedSparseFFN "
              f"(train mode, bias update included); median of {args.rounds} alternating rounds\n\n")
-    text += markdown_table(["density", "blocks/token", "dense ms", "sparse ms", "sparse / dense",
+    text += markdown_table(["threads", "density", "blocks/token", "dense ms", "sparse ms", "sparse / dense",
                             "routing ms", "routing / dense", "FLOPs ratio", "FLOPs saved"], rows)
     print(text)
     path = write_results("sparse_ffn", dev, text, {

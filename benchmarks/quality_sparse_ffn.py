@@ -114,9 +114,11 @@ def main(argv=None):
     p.add_argument("--corpus-bytes", type=int, default=4_000_000)
     p.add_argument("--eval-windows", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady on a shared machine)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
+    torch.set_num_threads(args.threads)
     data = load_corpus(args.corpus_bytes)
     split = int(0.9 * data.numel())
     train, held = data[:split], data[split:]

@@ -32,7 +32,6 @@
 
 #include "sparse_ffn/sparse_ffn.h"
 
-#include <dlfcn.h>
 
 namespace deepseek_ext {
 namespace ops {
@@ -160,39 +159,6 @@ void check_offsets(const at::Tensor& offsets, int64_t P) {
 constexpr int64_t kBlockGrain = 1;
 constexpr int64_t kTileRows = 512;
 
-// Keeps MKL single-threaded on this thread while alive: inside a block-parallel
-// region each thread's GEMMs must not start a nested team (PyTorch turns MKL's
-// dynamic adjustment off, so MKL would otherwise oversubscribe the cores). MKL
-// is linked into libtorch_cpu; its Fortran-convention entry point (argument by
-// pointer, the one name every MKL build exports) is looked up once, and the
-// guard does nothing when torch was built without MKL.
-class SingleThreadedBlas {
- public:
-  SingleThreadedBlas() {
-    if (fn() != nullptr) {
-      const int one = 1;
-      prev_ = fn()(&one);
-    }
-  }
-  ~SingleThreadedBlas() {
-    if (fn() != nullptr) fn()(&prev_);
-  }
-
- private:
-  using SetLocal = int (*)(const int*);
-  static SetLocal fn() {
-    static const SetLocal f = [] {
-      // The library that holds ATen's thread pool (libtorch_cpu) holds MKL.
-      Dl_info info;
-      if (dladdr(reinterpret_cast<void*>(&at::get_num_threads), &info) == 0) return SetLocal{};
-      void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
-      return lib ? reinterpret_cast<SetLocal>(dlsym(lib, "mkl_set_num_threads_local_")) : SetLocal{};
-    }();
-    return f;
-  }
-  int prev_ = 0;
-};
-
 // Per-thread accumulator for the token rows: thread 0 writes `out` itself, the
 // others get a zeroed [T, D] buffer on first use.
 at::Tensor& thread_accumulator(std::vector<at::Tensor>& partials, at::Tensor& out) {
@@ -231,7 +197,6 @@ std::tuple<at::Tensor, at::Tensor> sparse_ffn_cpu(const at::Tensor& x_in, const 
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_ffn_cpu", [&] {
     at::parallel_for(0, nb, kBlockGrain, [&](int64_t b0, int64_t b1_) {
-      SingleThreadedBlas single_threaded_blas;
       at::Tensor& acc = thread_accumulator(partials, out);
       at::Tensor xg_buf = at::empty({kTileRows, D}, x.options());
       at::Tensor y_buf = at::empty({kTileRows, D}, x.options());
@@ -300,7 +265,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ff
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_ffn_backward_cpu", [&] {
     at::parallel_for(0, nb, kBlockGrain, [&](int64_t b0, int64_t b1_) {
-      SingleThreadedBlas single_threaded_blas;
       at::Tensor& acc = thread_accumulator(partials, grad_x);
       at::Tensor xg_buf = at::empty({kTileRows, D}, x.options());
       at::Tensor gd_buf = at::empty({kTileRows, D}, x.options());
