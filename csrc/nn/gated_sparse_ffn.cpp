@@ -75,6 +75,8 @@ at::Tensor GatedSparseFFNImpl::forward(const at::Tensor& x) {
   const at::Tensor x2 = x.reshape({-1, o.d_model()});
   const int64_t T = x2.size(0);
 
+  // Module::to(dtype) converts buffers too; the balancing bias stays float32.
+  if (balance_bias.scalar_type() != at::kFloat) balance_bias.set_data(balance_bias.to(at::kFloat));
   const at::Tensor scores = at::linear(x2, gate_weight);
   auto [idx, order, offsets] = sparse_ffn_route(scores.detach().to(at::kFloat), balance_bias, k_);
   const at::Tensor gate = at::sigmoid(scores).gather(1, idx).mul(2.0);

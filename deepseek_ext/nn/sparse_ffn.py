@@ -144,6 +144,15 @@ class GatedSparseFFN(nn.Module):
         with torch.no_grad():
             self.balance_bias.zero_()
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() must not round the balancing bias: it stays float32.
+        bias = self.balance_bias
+        super()._apply(fn, recurse)
+        self.balance_bias = bias.to(device=self.balance_bias.device, dtype=torch.float32)
+        self._load = self._load.to(self.balance_bias.device)
+        self.aux_loss = self.aux_loss.to(self.balance_bias.device)
+        return self
+
     def block_load(self) -> torch.Tensor:
         """Per routed block, the fraction of the last forward's (token, block)
         pairs it received: a device tensor (reading it is the caller's sync)."""
