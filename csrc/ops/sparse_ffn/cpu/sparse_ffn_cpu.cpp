@@ -7,8 +7,8 @@
 //
 // sparse_ffn / sparse_ffn_backward: at::parallel_for over blocks. A block
 // walks its pairs in tiles of kTileRows: it gathers the tiles' token rows into
-// a thread-local buffer, runs its GEMMs through ATen (MKL; single-threaded
-// inside the parallel region, one block per thread), applies the activation and
+// a thread-local buffer, runs its GEMMs through ATen (MKL), one block per
+// thread at a time, applies the activation and
 // the gate weights, and adds the tile's [rows, d_model] result into its
 // thread's accumulator (thread 0: the output itself; others: a private [T,
 // d_model] buffer added in at the end), so no two threads write one row and
