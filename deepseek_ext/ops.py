@@ -351,3 +351,137 @@ def _dequantize_reduce_int8_fake(q, scales, block_size, multiplier, dtype):
         f"ceil(n / block_size)), got {tuple(scales.shape)}",
     )
     return q.new_empty((q.shape[1],), dtype=dtype)
+
+
+# ---- gated sparse FFN (block-sparse: only the selected blocks are computed) ----
+#
+# The FFN's d_ff hidden units are cut into n_blocks blocks of block_size units.
+# w1 [n_blocks * m * block_size, d_model] (m = 2 for "swiglu": per block,
+# block_size gate rows then block_size up rows; m = 1 for "gelu" and "silu"),
+# b1 [n_blocks * m * block_size] (optional), w2 [n_blocks * block_size, d_model]
+# (hidden-major: the transpose of nn.Linear's weight). Token t's j-th selected
+# block is the pair p = t * k + j. See csrc/include/deepseek_ext/ops.h.
+
+__all__ += ["sparse_ffn_route", "sparse_ffn", "sparse_ffn_backward"]
+
+_SPARSE_FFN_ACTIVATIONS = ("gelu", "silu", "swiglu")
+_SPARSE_FFN_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def sparse_ffn_route(
+    scores: torch.Tensor, bias: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k blocks per token and the (token, block) pairs grouped by block, on the device.
+
+    Args:
+        scores: ``[T, n_blocks]`` gate scores (float32/float64/float16/bfloat16).
+        bias: float32 ``[n_blocks]`` balancing bias; it only steers the choice
+            (top-k of ``scores + bias``), never the gate weights.
+        k: blocks per token, ``1 <= k <= n_blocks``.
+
+    Returns:
+        ``(topk_idx, order, offsets)``: int64 ``[T, k]`` chosen blocks
+        (descending ``scores + bias``, ties to the lower index); int64
+        ``[T * k]`` pair indices ``p = t * k + j`` sorted by block (stable);
+        int64 ``[n_blocks + 1]`` offsets: block ``b`` owns
+        ``order[offsets[b]:offsets[b + 1]]``. Nothing is read by the host.
+    """
+    return torch.ops.deepseek_ext.sparse_ffn_route.default(scores, bias, int(k))
+
+
+@torch.library.register_fake("deepseek_ext::sparse_ffn_route")
+def _sparse_ffn_route_fake(scores, bias, k):
+    torch._check(scores.dim() == 2, lambda: f"scores must be a 2-D tensor [tokens, n_blocks], got shape {tuple(scores.shape)}")
+    torch._check(scores.dtype in _SPARSE_FFN_DTYPES, lambda: f"scores must be float32, float64, float16 or bfloat16, got {scores.dtype}")
+    torch._check(bias.dtype == torch.float32, lambda: f"bias must be a float32 tensor, got {bias.dtype}")
+    torch._check(bias.device == scores.device, lambda: f"bias must be on the same device as scores ({scores.device}), got {bias.device}")
+    nb = scores.shape[1]
+    torch._check(bias.dim() == 1 and bias.shape[0] == nb, lambda: f"bias must be a 1-D tensor of n_blocks = {nb} elements (scores.size(1)), got shape {tuple(bias.shape)}")
+    torch._check(1 <= k <= nb, lambda: f"k must be in [1, n_blocks = {nb}], got {k}")
+    t = scores.shape[0]
+    return (scores.new_empty((t, k), dtype=torch.int64), scores.new_empty((t * k,), dtype=torch.int64),
+            scores.new_empty((nb + 1,), dtype=torch.int64))
+
+
+def sparse_ffn(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    w2: torch.Tensor,
+    gate: torch.Tensor,
+    order: torch.Tensor,
+    offsets: torch.Tensor,
+    block_size: int,
+    activation: str = "gelu",
+) -> torch.Tensor:
+    """Block-sparse FFN over each token's selected blocks only, differentiable.
+
+    ``out[t] = sum_j gate[t, j] * act(x[t] @ w1_b.T + b1_b) @ w2_b`` with
+    ``b = topk_idx[t, j]``; the tokens of each block are gathered and
+    multiplied by that block's weights only (grouped GEMMs), and the gradients
+    of x, w1, b1, w2 and gate have the same sparsity (unselected blocks get
+    zero weight gradients).
+
+    Args:
+        x: ``[T, d_model]``.  w1, b1, w2: the layout above, x's dtype and device.
+        gate: ``[T, k]`` weights of the selected blocks (x's dtype).
+        order, offsets: from :func:`sparse_ffn_route`.
+        block_size: hidden units per block.
+        activation: ``"gelu"`` (exact), ``"silu"`` or ``"swiglu"``.
+
+    Returns:
+        ``[T, d_model]``.
+    """
+    out, _ = torch.ops.deepseek_ext.sparse_ffn.default(x, w1, b1, w2, gate, order, offsets, int(block_size), activation)
+    return out
+
+
+def sparse_ffn_backward(grad_out, x, w1, w2, gate, hidden, order, offsets, block_size: int, activation: str = "gelu"):
+    """``(grad_x, grad_w1, grad_b1, grad_w2, grad_gate)`` of :func:`sparse_ffn`;
+    ``hidden`` is the second output of ``torch.ops.deepseek_ext.sparse_ffn``."""
+    return torch.ops.deepseek_ext.sparse_ffn_backward.default(
+        grad_out, x, w1, w2, gate, hidden, order, offsets, int(block_size), activation)
+
+
+def _check_sparse_ffn(x, w1, b1, w2, gate, order, offsets, block_size, activation):
+    torch._check(activation in _SPARSE_FFN_ACTIVATIONS, lambda: f'activation must be "gelu", "silu" or "swiglu", got "{activation}"')
+    torch._check(x.dtype in _SPARSE_FFN_DTYPES, lambda: f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    torch._check(x.dim() == 2, lambda: f"x must be a 2-D tensor [tokens, d_model], got shape {tuple(x.shape)}")
+    for t, name in ((w1, "w1"), (w2, "w2"), (gate, "gate")) + (((b1, "b1"),) if b1 is not None else ()):
+        torch._check(t.device == x.device, lambda: f"{name} must be on the same device as x ({x.device}), got {t.device}")
+        torch._check(t.dtype == x.dtype, lambda: f"{name} must have x's dtype ({x.dtype}), got {t.dtype}")
+    torch._check(block_size > 0, lambda: f"block_size must be positive, got {block_size}")
+    d = x.shape[1]
+    m = 2 if activation == "swiglu" else 1
+    torch._check(w2.dim() == 2 and w2.shape[1] == d and w2.shape[0] > 0 and w2.shape[0] % block_size == 0,
+                 lambda: f"w2 must be [n_blocks * block_size, d_model] with block_size = {block_size} and d_model = {d}, got shape {tuple(w2.shape)}")
+    nb = w2.shape[0] // block_size
+    torch._check(w1.dim() == 2 and w1.shape[0] == nb * m * block_size and w1.shape[1] == d,
+                 lambda: f"w1 must be [{nb * m * block_size}, {d}] (n_blocks * {m} * block_size, d_model), got shape {tuple(w1.shape)}")
+    if b1 is not None:
+        torch._check(b1.dim() == 1 and b1.shape[0] == w1.shape[0], lambda: f"b1 must be a 1-D tensor of {w1.shape[0]} elements (w1.size(0)), got shape {tuple(b1.shape)}")
+    torch._check(gate.dim() == 2 and gate.shape[0] == x.shape[0] and 1 <= gate.shape[1] <= nb,
+                 lambda: f"gate must be [tokens = {x.shape[0]}, k] with 1 <= k <= n_blocks = {nb}, got shape {tuple(gate.shape)}")
+    for t, name in ((order, "order"), (offsets, "offsets")):
+        torch._check(t.device == x.device, lambda: f"{name} must be on the same device as x ({x.device}), got {t.device}")
+    torch._check(order.dtype == torch.int64 and offsets.dtype == torch.int64,
+                 lambda: f"order and offsets must be int64 tensors, got {order.dtype} and {offsets.dtype}")
+    torch._check(order.dim() == 1 and order.numel() == gate.numel(), lambda: f"order must be a 1-D tensor of tokens * k = {gate.numel()} elements, got shape {tuple(order.shape)}")
+    torch._check(offsets.dim() == 1 and offsets.numel() == nb + 1, lambda: f"offsets must be a 1-D tensor of n_blocks + 1 = {nb + 1} elements, got shape {tuple(offsets.shape)}")
+    return m
+
+
+@torch.library.register_fake("deepseek_ext::sparse_ffn")
+def _sparse_ffn_fake(x, w1, b1, w2, gate, order, offsets, block_size, activation):
+    m = _check_sparse_ffn(x, w1, b1, w2, gate, order, offsets, block_size, activation)
+    return x.new_empty(x.shape), x.new_empty((gate.numel(), m * block_size))
+
+
+@torch.library.register_fake("deepseek_ext::sparse_ffn_backward")
+def _sparse_ffn_backward_fake(grad_out, x, w1, w2, gate, hidden, order, offsets, block_size, activation):
+    m = _check_sparse_ffn(x, w1, None, w2, gate, order, offsets, block_size, activation)
+    torch._check(grad_out.shape == x.shape, lambda: f"grad_out must have x's shape {tuple(x.shape)}, got {tuple(grad_out.shape)}")
+    torch._check(hidden.dim() == 2 and hidden.shape[0] == gate.numel() and hidden.shape[1] == m * block_size,
+                 lambda: f"hidden must be [tokens * k, {m * block_size}] (sparse_ffn's second output), got shape {tuple(hidden.shape)}")
+    return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty((w1.shape[0],)), w2.new_empty(w2.shape),
+            gate.new_empty(gate.shape))

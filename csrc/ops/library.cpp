@@ -42,4 +42,21 @@ TORCH_LIBRARY(deepseek_ext, m) {
   // multiplier * sum_w dequant(q[w]) for q [W, n], scales [W, nblocks] -> [n].
   m.def("dequantize_reduce_int8(Tensor q, Tensor scales, int block_size, float multiplier, "
         "ScalarType dtype) -> Tensor");
+
+  // ---- gated sparse FFN (see deepseek_ext/ops.h for the layout) ----
+  // Top-k blocks of scores + bias per token (bias only steers the choice), and
+  // the (token, block) pairs p = t * k + j grouped by block: topk_idx int64
+  // [T, k], order int64 [T * k] (pairs sorted by block, stable), offsets int64
+  // [n_blocks + 1] (block b owns order[offsets[b] : offsets[b + 1]]).
+  m.def("sparse_ffn_route(Tensor scores, Tensor bias, int k) "
+        "-> (Tensor topk_idx, Tensor order, Tensor offsets)");
+  // out[t] = sum_j gate[t, j] * act(x[t] @ w1_b^T + b1_b) @ w2_b over token t's
+  // selected blocks b only; hidden = the pre-activations of the pairs in
+  // `order` order [T * k, m * block_size] (saved for the backward).
+  m.def("sparse_ffn(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor gate, Tensor order, "
+        "Tensor offsets, int block_size, str activation) -> (Tensor out, Tensor hidden)");
+  // The gradients of sparse_ffn with the same sparsity.
+  m.def("sparse_ffn_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor gate, "
+        "Tensor hidden, Tensor order, Tensor offsets, int block_size, str activation) "
+        "-> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, Tensor grad_gate)");
 }

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/string_view.h>
 
 #include <optional>
 #include <cstdint>
@@ -78,5 +79,43 @@ at::Tensor dequantize_int8(const at::Tensor& q, const at::Tensor& scales, int64_
 // as [n] in `dtype`: the reduce step of a compressed reduce-scatter.
 at::Tensor dequantize_reduce_int8(const at::Tensor& q, const at::Tensor& scales,
                                   int64_t block_size, double multiplier, at::ScalarType dtype);
+
+// ---- gated sparse FFN (block-sparse, only the selected blocks are computed) ----
+// The FFN's d_ff hidden units are cut into n_blocks blocks of block_size units.
+//   w1 [n_blocks * m * block_size, d_model]: the first projection, m = 2 for
+//      "swiglu" (per block: block_size gate rows, then block_size up rows),
+//      m = 1 for "gelu" (exact, erf) and "silu";
+//   b1 [n_blocks * m * block_size] (optional);
+//   w2 [n_blocks * block_size, d_model]: the second projection, hidden-major
+//      (the transpose of nn.Linear's weight), so that each block is a row range.
+// Token t's j-th selected block forms the pair p = t * k + j.
+
+// Top-k blocks of scores + bias per token (the bias only steers the choice;
+// ties keep the lower block index) and the pairs grouped by block, on the
+// device: returns (topk_idx int64 [T, k], order int64 [T * k] = the pairs
+// sorted by block (stable), offsets int64 [n_blocks + 1]: block b owns
+// order[offsets[b] : offsets[b + 1]]).
+//   scores: [T, n_blocks] float; bias: float32 [n_blocks]; 1 <= k <= n_blocks.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_ffn_route(const at::Tensor& scores,
+                                                                const at::Tensor& bias, int64_t k);
+
+// out[t] = sum_j gate[t, j] * act(x[t] @ w1_b^T + b1_b) @ w2_b, b = topk_idx[t, j],
+// computing only the selected blocks (grouped GEMMs over `order` / `offsets`
+// from sparse_ffn_route). Returns (out [T, d_model], hidden [T * k, m * block_size]:
+// the pre-activations in `order` order, needed by the backward).
+// Differentiable in x, w1, b1, w2 and gate (autograd kernel; backward below).
+//   x [T, d_model]; w1, b1, w2, gate [T, k]: x's dtype and device.
+std::tuple<at::Tensor, at::Tensor> sparse_ffn(const at::Tensor& x, const at::Tensor& w1,
+                                              const std::optional<at::Tensor>& b1,
+                                              const at::Tensor& w2, const at::Tensor& gate,
+                                              const at::Tensor& order, const at::Tensor& offsets,
+                                              int64_t block_size, c10::string_view activation);
+
+// Returns (grad_x, grad_w1, grad_b1, grad_w2, grad_gate) of sparse_ffn for
+// grad_out [T, d_model]; the weight gradients of unselected blocks are zero.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ffn_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+    const at::Tensor& gate, const at::Tensor& hidden, const at::Tensor& order,
+    const at::Tensor& offsets, int64_t block_size, c10::string_view activation);
 
 }  // namespace deepseek_ext

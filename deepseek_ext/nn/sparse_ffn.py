@@ -1,0 +1,200 @@
+"""Gated sparse FFN: a learned gate picks ~30% of the FFN's blocks per token and
+only those are computed, forward and backward (block-sparse grouped GEMMs).
+
+The hidden units of the FFN are cut into ``n_blocks = d_ff / block_size``
+blocks. The first ``shared_blocks`` blocks are always computed (gate weight 1);
+each token picks the top ``k = clamp(round(density * n_blocks), 1, n_blocks -
+shared_blocks)`` of the other (routed) blocks by ``gate score + balancing
+bias``, and a selected block's output is multiplied by its gate weight
+``2 * sigmoid(score)`` (1 at a zero score), so the gate learns through that
+product: no straight-through estimator.
+
+Load balancing without an auxiliary loss (DeepSeek-V3): the balancing bias is a
+buffer that only affects the choice of blocks. In training mode every forward
+nudges it on the device, ``bias += balance_rate * sign(mean_load - load)``,
+where ``load`` is the fraction of the step's (token, block) pairs each routed
+block received; the host never reads it. An optional auxiliary balance loss
+(``aux_loss_weight > 0``) is left in :attr:`GatedSparseFFN.aux_loss` for the
+caller to add to the task loss, so that it is reported separately.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek_ext import ops
+
+__all__ = ["GatedSparseFFN", "ffn_flops"]
+
+_ACTIVATIONS = ("gelu", "silu", "swiglu")
+
+
+def _check_config(d_model: int, d_ff: int, block_size: int, density: float, shared_blocks: int,
+                  activation: str) -> tuple[int, int]:
+    """(n_blocks, k) of a configuration; ValueError naming the bad argument."""
+    if d_model <= 0:
+        raise ValueError(f"d_model must be positive, got {d_model}")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if d_ff <= 0 or d_ff % block_size != 0:
+        raise ValueError(f"block_size must divide d_ff: d_ff = {d_ff}, block_size = {block_size}")
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f'activation must be "gelu", "silu" or "swiglu", got "{activation}"')
+    n_blocks = d_ff // block_size
+    if not 0 <= shared_blocks < n_blocks:
+        raise ValueError(f"shared_blocks must be in [0, n_blocks = {n_blocks}), got {shared_blocks}")
+    k = min(max(round(density * n_blocks), 1), n_blocks - shared_blocks)
+    return n_blocks, k
+
+
+def ffn_flops(d_model: int, d_ff: int, *, block_size: int = 128, density: float = 1.0,
+              shared_blocks: int = 0, activation: str = "gelu") -> dict:
+    """Forward FLOPs per token (multiply-add = 2) of a gated sparse FFN vs the dense FFN.
+
+    Counts the GEMMs: ``dense = 2 * d_model * d_ff * (m + 1)`` (``m = 2`` for
+    swiglu's gate and up projections); the sparse FFN computes ``active = k +
+    shared_blocks`` blocks of ``block_size`` units and adds the gate GEMM
+    ``2 * d_model * (n_blocks - shared_blocks)``. Activations, the top-k and
+    biases are O(d_ff) and left out of both.
+
+    Returns:
+        dict with ``dense``, ``sparse`` (gate included), ``gate``, ``ratio``
+        (sparse / dense), ``saved`` (1 - ratio), ``k``, ``active_blocks``,
+        ``n_blocks`` and ``active_fraction``.
+    """
+    n_blocks, k = _check_config(d_model, d_ff, block_size, density, shared_blocks, activation)
+    m = 2 if activation == "swiglu" else 1
+    dense = 2 * d_model * d_ff * (m + 1)
+    active = k + shared_blocks
+    gate = 2 * d_model * (n_blocks - shared_blocks)
+    sparse = 2 * d_model * active * block_size * (m + 1) + gate
+    return {"dense": dense, "sparse": sparse, "gate": gate, "ratio": sparse / dense,
+            "saved": 1.0 - sparse / dense, "k": k, "active_blocks": active, "n_blocks": n_blocks,
+            "active_fraction": active / n_blocks}
+
+
+def _dense_blocks_activation(a: torch.Tensor, activation: str, block_size: int) -> torch.Tensor:
+    """act over whole blocks: ``[T, S * m * block_size] -> [T, S * block_size]``."""
+    if activation == "gelu":
+        return F.gelu(a)
+    if activation == "silu":
+        return F.silu(a)
+    v = a.view(a.shape[0], -1, 2, block_size)
+    return (F.silu(v[:, :, 0]) * v[:, :, 1]).reshape(a.shape[0], -1)
+
+
+class GatedSparseFFN(nn.Module):
+    """A feed-forward block of which each token computes only its gated blocks.
+
+    Args:
+        d_model: model width (input and output features).
+        d_ff: hidden width, a multiple of ``block_size``.
+        block_size: hidden units per block.
+        density: fraction of the blocks each token routes to, in (0, 1].
+        shared_blocks: blocks every token computes (the first ones), not gated.
+        activation: ``"gelu"`` (exact), ``"silu"`` or ``"swiglu"``.
+        balance_rate: step of the balancing-bias update (0 turns it off).
+        aux_loss_weight: weight of the optional auxiliary balance loss.
+
+    Parameters: ``w1`` ``[d_ff * m, d_model]`` and ``b1`` (m = 2 for swiglu,
+    per block the gate rows then the up rows), ``w2`` ``[d_ff, d_model]``
+    (hidden-major), ``b2`` ``[d_model]``, ``gate_weight`` ``[n_routed,
+    d_model]``. Buffer: ``balance_bias`` float32 ``[n_routed]``.
+    The LibTorch module ``deepseek_ext::nn::GatedSparseFFN`` is the same.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, block_size: int = 128, density: float = 0.3,
+                 shared_blocks: int = 0, activation: str = "gelu", balance_rate: float = 1e-3,
+                 aux_loss_weight: float = 0.0, *, device=None, dtype=None):
+        super().__init__()
+        self.n_blocks, self.k = _check_config(d_model, d_ff, block_size, density, shared_blocks,
+                                              activation)
+        if balance_rate < 0:
+            raise ValueError(f"balance_rate must be >= 0, got {balance_rate}")
+        if aux_loss_weight < 0:
+            raise ValueError(f"aux_loss_weight must be >= 0, got {aux_loss_weight}")
+        self.d_model, self.d_ff, self.block_size = d_model, d_ff, block_size
+        self.density, self.shared_blocks, self.activation = density, shared_blocks, activation
+        self.balance_rate, self.aux_loss_weight = balance_rate, aux_loss_weight
+        self.n_routed = self.n_blocks - shared_blocks
+        m = 2 if activation == "swiglu" else 1
+        kw = {"device": device, "dtype": dtype}
+        self.w1 = nn.Parameter(torch.empty(d_ff * m, d_model, **kw))
+        self.b1 = nn.Parameter(torch.empty(d_ff * m, **kw))
+        self.w2 = nn.Parameter(torch.empty(d_ff, d_model, **kw))
+        self.b2 = nn.Parameter(torch.empty(d_model, **kw))
+        self.gate_weight = nn.Parameter(torch.empty(self.n_routed, d_model, **kw))
+        self.register_buffer("balance_bias", torch.zeros(self.n_routed, device=device, dtype=torch.float32))
+        self.reset_parameters()
+        self.aux_loss = torch.zeros((), device=device)
+        self._load = torch.zeros(self.n_routed, device=device)
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+        b_in, b_hid = 1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_ff)
+        for p, bound in ((self.w1, b_in), (self.b1, b_in), (self.gate_weight, b_in), (self.w2, b_hid),
+                         (self.b2, b_hid)):
+            nn.init.uniform_(p, -bound, bound)
+        with torch.no_grad():
+            self.balance_bias.zero_()
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() must not round the balancing bias: it stays float32.
+        bias = self.balance_bias
+        super()._apply(fn, recurse)
+        self.balance_bias = bias.to(device=self.balance_bias.device, dtype=torch.float32)
+        self._load = self._load.to(self.balance_bias.device)
+        self.aux_loss = self.aux_loss.to(self.balance_bias.device)
+        return self
+
+    def block_load(self) -> torch.Tensor:
+        """Per routed block, the fraction of the last forward's (token, block)
+        pairs it received: a device tensor (reading it is the caller's sync)."""
+        return self._load
+
+    def route(self, x2: torch.Tensor):
+        """``(scores, topk_idx, order, offsets, gate)`` for ``x2`` ``[T, d_model]``."""
+        scores = F.linear(x2, self.gate_weight)
+        idx, order, offsets = ops.sparse_ffn_route(scores.detach().float(), self.balance_bias, self.k)
+        gate = torch.sigmoid(scores).gather(1, idx) * 2.0
+        return scores, idx, order, offsets, gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape [..., d_model = {self.d_model}], got {tuple(x.shape)}")
+        bs, s = self.block_size, self.shared_blocks
+        m = 2 if self.activation == "swiglu" else 1
+        x2 = x.reshape(-1, self.d_model)
+        scores, _, order, offsets, gate = self.route(x2)
+        r1, r2 = s * m * bs, s * bs
+        w1, b1, w2 = ((self.w1, self.b1, self.w2) if s == 0 else (self.w1[r1:], self.b1[r1:], self.w2[r2:]))
+        out = ops.sparse_ffn(x2, w1, b1, w2, gate.to(x2.dtype), order, offsets, bs, self.activation)
+        if s > 0:
+            a = F.linear(x2, self.w1[:r1], self.b1[:r1])
+            out = out + _dense_blocks_activation(a, self.activation, bs) @ self.w2[:r2]
+        out = out + self.b2
+
+        pairs = max(x2.shape[0] * self.k, 1)
+        load = (offsets[1:] - offsets[:-1]).float() / pairs
+        self._load = load
+        if self.training and self.balance_rate > 0:
+            with torch.no_grad():
+                self.balance_bias.add_(torch.sign(load.mean() - load), alpha=self.balance_rate)
+        if self.aux_loss_weight > 0:
+            aff = torch.sigmoid(scores.float())
+            p = (aff / aff.sum(1, keepdim=True)).mean(0)
+            self.aux_loss = (load * self.n_routed * p).sum() * self.aux_loss_weight
+        else:
+            self.aux_loss = x2.new_zeros((), dtype=torch.float32)
+        return out.view(x.shape)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_ff={self.d_ff}, block_size={self.block_size}, "
+                f"n_blocks={self.n_blocks}, k={self.k}, shared_blocks={self.shared_blocks}, "
+                f"activation={self.activation!r}")

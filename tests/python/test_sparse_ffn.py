@@ -1,0 +1,370 @@
+"""Gated sparse FFN ops and module against a masked-dense pure-PyTorch reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing._internal.optests import opcheck
+
+import deepseek_ext
+from conftest import DEVICES
+from deepseek_ext.nn import GatedSparseFFN, ffn_flops
+
+ops = deepseek_ext.ops
+ROUTE = torch.ops.deepseek_ext.sparse_ffn_route.default
+FFN = torch.ops.deepseek_ext.sparse_ffn.default
+ACTIVATIONS = ("gelu", "silu", "swiglu")
+
+# ---------------------------------------------------------------- reference
+
+
+def route_ref(scores, bias, k):
+    """(topk_idx, order, offsets): descending scores + bias, ties to the lower index."""
+    v = scores.float() + bias
+    nb = v.shape[1]
+    # Stable descending sort: a lower index wins a tie.
+    idx = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k]
+    flat = idx.reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    offsets = torch.zeros(nb + 1, dtype=torch.int64, device=scores.device)
+    offsets[1:] = torch.bincount(flat, minlength=nb).cumsum(0)
+    return idx, order, offsets
+
+
+def act_ref(a, activation, block_size):
+    if activation == "gelu":
+        return F.gelu(a)
+    if activation == "silu":
+        return F.silu(a)
+    v = a.view(a.shape[0], -1, 2, block_size)
+    return (F.silu(v[:, :, 0]) * v[:, :, 1]).reshape(a.shape[0], -1)
+
+
+def ffn_ref(x, w1, b1, w2, gate, idx, block_size, activation):
+    """Every block computed densely, then masked: gate weight on selected blocks, 0 elsewhere."""
+    nb = w2.shape[0] // block_size
+    a = x @ w1.t() + (b1 if b1 is not None else 0)
+    h = act_ref(a, activation, block_size)
+    mask = torch.zeros(x.shape[0], nb, dtype=x.dtype, device=x.device).scatter(1, idx, gate)
+    return (h.view(x.shape[0], nb, block_size) * mask.unsqueeze(2)).view(x.shape[0], -1) @ w2
+
+
+def sample_inputs(device, dtype=torch.float32, *, T=37, d_model=24, block_size=8, nb=6, k=2,
+                  activation="gelu", bias=True, requires_grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = 2 if activation == "swiglu" else 1
+
+    def rnd(*shape, scale=1.0):
+        t = (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+        return t.requires_grad_(requires_grad)
+
+    x = rnd(T, d_model)
+    w1 = rnd(nb * m * block_size, d_model, scale=d_model**-0.5)
+    b1 = rnd(nb * m * block_size, scale=0.1) if bias else None
+    w2 = rnd(nb * block_size, d_model, scale=(nb * block_size) ** -0.5)
+    scores = torch.randn(T, nb, generator=g).to(device)
+    idx, order, offsets = ops.sparse_ffn_route(scores, torch.zeros(nb, device=device), k)
+    gate = rnd(T, k, scale=0.5)
+    return dict(x=x, w1=w1, b1=b1, w2=w2, gate=gate, order=order, offsets=offsets,
+                block_size=block_size, activation=activation), idx
+
+
+def op_args(s):
+    return (s["x"], s["w1"], s["b1"], s["w2"], s["gate"], s["order"], s["offsets"], s["block_size"],
+            s["activation"])
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------- routing
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_matches_reference(device, dtype):
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(200, 16, generator=g).to(device=device, dtype=dtype)
+    bias = (torch.randn(16, generator=g) * 0.1).to(device)
+    for k in (1, 5, 16):
+        idx, order, offsets = ops.sparse_ffn_route(scores, bias, k)
+        ridx, rorder, roffsets = route_ref(scores, bias, k)
+        torch.testing.assert_close(idx, ridx, rtol=0, atol=0)
+        torch.testing.assert_close(order, rorder, rtol=0, atol=0)
+        torch.testing.assert_close(offsets, roffsets, rtol=0, atol=0)
+
+
+def test_route_ties_keep_lower_index():
+    scores = torch.zeros(3, 5)
+    idx, order, offsets = ops.sparse_ffn_route(scores, torch.zeros(5), 2)
+    assert idx.tolist() == [[0, 1]] * 3
+    assert order.tolist() == [0, 2, 4, 1, 3, 5]
+    assert offsets.tolist() == [0, 3, 6, 6, 6, 6]
+
+
+# ---------------------------------------------------------------- forward / backward
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_grads_match_masked_dense(device, activation, bias):
+    s, idx = sample_inputs(device, activation=activation, bias=bias, requires_grad=True)
+    out = ops.sparse_ffn(*op_args(s))
+    ref = ffn_ref(s["x"], s["w1"], s["b1"], s["w2"], s["gate"], idx, s["block_size"], activation)
+    assert rel_err(out, ref) <= 1e-4
+    grad = torch.randn_like(out)
+    names = ["x", "w1", "w2", "gate"] + (["b1"] if bias else [])
+    got = torch.autograd.grad(out, [s[n] for n in names], grad)
+    want = torch.autograd.grad(ref, [s[n] for n in names], grad)
+    for n, a, b in zip(names, got, want):
+        assert rel_err(a, b) <= 1e-4, n
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck_float64(activation):
+    s, _ = sample_inputs("cpu", torch.float64, T=7, d_model=5, block_size=3, nb=4, k=2,
+                         activation=activation, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w1, b1, w2, gate: ops.sparse_ffn(
+        x, w1, b1, w2, gate, s["order"], s["offsets"], 3, activation),
+        (s["x"], s["w1"], s["b1"], s["w2"], s["gate"]))
+
+
+def test_unselected_blocks_get_zero_weight_grads():
+    s, idx = sample_inputs("cpu", requires_grad=True, nb=6, k=1, T=3)
+    ops.sparse_ffn(*op_args(s)).sum().backward()
+    unused = sorted(set(range(6)) - set(idx.flatten().tolist()))
+    assert unused
+    for b in unused:
+        assert s["w1"].grad[b * 8:(b + 1) * 8].abs().max() == 0
+        assert s["w2"].grad[b * 8:(b + 1) * 8].abs().max() == 0
+        assert s["b1"].grad[b * 8:(b + 1) * 8].abs().max() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_density_one_equals_dense_ffn(device):
+    """All blocks selected with gate 1: exactly the dense FFN (two linears + GELU)."""
+    s, _ = sample_inputs(device, nb=4, k=4)
+    s["gate"] = torch.ones_like(s["gate"])
+    dense = F.linear(F.gelu(F.linear(s["x"], s["w1"], s["b1"])), s["w2"].t())
+    assert rel_err(ops.sparse_ffn(*op_args(s)), dense) <= 1e-5
+
+
+def test_empty_tokens():
+    s, _ = sample_inputs("cpu", T=0, requires_grad=True)
+    out = ops.sparse_ffn(*op_args(s))
+    assert out.shape == (0, 24)
+    out.sum().backward()
+    assert s["w1"].grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for activation, requires_grad in (("gelu", True), ("swiglu", False)):
+        s, _ = sample_inputs(device, activation=activation, requires_grad=requires_grad)
+        opcheck(FFN, op_args(s))
+    scores = torch.randn(33, 7, device=device)
+    opcheck(ROUTE, (scores, torch.zeros(7, device=device), 3))
+
+
+def test_compile_fullgraph():
+    ffn = GatedSparseFFN(32, 64, block_size=16, density=0.5)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    compiled = torch.compile(ffn, fullgraph=True, backend="aot_eager")
+    bias_before = ffn.balance_bias.clone()
+    y = compiled(x)
+    y.sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    ffn.balance_bias.copy_(bias_before)
+    y_eager = ffn(x)
+    y_eager.sum().backward()
+    torch.testing.assert_close(y, y_eager)
+    torch.testing.assert_close(gx, x.grad)
+
+
+# ---------------------------------------------------------------- module
+
+
+def test_module_matches_masked_dense_reference():
+    torch.manual_seed(0)
+    ffn = GatedSparseFFN(32, 96, block_size=16, density=0.4, shared_blocks=1, activation="swiglu")
+    x = torch.randn(4, 5, 32, requires_grad=True)
+    y = ffn(x)
+    x2 = x.reshape(-1, 32)
+    scores = F.linear(x2, ffn.gate_weight)
+    idx, _, _ = route_ref(scores.detach(), torch.zeros(ffn.n_routed), ffn.k)
+    gate = torch.sigmoid(scores).gather(1, idx) * 2
+    # Shared block 0 with gate 1, routed blocks shifted by one.
+    full_idx = torch.cat([torch.zeros(20, 1, dtype=torch.int64), idx + 1], 1)
+    full_gate = torch.cat([torch.ones(20, 1), gate], 1)
+    ref = ffn_ref(x2, ffn.w1, ffn.b1, ffn.w2, full_gate, full_idx, 16, "swiglu") + ffn.b2
+    assert y.shape == x.shape
+    assert rel_err(y.reshape(-1, 32), ref) <= 1e-4
+    params = [x, ffn.w1, ffn.w2, ffn.b1, ffn.gate_weight]
+    got = torch.autograd.grad(y.sum(), params)
+    want = torch.autograd.grad(ref.sum(), params)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-4
+
+
+def test_shared_blocks_always_active():
+    torch.manual_seed(0)
+    ffn = GatedSparseFFN(16, 64, block_size=16, density=0.25, shared_blocks=2)
+    x = torch.randn(50, 16)
+    ffn(x).sum().backward()
+    # Shared blocks 0 and 1 get gradient in every hidden row; the gate never sees them.
+    assert (ffn.w1.grad[:32].abs().sum(1) > 0).all()
+    assert ffn.gate_weight.shape[0] == 2 and ffn.k == 1
+
+
+def test_balancing_bias_moves_skewed_load_toward_uniform():
+    torch.manual_seed(0)
+    ffn = GatedSparseFFN(16, 128, block_size=16, density=0.25, balance_rate=0.1)
+    with torch.no_grad():
+        ffn.gate_weight.mul_(0.5)
+        ffn.gate_weight[0].add_(0.5)  # block 0 wins for every token
+    x = torch.randn(512, 16).abs()
+    ffn.train()
+    ffn(x)
+    uniform = torch.full((ffn.n_routed,), 1 / ffn.n_routed)
+    first = (ffn.block_load() - uniform).abs().sum()
+    for _ in range(100):
+        ffn(x)
+    last = (ffn.block_load() - uniform).abs().sum()
+    assert last < 0.5 * first, (first, last)
+    # The bias only steers selection: no gradient ever reaches it.
+    assert not ffn.balance_bias.requires_grad
+    ffn.eval()
+    before = ffn.balance_bias.clone()
+    ffn(x)
+    torch.testing.assert_close(ffn.balance_bias, before)
+
+
+def test_dtype_conversion_keeps_bias_float32():
+    ffn = GatedSparseFFN(16, 64, block_size=16, density=0.5).to(torch.float64)
+    assert ffn.w1.dtype == torch.float64 and ffn.balance_bias.dtype == torch.float32
+    y = ffn(torch.randn(5, 16, dtype=torch.float64))
+    assert y.dtype == torch.float64
+    assert ffn.balance_bias.dtype == torch.float32
+
+
+def test_aux_loss():
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    ffn = GatedSparseFFN(16, 64, block_size=16, density=0.5)
+    ffn(x)
+    assert ffn.aux_loss.item() == 0
+    ffn = GatedSparseFFN(16, 64, block_size=16, density=0.5, aux_loss_weight=0.01)
+    ffn(x)
+    assert ffn.aux_loss.item() > 0
+    ffn.aux_loss.backward()
+    assert ffn.gate_weight.grad.abs().sum() > 0
+
+
+def test_no_host_sync_in_training_step(monkeypatch):
+    """Forward, backward and the bias update never read a tensor on the host."""
+    ffn = GatedSparseFFN(16, 64, block_size=16, density=0.5, aux_loss_weight=0.1)
+    x = torch.randn(20, 16)
+    for name in ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "numpy"):
+        def forbid(*args, _name=name, **kwargs):
+            raise AssertionError(f"host sync: Tensor.{_name}")
+        monkeypatch.setattr(torch.Tensor, name, forbid)
+    y = ffn(x)
+    (y.sum() + ffn.aux_loss).backward()
+    ffn.block_load()
+
+
+@pytest.mark.cuda
+def test_no_cuda_sync_in_training_step():
+    ffn = GatedSparseFFN(64, 512, block_size=128, density=0.5).cuda().bfloat16()
+    x = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ffn(x).sum().backward()  # warm-up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ffn(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_bfloat16():
+    s, idx = sample_inputs("cpu", torch.float32, T=300, d_model=64, block_size=32, nb=8, k=3)
+    out_cpu = ops.sparse_ffn(*op_args(s))
+    sc = {k: (v.cuda().bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else
+              v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+    out = ops.sparse_ffn(*op_args(sc))
+    assert rel_err(out.float().cpu(), out_cpu) < 2e-2
+
+
+def test_ffn_flops():
+    f = ffn_flops(512, 2048, block_size=128, density=0.3)
+    assert f["dense"] == 2 * 512 * 2048 * 2
+    assert f["k"] == 5 and f["active_blocks"] == 5
+    assert f["gate"] == 2 * 512 * 16
+    assert f["sparse"] == 2 * 512 * 5 * 128 * 2 + f["gate"]
+    assert abs(f["ratio"] - f["sparse"] / f["dense"]) < 1e-12
+    assert ffn_flops(512, 2048, density=1.0)["ratio"] > 1.0  # the gate costs a little
+    sw = ffn_flops(512, 2048, activation="swiglu", density=0.5, shared_blocks=2)
+    assert sw["dense"] == 2 * 512 * 2048 * 3 and sw["active_blocks"] == 10
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def test_bad_module_config():
+    with pytest.raises(ValueError, match="block_size must divide d_ff"):
+        GatedSparseFFN(16, 100, block_size=16)
+    with pytest.raises(ValueError, match="density must be in"):
+        GatedSparseFFN(16, 64, block_size=16, density=0.0)
+    with pytest.raises(ValueError, match="density must be in"):
+        GatedSparseFFN(16, 64, block_size=16, density=1.5)
+    with pytest.raises(ValueError, match="activation must be"):
+        GatedSparseFFN(16, 64, block_size=16, activation="relu")
+    with pytest.raises(ValueError, match="shared_blocks"):
+        GatedSparseFFN(16, 64, block_size=16, shared_blocks=4)
+    with pytest.raises(ValueError, match="d_model"):
+        GatedSparseFFN(16, 64, block_size=16)(torch.randn(3, 8))
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_op_inputs(device):
+    s, _ = sample_inputs("cpu")
+    if device == "meta":
+        s = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+
+    def call(**over):
+        ops.sparse_ffn(*op_args({**s, **over}))
+
+    with pytest.raises(RuntimeError, match="w1 must have x's dtype"):
+        call(w1=s["w1"].double())
+    with pytest.raises(RuntimeError, match="w2 must be"):
+        call(w2=s["w2"][:-1])
+    with pytest.raises(RuntimeError, match="block_size must be positive"):
+        call(block_size=0)
+    with pytest.raises(RuntimeError, match="activation must be"):
+        call(activation="relu")
+    with pytest.raises(RuntimeError, match="order and offsets must be int64"):
+        call(order=s["order"].int())
+    with pytest.raises(RuntimeError, match="offsets must be a 1-D tensor"):
+        call(offsets=s["offsets"][:-1])
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        call(x=s["x"].int())
+    with pytest.raises(RuntimeError, match="gate must be"):
+        call(gate=s["gate"][:-1])
+    with pytest.raises(RuntimeError, match="k must be in"):
+        ops.sparse_ffn_route(torch.randn(4, 3, device=device), torch.zeros(3, device=device), 4)
+    with pytest.raises(RuntimeError, match="bias must be a float32"):
+        ops.sparse_ffn_route(torch.randn(4, 3, device=device), torch.zeros(3, device=device).double(), 1)
+
+
+def test_bad_devices_and_offsets():
+    s, _ = sample_inputs("cpu")
+    with pytest.raises(RuntimeError, match="must be on the same device as x|must be a cpu tensor"):
+        ops.sparse_ffn(*op_args({**s, "w1": s["w1"].to("meta")}))
+    bad = s["offsets"].clone()
+    bad[-1] += 1
+    with pytest.raises(RuntimeError, match="offsets must run from 0"):
+        ops.sparse_ffn(*op_args({**s, "offsets": bad}))
+    with pytest.raises(RuntimeError, match="order must be a permutation"):
+        ops.sparse_ffn(*op_args({**s, "order": s["order"] + 1000}))
