@@ -42,4 +42,13 @@ TORCH_LIBRARY(deepseek_ext, m) {
   // multiplier * sum_w dequant(q[w]) for q [W, n], scales [W, nblocks] -> [n].
   m.def("dequantize_reduce_int8(Tensor q, Tensor scales, int block_size, float multiplier, "
         "ScalarType dtype) -> Tensor");
+  // Multi-head attention with a fused QKV projection (shared-attention layers):
+  // x [B, T, d_model] -> linear(x, w_qkv, b_qkv) split into n_heads query and
+  // n_kv_heads key/value heads (grouped-query when fewer) -> SDPA (causal
+  // and/or key_padding_mask [B, T] bool, True = padding; dropout_p when
+  // training) -> linear(., w_out, b_out) -> [B, T, d_model]. A composition of
+  // ATen ops (CompositeImplicitAutograd, csrc/ops/attention/).
+  m.def("shared_attention(Tensor x, Tensor w_qkv, Tensor? b_qkv, Tensor w_out, Tensor? b_out, "
+        "int n_heads, int n_kv_heads, bool causal=False, Tensor? key_padding_mask=None, "
+        "float dropout_p=0.0, bool training=False) -> Tensor");
 }

@@ -3,3 +3,22 @@
 from deepseek_ext.nn.linear import Linear
 
 __all__ = ["Linear"]
+
+# Shared-attention layers (cross-layer parameter sharing)
+from deepseek_ext.nn.shared_attention import (  # noqa: E402
+    SharedAttention,
+    SharedAttentionConfig,
+    SharedAttentionTransformer,
+    parameter_formula,
+    parameter_report,
+    sharing_plan,
+)
+
+__all__ += [
+    "SharedAttention",
+    "SharedAttentionConfig",
+    "SharedAttentionTransformer",
+    "parameter_formula",
+    "parameter_report",
+    "sharing_plan",
+]
