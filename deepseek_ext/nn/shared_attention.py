@@ -102,9 +102,13 @@ class SharedAttention(nn.Module):
             if p is not None:
                 nn.init.uniform_(p, -bound, bound)
 
-    def forward(self, x: Tensor, *, causal: bool = False,
+    def forward(self, x: Tensor, causal: bool = False,
                 key_padding_mask: Optional[Tensor] = None) -> Tensor:
-        """x [B, T, d_model] -> [B, T, d_model]; key_padding_mask bool [B, T], True = padding."""
+        """x [B, T, d_model] -> [B, T, d_model]; key_padding_mask bool [B, T], True = padding.
+
+        Call with keywords (``attn(x, causal=True, key_padding_mask=m)``); the
+        arguments are not keyword-only because TorchScript cannot compile those.
+        """
         return torch.ops.deepseek_ext.shared_attention(
             x, self.qkv_weight, self.qkv_bias, self.out_weight, self.out_bias, self.n_heads,
             self.n_kv_heads, causal, key_padding_mask, self.dropout, self.training)
