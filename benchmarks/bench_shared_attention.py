@@ -284,7 +284,7 @@ def main(argv=None):
     text += (f"\n## Quality: byte-level LM on the Python {sys.version.split()[0]} standard library "
              f"({n_files} .py files, {train.numel() / 1e6:.1f} MB train / {held_out.numel() / 1e6:.2f} MB "
              f"held-out files)\n\n{', '.join(f'{k}={v}' for k, v in qcfg.items())}; {args.quality_steps} AdamW "
-             "steps of {qb} x 128 bytes (lr 2e-3, warmup + cosine), the same batches and seed for both; eval on 128 held-out "
+             f"steps of {qb} x 128 bytes (lr 2e-3, warmup + cosine), the same batches and seed for both; eval on 128 held-out "
              "windows of 128 bytes.\n\n")
     text += markdown_table(
         ["sharing", "params", "final train loss", "eval loss (nats/byte)", "vs none"],
