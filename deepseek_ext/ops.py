@@ -485,3 +485,44 @@ def _sparse_ffn_backward_fake(grad_out, x, w1, w2, gate, hidden, order, offsets,
                  lambda: f"hidden must be [tokens * k, {m * block_size}] (sparse_ffn's second output), got shape {tuple(hidden.shape)}")
     return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty((w1.shape[0],)), w2.new_empty(w2.shape),
             gate.new_empty(gate.shape))
+# ---- Shared-attention layers ----
+# shared_attention is a composition of ATen ops registered for
+# CompositeImplicitAutograd in C++ (csrc/ops/attention/): autograd and meta
+# come from those ops, so it needs no fake kernel here.
+
+__all__ += ["shared_attention"]
+
+
+def shared_attention(
+    x: torch.Tensor,
+    w_qkv: torch.Tensor,
+    b_qkv: Optional[torch.Tensor],
+    w_out: torch.Tensor,
+    b_out: Optional[torch.Tensor],
+    n_heads: int,
+    n_kv_heads: Optional[int] = None,
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """Multi-head attention with a fused QKV projection.
+
+    ``x`` [B, T, d_model] -> ``linear(x, w_qkv, b_qkv)`` split into ``n_heads``
+    query heads and ``n_kv_heads`` (default ``n_heads``) key and value heads,
+    head_dim = d_model / n_heads -> ``scaled_dot_product_attention`` ->
+    ``linear(., w_out, b_out)`` -> [B, T, d_model].
+
+    Args:
+        w_qkv: [(n_heads + 2 n_kv_heads) head_dim, d_model]; b_qkv its bias or None.
+        w_out: [d_model, d_model]; b_out [d_model] or None.
+        causal: each position attends to itself and earlier positions only.
+        key_padding_mask: bool [B, T], True marks padding keys. A query left
+            with no key to attend to gets zeros from the attention.
+        dropout_p: attention-probability dropout, applied only when ``training``.
+    """
+    return torch.ops.deepseek_ext.shared_attention.default(
+        x, w_qkv, b_qkv, w_out, b_out, n_heads, n_heads if n_kv_heads is None else n_kv_heads,
+        causal, key_padding_mask, dropout_p, training,
+    )

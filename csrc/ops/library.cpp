@@ -59,4 +59,13 @@ TORCH_LIBRARY(deepseek_ext, m) {
   m.def("sparse_ffn_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor gate, "
         "Tensor hidden, Tensor order, Tensor offsets, int block_size, str activation) "
         "-> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, Tensor grad_gate)");
+  // Multi-head attention with a fused QKV projection (shared-attention layers):
+  // x [B, T, d_model] -> linear(x, w_qkv, b_qkv) split into n_heads query and
+  // n_kv_heads key/value heads (grouped-query when fewer) -> SDPA (causal
+  // and/or key_padding_mask [B, T] bool, True = padding; dropout_p when
+  // training) -> linear(., w_out, b_out) -> [B, T, d_model]. A composition of
+  // ATen ops (CompositeImplicitAutograd, csrc/ops/attention/).
+  m.def("shared_attention(Tensor x, Tensor w_qkv, Tensor? b_qkv, Tensor w_out, Tensor? b_out, "
+        "int n_heads, int n_kv_heads, bool causal=False, Tensor? key_padding_mask=None, "
+        "float dropout_p=0.0, bool training=False) -> Tensor");
 }

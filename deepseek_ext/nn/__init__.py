@@ -8,3 +8,21 @@ __all__ = ["Linear"]
 from deepseek_ext.nn.sparse_ffn import GatedSparseFFN, ffn_flops  # noqa: E402
 
 __all__ += ["GatedSparseFFN", "ffn_flops"]
+# Shared-attention layers (cross-layer parameter sharing)
+from deepseek_ext.nn.shared_attention import (  # noqa: E402
+    SharedAttention,
+    SharedAttentionConfig,
+    SharedAttentionTransformer,
+    parameter_formula,
+    parameter_report,
+    sharing_plan,
+)
+
+__all__ += [
+    "SharedAttention",
+    "SharedAttentionConfig",
+    "SharedAttentionTransformer",
+    "parameter_formula",
+    "parameter_report",
+    "sharing_plan",
+]

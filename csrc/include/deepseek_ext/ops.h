@@ -117,5 +117,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ff
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& gate, const at::Tensor& hidden, const at::Tensor& order,
     const at::Tensor& offsets, int64_t block_size, c10::string_view activation);
+// ---- Shared-attention layers ----
+// Multi-head attention with a fused QKV projection: x [B, T, d_model] ->
+// linear(x, w_qkv, b_qkv), split into n_heads query heads and n_kv_heads key and
+// value heads (grouped-query attention when n_kv_heads < n_heads; head_dim =
+// d_model / n_heads) -> scaled_dot_product_attention (causal and/or
+// key_padding_mask bool [B, T], True = padding; dropout_p applied only when
+// `training`) -> linear(., w_out, b_out). Returns [B, T, d_model].
+//   w_qkv [(n_heads + 2 n_kv_heads) head_dim, d_model], b_qkv its rows' bias;
+//   w_out [d_model, d_model], b_out [d_model].
+// A composition of ATen ops: differentiable, on every device ATen supports.
+at::Tensor shared_attention(const at::Tensor& x, const at::Tensor& w_qkv,
+                            const std::optional<at::Tensor>& b_qkv, const at::Tensor& w_out,
+                            const std::optional<at::Tensor>& b_out, int64_t n_heads,
+                            int64_t n_kv_heads, bool causal = false,
+                            const std::optional<at::Tensor>& key_padding_mask = std::nullopt,
+                            double dropout_p = 0.0, bool training = false);
 
 }  // namespace deepseek_ext
