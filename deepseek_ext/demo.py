@@ -18,6 +18,7 @@ events, PNG plots) and a loss-curve comparison go to ``runs/demo-<timestamp>/``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -83,41 +84,54 @@ def demo_corpus(train_bytes: float, eval_bytes: float = 256e3) -> Tuple[List[str
     files = sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
     if not files:
         raise RuntimeError(f"no Python source files under {root}: the demo needs the standard library's sources")
-    train, held_out, n_train, n_eval = [], [], 0, 0
-    for i, p in enumerate(files):
-        size = p.stat().st_size
-        if i % 20 == 0:
-            if n_eval < eval_bytes:
-                held_out.append(str(p))
-                n_eval += size
-        elif n_train < train_bytes:
-            train.append(str(p))
-            n_train += size
-        if n_train >= train_bytes and n_eval >= eval_bytes:
+    # Held out: every 20th file of the whole library, taken in a fixed random order
+    # until eval_bytes; training: the other files in sorted order until train_bytes.
+    candidates = files[::20]
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(1234)).tolist()
+    held_out, n_eval = [], 0
+    for i in order:
+        if n_eval >= eval_bytes:
             break
-    return train, held_out
+        held_out.append(str(candidates[i]))
+        n_eval += candidates[i].stat().st_size
+    train, n_train = [], 0
+    for i, p in enumerate(files):
+        if n_train >= train_bytes:
+            break
+        if i % 20:
+            train.append(str(p))
+            n_train += p.stat().st_size
+    return train, sorted(held_out)
 
 
 # -- one training run, in each of world_size processes ----------------------------------
 class _IndexBatches:
-    """Infinite batches of window indices for one rank: random order, rank-strided,
-    drawn from the first ``fraction()`` of the windows (progressive training's data
-    fraction). DataLoader asks for the next batch lazily, so a fraction change
-    reaches the loader within its prefetch depth."""
+    """Infinite batches of window indices for one rank (one batch per training step).
 
-    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int, fraction=lambda: 1.0):
+    The windows are put in one fixed random order; batch ``k`` draws from the first
+    ``fraction_at(k)`` of that order (progressive training's data fraction, which
+    only grows), reshuffled every pass and strided over ranks. Everything follows
+    from the seed and the batch counter: identical on every rank and run, whatever
+    the loader's prefetch depth."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int, fraction_at=lambda k: 1.0):
         self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
-        self.seed, self.fraction = seed, fraction
+        self.seed, self.fraction_at = seed, fraction_at
+
+    def _active(self, k: int) -> int:
+        return min(self.n, max(self.world * self.batch_size, int(self.n * min(1.0, self.fraction_at(k)))))
 
     def __iter__(self):
-        epoch = 0
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))
+        k, epoch = 0, 0
         while True:
-            active = max(self.world * self.batch_size, int(self.n * min(1.0, self.fraction())))
+            active = self._active(k)
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            mine = torch.randperm(active, generator=g)[self.rank::self.world]
+            mine = perm[:active][torch.randperm(active, generator=g)][self.rank::self.world]
             for i in range(0, len(mine) - self.batch_size + 1, self.batch_size):
                 yield mine[i:i + self.batch_size].tolist()
-                if int(self.n * min(1.0, self.fraction())) > active:
+                k += 1
+                if self._active(k) > active:
                     break  # the fraction grew: draw from the larger set now
             epoch += 1
 
@@ -127,15 +141,23 @@ class _LateValue:
     when the next one starts, so progress display never waits for the device."""
 
     def __init__(self):
-        self._pending: Optional[torch.Tensor] = None
+        self._pending = None  # (host tensor, CUDA event or None)
         self.value = float("nan")
 
     def push(self, t: torch.Tensor) -> float:
         if self._pending is not None:
-            self.value = float(self._pending)
-        host = torch.empty((), dtype=torch.float32, pin_memory=t.is_cuda)
-        host.copy_(t.detach().float(), non_blocking=True)
-        self._pending = host
+            host, event = self._pending
+            if event is None or event.query():  # never wait: keep the old value if not there yet
+                self.value = float(host)
+                self._pending = None
+        if self._pending is None:
+            host = torch.empty((), dtype=torch.float32, pin_memory=t.is_cuda)
+            host.copy_(t.detach().float(), non_blocking=True)
+            event = None
+            if t.is_cuda:
+                event = torch.cuda.Event()
+                event.record()
+            self._pending = (host, event)
         return self.value
 
 
@@ -154,9 +176,10 @@ def _unique_params(model: torch.nn.Module) -> List[torch.nn.Parameter]:
 def _evaluate(model, eval_ds, cfg: DemoConfig, recipe: Recipe, device) -> float:
     model.eval()
     n = min(cfg.eval_windows, len(eval_ds))
+    picks = torch.linspace(0, len(eval_ds) - 1, n).round().long().tolist()  # spread over every file
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for i in range(0, n, 16):
-        xs, ys = zip(*(eval_ds[j] for j in range(i, min(n, i + 16))))
+        xs, ys = zip(*(eval_ds[j] for j in picks[i:i + 16]))
         x, y = torch.stack(xs).to(device), torch.stack(ys).to(device)
         with recipe.autocast(device):
             logits = model(x)
@@ -195,28 +218,36 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
                                 fused=cuda or None)
         scaler = recipe.make_scaler(device)
 
-        comm_states = []
+        comm_state = None
 
-        def wrap(m):
-            ddp = DDP(m, device_ids=[device.index] if cuda else None)
-            comm_states.append(recipe.register_comm_hook(ddp))
+        def wrap(m, first: bool):
+            # All ranks grow and freeze identically: no re-broadcast of the weights on a re-wrap.
+            nonlocal comm_state
+            ddp = DDP(m, device_ids=[device.index] if cuda else None, init_sync=first)
+            comm_state = recipe.register_comm_hook(ddp, state=comm_state)
             return ddp
 
-        ddp = wrap(model)
+        ddp = wrap(model, first=True)
 
         # Data: the same windows of the same bytes either way; how they are read differs.
-        fraction = schedule.data_fraction if schedule is not None else (lambda: 1.0)
+        fraction_at = lambda k: 1.0  # noqa: E731
+        if schedule is not None:
+            probe = recipe.make_schedule(cfg.steps, mcfg)  # the same schedule, queried by step
+
+            def fraction_at(k: int) -> float:
+                probe.on_step(k)
+                return probe.data_fraction()
         if recipe.data_pipeline:
             train_ds = MemmapTokenDataset(data["train_bin"], cfg.seq_len)
         else:
             train_ds = NaiveTextDataset(data["train_files"], cfg.seq_len)
-        batches = _IndexBatches(len(train_ds), cfg.batch_size, rank, cfg.world_size, cfg.seed, fraction)
+        batches = _IndexBatches(len(train_ds), cfg.batch_size, rank, cfg.world_size, cfg.seed, fraction_at)
         loader = torch.utils.data.DataLoader(train_ds, batch_sampler=batches, num_workers=cfg.num_workers,
                                              pin_memory=cuda, persistent_workers=cfg.num_workers > 0)
         if recipe.data_pipeline:
             stream = iter(Prefetcher(loader, device))
         else:
-            stream = ((x.to(device), y.to(device)) for x, y in loader)
+            stream = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
 
         monitor = None
         if rank == 0:
@@ -240,7 +271,8 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
                     torch.cuda.synchronize()
                 t_start, data_wait = time.perf_counter(), 0.0
             t0 = time.perf_counter()
-            x, y = next(stream)
+            with monitor.data_wait() if monitor is not None else contextlib.nullcontext():
+                x, y = next(stream)
             waited = time.perf_counter() - t0
             data_wait += waited
             lr = _lr_at(step, cfg)
@@ -262,7 +294,7 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
                 grew = schedule.maybe_grow(model, opt)
                 if grew or schedule.phase != phase:
                     phase = schedule.phase
-                    ddp = wrap(model)  # DDP's parameter list is fixed at construction
+                    ddp = wrap(model, first=False)  # DDP's parameter list is fixed at construction
             if monitor is not None:
                 monitor.log(step, loss=loss.detach(), lr=lr, data_wait_s=waited,
                             tokens=cfg.tokens_per_step, loss_scale=scaler.get_scale_tensor()
@@ -278,20 +310,20 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
             bar.close()
 
         # -- the report (outside the training loop: syncs are fine here) --------------
-        def total_of(key: str) -> float:
-            return sum(float(s.stats().get(key, 0.0)) for s in comm_states)
-
-        sums = torch.tensor([total_of("bytes_sent"), data_wait, train_s], dtype=torch.float64, device=device)
+        peak_mem = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes()  # before eval
+        sums = torch.tensor([float(comm_state.stats()["bytes_sent"]), data_wait, train_s], dtype=torch.float64,
+                            device=device)
         dist.all_reduce(sums)
         sums = sums.cpu()
         eval_loss = None
         if rank == 0:
-            eval_ds = MemmapTokenDataset(data["eval_bin"], cfg.seq_len)
+            # Windows inside each held-out file (no end-of-text token, no cross-file context):
+            # what both runs' models can be judged on alike.
+            eval_ds = NaiveTextDataset(data["eval_files"], cfg.seq_len)
             eval_loss = _evaluate(model, eval_ds, cfg, recipe, device)
             params = _unique_params(model)
             n_params = sum(p.numel() for p in params)
             trainable = sum(p.numel() for p in params if p.requires_grad)
-            peak_mem = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes()
             result = dict(
                 name=name, recipe=recipe.enabled(), precision=recipe.precision_label(device),
                 parameters=n_params, trainable_parameters_at_end=trainable,
@@ -304,7 +336,7 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
                 data_wait_fraction=float(sums[1] / sums[2]),
                 eval_loss=eval_loss, eval_perplexity=math.exp(eval_loss),
                 train_loss_curve=[float(v) for v in torch.stack(losses).cpu()],
-                hook_stats=[s.stats() for s in comm_states][-1],
+                hook_stats=comm_state.stats(),
             )
             monitor.close()
             result["monitor"] = {k: v for k, v in monitor.summary().items() if _is_plain(v)}
@@ -345,7 +377,9 @@ def run_one(name: str, recipe: Recipe, cfg: DemoConfig, out: Path, data: Dict[st
                                           nprocs=cfg.world_size, start_method="spawn")
     result = json.loads((run_dir / "result.json").read_text())
     result["wall_s"] = time.perf_counter() - t0
-    result["estimated_cost_usd"] = result["wall_s"] / 3600 * cfg.world_size * cfg.price_per_device_hour
+    # The cost of the training itself (start-up, data preparation and evaluation are
+    # the same for every run and are in wall_s).
+    result["estimated_cost_usd"] = result["train_s"] / 3600 * cfg.world_size * cfg.price_per_device_hour
     (run_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
     return result
 
@@ -362,8 +396,9 @@ ROWS = [  # (label, key, format)
     ("data-wait fraction", "data_wait_fraction", "{:.1%}"),
     ("final eval loss", "eval_loss", "{:.4f}"),
     ("eval perplexity", "eval_perplexity", "{:.3f}"),
-    ("wall time", "wall_s", "{:.1f} s"),
-    ("estimated cost", "estimated_cost_usd", "${:.5f}"),
+    ("training time", "train_s", "{:.1f} s"),
+    ("wall time (with start-up, eval)", "wall_s", "{:.1f} s"),
+    ("estimated training cost", "estimated_cost_usd", "${:.5f}"),
 ]
 
 
@@ -433,7 +468,8 @@ def run_demo(cfg: DemoConfig, out: Path, ablate: bool = False) -> dict:
     data_dir.mkdir(exist_ok=True)
     train_info = build_token_dataset(train_files, data_dir / "train.bin", tokenizer="byte", overwrite=True)
     eval_info = build_token_dataset(eval_files, data_dir / "eval.bin", tokenizer="byte", overwrite=True)
-    data = dict(vocab_size=max(train_info.vocab_size, eval_info.vocab_size), train_files=train_files, train_bin=str(data_dir / "train.bin"), eval_bin=str(data_dir / "eval.bin"))
+    data = dict(vocab_size=max(train_info.vocab_size, eval_info.vocab_size), train_files=train_files,
+                eval_files=eval_files, train_bin=str(data_dir / "train.bin"), eval_bin=str(data_dir / "eval.bin"))
     print(f"corpus: {len(train_files)} stdlib files for training ({_tokens(train_info):,} byte tokens), "
           f"{len(eval_files)} held-out files for evaluation ({_tokens(eval_info):,} tokens)")
     print(f"budget: {cfg.steps} steps x {cfg.tokens_per_step:,} tokens = {cfg.steps * cfg.tokens_per_step:,} "
@@ -498,6 +534,10 @@ def main(argv=None) -> int:
             cfg = replace(cfg, **{key: getattr(args, key)})
     if cfg.world_size < 1:
         p.error(f"--world-size must be >= 1, got {cfg.world_size}")
+    if cfg.device == "cuda" and cfg.world_size > torch.cuda.device_count():
+        p.error(f"--world-size {cfg.world_size}: only {torch.cuda.device_count()} CUDA device(s); NCCL needs one per rank")
+    if cfg.world_size == 1:
+        print("note: world size 1 communicates nothing; bytes communicated will be 0 for both runs")
     if cfg.steps < 2:
         p.error(f"--steps must be >= 2 (step 0 is not timed), got {cfg.steps}")
     out = args.out or Path("runs") / f"demo-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"

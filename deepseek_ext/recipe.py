@@ -184,10 +184,16 @@ class Recipe:
         return total
 
     # -- communication -------------------------------------------------------
-    def register_comm_hook(self, ddp_model, process_group=None, **state_kwargs):
-        """Registers the recipe's DDP hook and returns its state (``state.stats()`` counts bytes)."""
+    def register_comm_hook(self, ddp_model, process_group=None, state=None, **state_kwargs):
+        """Registers the recipe's DDP hook and returns its state (``state.stats()`` counts bytes).
+        Pass the ``state`` of an earlier registration to keep it (and its counters) when
+        the model is wrapped again, e.g. after progressive growth."""
         from deepseek_ext import distributed as ddist
 
+        if state is not None:
+            hook = ddist.int8_compress_hook if self.int8_comm else ddist.counting_allreduce_hook
+            ddp_model.register_comm_hook(state, hook)
+            return state
         if self.int8_comm:
             state = ddist.Int8CompressionState(process_group, block_size=self.comm_block_size, **state_kwargs)
             ddp_model.register_comm_hook(state, ddist.int8_compress_hook)
@@ -204,4 +210,6 @@ class Recipe:
         from deepseek_ext.train import ProgressiveSchedule
 
         top = self.progressive_freeze_top or max(1, cfg.n_layers // 2)
-        return ProgressiveSchedule(total_steps, grow_to_layers=cfg.n_layers, freeze_top_n=top)
+        # Phase 3 tunes the top blocks and the final LayerNorm (the tied embedding/head is frozen).
+        return ProgressiveSchedule(total_steps, grow_to_layers=cfg.n_layers, freeze_top_n=top,
+                                   keep_trainable=("ln_f",))
