@@ -358,6 +358,7 @@ def main(argv=None):
     p.add_argument("--run-timeout", type=int, default=150)
     p.add_argument("--quick", action="store_true", help="only 2 hosts at 1 Gbit/s, allreduce and int8")
     p.add_argument("--world8", action="store_true", help="also 8 hosts (no rate limit, smaller model): bytes")
+    p.add_argument("--world8-only", action="store_true", help="only the 8-host bytes run (comm_world8_cpu.md)")
     p.add_argument("--rate", default=None, help="one rate for every configuration (e.g. 100mbit) instead of "
                    "the default 1gbit / 10gbit sweep; results go to comm_<rate>_cpu.md")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results or $OUT)")
@@ -372,6 +373,8 @@ def main(argv=None):
     from benchmarks.common import header, markdown_table, write_results
 
     configs = [(2, 1, "1gbit", ["allreduce", "int8"])] if args.quick else CONFIGS + ([WORLD8] if args.world8 else [])
+    if args.world8_only:
+        configs = [WORLD8]
     if args.rate:
         seen, configs = set(), [(h, L, args.rate if r != "none" else r, m) for h, L, r, m in configs]
         configs = [c for c in configs if (c[0], c[1], c[2]) not in seen and not seen.add((c[0], c[1], c[2]))]
@@ -438,7 +441,8 @@ def main(argv=None):
     if failed:
         text += "\nFailed runs (not in the table):\n" + "".join(f"- {f}\n" for f in failed)
     print(text)
-    path = write_results(f"comm_{args.rate}" if args.rate else "comm", "cpu", text, results, args.out)
+    name = "comm_world8" if args.world8_only else f"comm_{args.rate}" if args.rate else "comm"
+    path = write_results(name, "cpu", text, results, args.out)
     print(f"wrote {path}")
 
 
