@@ -375,6 +375,7 @@ def main(argv=None):
     configs = [(2, 1, "1gbit", ["allreduce", "int8"])] if args.quick else CONFIGS + ([WORLD8] if args.world8 else [])
     if args.world8_only:
         configs = [WORLD8]
+        args.width, args.steps = 512, 3  # what the bytes-only 8-rank run uses (the header says so)
     if args.rate:
         seen, configs = set(), [(h, L, args.rate if r != "none" else r, m) for h, L, r, m in configs]
         configs = [c for c in configs if (c[0], c[1], c[2]) not in seen and not seen.add((c[0], c[1], c[2]))]
