@@ -229,7 +229,9 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
 
         ddp = wrap(model, first=True)
 
-        # Data: the same windows of the same bytes either way; how they are read differs.
+        # Data: the same files either way. The memory-mapped token file's windows run across
+        # file boundaries (an end-of-text token between files); the naive loader's stay in one
+        # file. Evaluation uses per-file windows for both runs.
         fraction_at = lambda k: 1.0  # noqa: E731
         if schedule is not None:
             probe = recipe.make_schedule(cfg.steps, mcfg)  # the same schedule, queried by step
