@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <tuple>
 
+#include "deepseek_ext/detail/topk.h"
+
 #include "sparse_ffn/sparse_ffn.h"
 
 namespace deepseek_ext {
@@ -40,18 +42,9 @@ __global__ void topk_rows_kernel(const scalar_t* __restrict__ scores,
   float best[kMaxK];
   int arg[kMaxK];
   const scalar_t* s = scores + t * nb;
-  int filled = 0;
+  int64_t filled = 0;
   for (int b = 0; b < nb; ++b) {
-    const float v = static_cast<float>(s[b]) + bias[b];
-    if (filled == k && !(v > best[k - 1])) continue;
-    int i = filled < k ? filled++ : k - 1;
-    while (i > 0 && v > best[i - 1]) {
-      best[i] = best[i - 1];
-      arg[i] = arg[i - 1];
-      --i;
-    }
-    best[i] = v;
-    arg[i] = b;
+    detail::topk_offer(static_cast<float>(s[b]) + bias[b], b, best, arg, k, filled);
   }
   for (int j = 0; j < k; ++j) idx[t * k + j] = arg[j];
 }

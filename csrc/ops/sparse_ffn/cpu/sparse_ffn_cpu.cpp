@@ -30,6 +30,7 @@
 #include <tuple>
 #include <vector>
 
+#include "deepseek_ext/detail/topk.h"
 #include "sparse_ffn/sparse_ffn.h"
 
 
@@ -49,17 +50,7 @@ void topk_rows(const scalar_t* scores, const float* bias, int64_t T, int64_t nb,
       const scalar_t* s = scores + t * nb;
       int64_t filled = 0;
       for (int64_t b = 0; b < nb; ++b) {
-        const float v = static_cast<float>(s[b]) + bias[b];
-        // Strict > keeps the lower block index first among ties.
-        if (filled == k && !(v > best[k - 1])) continue;
-        int64_t i = filled < k ? filled++ : k - 1;
-        while (i > 0 && v > best[i - 1]) {
-          best[i] = best[i - 1];
-          arg[i] = arg[i - 1];
-          --i;
-        }
-        best[i] = v;
-        arg[i] = b;
+        detail::topk_offer(static_cast<float>(s[b]) + bias[b], b, best.data(), arg.data(), k, filled);
       }
       std::copy(arg.begin(), arg.end(), idx + t * k);
     }
