@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include "deepseek_ext/detail/int8_quant.h"
+#include "common/checks.h"
 #include "deepseek_ext/ops.h"
 
 namespace deepseek_ext {
@@ -56,19 +57,6 @@ bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
-void check_tensor(const at::Tensor& t, const char* name, c10::DeviceType device_type) {
-  TORCH_CHECK(t.defined(), name, " must be a defined tensor");
-  TORCH_CHECK(t.layout() == at::kStrided, name, " must be a strided (dense) tensor, got ",
-              t.layout());
-  TORCH_CHECK(t.device().type() == device_type, name, " must be a ", device_type,
-              " tensor, got a tensor on ", t.device());
-}
-
-void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref,
-                       const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (",
-              ref.device(), "), got ", t.device());
-}
 
 }  // namespace
 
