@@ -2,20 +2,34 @@
 # The GPU check: run on a machine with one NVIDIA GPU, python3, torch (CUDA
 # build), nvcc, ninja, pybind11 and pytest, and no network. It
 #   1. builds the extension in place for the GPU it finds (sm_90a on Hopper),
-#   2. runs every Python test (CUDA tests compare against torch and the CPU path),
-#   3. runs the GPU benchmarks,
+#   2. runs the CUDA tests (pytest -m cuda: each compares the CUDA path against
+#      torch and the CPU path; the CPU tests run in CI),
+#   3. runs the GPU benchmarks, then the demo's smoke run on the GPU,
 # writes logs and result tables to $OUT (default benchmarks/results/gpu-<date>/)
 # and prints a short summary table last. Build inputs that would need a
 # download are staged beforehand by `make gpu-prep` into third_party/.
-# GPU_CHECK_ARCH overrides the arch list: GPU_CHECK_ARCH="8.0+PTX" on a Hopper
-# GPU builds only the Ampere kernels and runs them through the driver's JIT,
-# which exercises the fused sm80 GEMM where no sm_8x GPU is at hand.
+#
+# Environment:
+#   GPU_CHECK_ARCH     arch list override. "8.0+PTX" on a Hopper GPU builds only
+#                      the Ampere kernels and runs them through the driver's JIT,
+#                      which exercises the fused sm80 GEMM where no sm_8x GPU is at hand.
+#   GPU_CHECK_BUDGET   seconds for the whole check (default 0: no limit). Each
+#                      step gets its own time limit, cut to what the budget has
+#                      left, so that a hanging step costs its limit and no more.
+#   GPU_CHECK_ARCHIVE  a .tar.gz path refreshed after every step with all of
+#                      $OUT: what a killed run had finished is still in it.
+#   GPU_CHECK_TESTS    pytest selection (default "-m cuda"; "" runs every test).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M)}
+BUDGET=${GPU_CHECK_BUDGET:-0}
+ARCHIVE=${GPU_CHECK_ARCHIVE:-}
+TESTS=${GPU_CHECK_TESTS--m cuda}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 declare -A status
+order=()
 t0=$(date +%s)
 
 cap=$($PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('%d.%d' % torch.cuda.get_device_capability())") || {
@@ -24,39 +38,73 @@ case "$cap" in 9.0) arch="9.0a" ;; *) arch="$cap" ;; esac
 arch=${GPU_CHECK_ARCH:-$arch}
 export TORCH_CUDA_ARCH_LIST="$arch"
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export PYTHONUNBUFFERED=1
 {
   echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
   $PY -c "import torch, sys; print('gpu:', torch.cuda.get_device_name()); print('torch:', torch.__version__, 'cuda', torch.version.cuda); print('python:', sys.version.split()[0])"
   nvcc --version | tail -1
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>/dev/null
-  echo "arch list: $arch"
+  echo "arch list: $arch; cpu cores: $(nproc)"
 } | tee "$OUT/environment.txt"
 
-step() {  # step NAME LOGFILE COMMAND...
-  local name=$1 log=$2; shift 2
-  local s=$(date +%s)
-  echo "== $name"
-  if "$@" > "$OUT/$log" 2>&1; then status[$name]="ok"; else status[$name]="FAILED (see $log)"; fi
-  status[$name]="${status[$name]} $(( $(date +%s) - s ))s"
-  tail -3 "$OUT/$log"
+pack() {
+  [[ -n $ARCHIVE ]] && tar czf "$ARCHIVE.tmp" -C "$(dirname "$OUT")" "$(basename "$OUT")" && mv "$ARCHIVE.tmp" "$ARCHIVE"
+  return 0
 }
 
-step build build.log $PY setup.py build_ext --inplace
+step() {  # step NAME LIMIT_SECONDS LOGFILE COMMAND...
+  local name=$1 limit=$2 log=$3; shift 3
+  local s=$(date +%s) rc
+  if (( BUDGET > 0 )); then
+    local left=$(( BUDGET - (s - t0) - 10 ))
+    (( left < limit )) && limit=$left
+    if (( limit < 15 )); then status[$name]="not run (budget spent)"; order+=("$name"); return; fi
+  fi
+  echo "== $name (limit ${limit}s)"
+  timeout -k 10 "$limit" "$@" > "$OUT/$log" 2>&1; rc=$?
+  case $rc in
+    0) status[$name]="ok" ;;
+    124|137) status[$name]="TIMED OUT after ${limit}s (see $log)" ;;
+    *) status[$name]="FAILED rc=$rc (see $log)" ;;
+  esac
+  status[$name]="${status[$name]} $(( $(date +%s) - s ))s"
+  order+=("$name")
+  tail -3 "$OUT/$log"
+  pack
+}
+
+step build 300 build.log $PY setup.py build_ext --inplace
 if [[ ${status[build]} == ok* ]]; then
-  step tests pytest.log $PY -m pytest -q -rfs tests/python
+  pytest_args=(-q -rfEs --durations=15)
+  $PY -c "import xdist" 2>/dev/null && pytest_args+=(-n 4)
+  $PY -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout 150)
+  # shellcheck disable=SC2086
+  step tests 180 pytest.log $PY -m pytest "${pytest_args[@]}" $TESTS tests/python
   # The GPU benchmarks (bench_comm needs network namespaces and several hosts;
   # bench_data and bench_progressive measure the CPU-side pipeline and schedule).
-  for name in bench_unscale bench_gemm bench_scaler bench_quant bench_sparse_ffn bench_shared_attention; do
-    extra=()
-    [[ $name == bench_shared_attention ]] && extra=(--parts tables)
-    step "$name" "$name.log" $PY "benchmarks/$name.py" --device cuda --out "$OUT" "${extra[@]}"
+  # Three alternating rounds each: the GPU's run-to-run spread is far smaller
+  # than the CPU's, and the lease is short.
+  for name in bench_gemm bench_quant bench_unscale bench_scaler bench_shared_attention bench_sparse_ffn; do
+    case $name in
+      bench_unscale|bench_quant) extra=(--rounds 3 --min-run-time 0.1) ;;
+      bench_gemm|bench_sparse_ffn) extra=(--rounds 3 --min-run-time 0.2) ;;
+      bench_scaler) extra=(--rounds 3) ;;
+      bench_shared_attention) extra=(--parts tables --rounds 3 --small-rounds 3) ;;
+    esac
+    limit=90; [[ $name == bench_shared_attention ]] && limit=120
+    step "$name" "$limit" "$name.log" $PY "benchmarks/$name.py" --device cuda --out "$OUT" "${extra[@]}"
   done
+  step demo_smoke 90 demo_smoke.log $PY -m deepseek_ext.demo --smoke --device cuda
 fi
 
-echo
-echo "## GPU check summary ($(( $(date +%s) - t0 )) s, results in $OUT)"
-grep -h "^gpu:\|^torch:" "$OUT/environment.txt"
-for k in "${!status[@]}"; do printf '%-24s %s\n' "$k" "${status[$k]}"; done | sort
-grep -h "passed\|failed" "$OUT/pytest.log" 2>/dev/null | tail -1
-for f in "$OUT"/*_cuda.md; do [ -f "$f" ] && { echo; sed -n '/^|/p' "$f"; }; done
-[[ "${status[*]}" != *FAILED* ]]
+summary() {
+  echo
+  echo "## GPU check summary ($(( $(date +%s) - t0 )) s, results in $OUT)"
+  grep -h "^gpu:\|^torch:" "$OUT/environment.txt"
+  for k in "${order[@]}"; do printf '%-24s %s\n' "$k" "${status[$k]}"; done
+  grep -h "passed\|failed" "$OUT/pytest.log" 2>/dev/null | tail -1
+  for f in "$OUT"/*_cuda.md; do [ -f "$f" ] && { echo; sed -n '/^|/p' "$f"; }; done
+}
+summary | tee "$OUT/summary.txt"
+pack
+[[ "${status[*]}" != *FAILED* && "${status[*]}" != *TIMED* ]]
