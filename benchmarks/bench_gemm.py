@@ -4,6 +4,8 @@ For each shape (M, N, K) and dtype, in one run:
   * torch.matmul(a, b)                                  -- the GEMM alone, no scaling, no check
   * unfused: out = torch.matmul(a, b) (fp32 out when asked) then
     torch._amp_foreach_non_finite_check_and_unscale_([out], found, inv)  -- torch's best scale + check
+    (for a bfloat16 output on CUDA, which that kernel rejects, the eager composition
+    benchmarks.common.torch_unscale_check_)
   * ours: deepseek_ext.ops.matmul_unscale_check(a, b, inv, found, out_dtype)
 Weight-gradient shapes use a transposed view for `a`, as a Linear backward does.
 
@@ -19,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepseek_ext  # noqa: E402
-from benchmarks.common import compare_seconds, header, markdown_table, write_results  # noqa: E402
+from benchmarks.common import compare_seconds, header, markdown_table, torch_unscale_check_, write_results  # noqa: E402
 
 CPU_CASES = [  # (name, M, N, K, transposed a)
     ("square 1024", 1024, 1024, 1024, False),
@@ -67,7 +69,7 @@ def main(argv=None):
                 out = torch.mm(a, b, out_dtype=torch.float32) if (fp32_out and dev == "cuda") else torch.matmul(a, b)
                 if fp32_out and out.dtype != torch.float32:
                     out = out.float()
-                torch._amp_foreach_non_finite_check_and_unscale_([out], found, inv)
+                torch_unscale_check_([out], found, inv)
                 return out
 
             def ours():
@@ -108,7 +110,8 @@ def main(argv=None):
                  "(not a baseline worth beating)\n")
     text += (f"- times: median over {args.rounds} alternating rounds; 'matmul' is torch.matmul in the input dtype "
              "(no scaling, no check); 'unfused' is matmul (fp32 output when asked) + "
-             "torch._amp_foreach_non_finite_check_and_unscale_\n\n")
+             "torch._amp_foreach_non_finite_check_and_unscale_ (bfloat16 output on CUDA: the eager "
+             "_foreach_norm(inf) + isfinite + _foreach_mul_, as torch's kernel rejects it)\n\n")
     text += markdown_table(cols, rows)
     print(text)
     print(f"written to {write_results('gemm', dev, text, data, args.out)}")

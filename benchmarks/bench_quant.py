@@ -40,9 +40,21 @@ ops = deepseek_ext.ops
 
 # ---- the same computations in torch eager ops (sizes are multiples of block_size)
 
+_CONSTS = {}
+
+
+def _const(v, device):
+    key = (v, str(device))
+    if key not in _CONSTS:
+        _CONSTS[key] = torch.full((), v, device=device)
+    return _CONSTS[key]
+
+
 def eager_quantize(x, bs, stochastic=False):
     yb = x.reshape(-1, bs).float()
-    scale = yb.abs().amax(dim=1) / 127
+    # A tensor divisor: CUDA torch turns division by a Python scalar into a multiplication
+    # by its reciprocal, which is not the correctly rounded quotient our op computes.
+    scale = yb.abs().amax(dim=1) / _const(127.0, x.device)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(1)
     v = yb / safe
     r = torch.floor(v + torch.rand_like(v)) if stochastic else torch.round(v)

@@ -7,6 +7,8 @@ the "unscale" path multiplies by inv_scale != 1 (read + write), the
 the bytes the work needs (unscale: read + write, check-only: read), the same
 for both ops, so the ratio of GB/s is the ratio of times. On CUDA the table
 also gives each op's bandwidth as a share of a measured device-to-device copy.
+torch's CUDA kernel rejects bfloat16: there the baseline is the eager
+composition in benchmarks/common.py (torch_unscale_check_).
 
     python benchmarks/bench_unscale.py [--device cpu|cuda] [--out DIR]
 """
@@ -19,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepseek_ext  # noqa: E402
-from benchmarks.common import compare_seconds, header, markdown_table, median_seconds, write_results  # noqa: E402
+from benchmarks.common import (compare_seconds, header, markdown_table, median_seconds,  # noqa: E402
+                               torch_unscale_check_, write_results)
 
 
 def gpt_small_shapes(vocab=50257, ctx=1024, d=768, layers=12):
@@ -59,7 +62,7 @@ def main(argv=None):
         for path, s_val, traffic in (("unscale", 1.0 + 2.0**-10, 2), ("check-only", 1.0, 1)):
             s = torch.full((1,), s_val, device=dev)
             t_torch, t_ours = compare_seconds(
-                [lambda: torch._amp_foreach_non_finite_check_and_unscale_(grads, found, s),
+                [lambda: torch_unscale_check_(grads, found, s),
                  lambda: deepseek_ext.ops.unscale_and_check_(grads, found, s)],
                 dev, rounds=args.rounds, min_run_time=args.min_run_time)
             gbs_torch = traffic * nbytes / t_torch / 1e9
@@ -82,6 +85,9 @@ def main(argv=None):
     text += f"- gradient set: GPT-2 small, {len(shapes)} tensors, {numel / 1e6:.1f}M elements\n"
     if copy_gbs:
         text += f"- measured device-to-device copy: {copy_gbs:.0f} GB/s (read + write)\n"
+    if dev == "cuda":
+        text += ("- bfloat16 on CUDA: torch's fused kernel rejects it; 'torch' is the eager composition "
+                 "_foreach_norm(inf) + isfinite + _foreach_mul_ (benchmarks/common.py)\n")
     text += f"- times: median over {args.rounds} alternating rounds of torch.utils.benchmark medians; GB/s = bytes needed (unscale 2x, check-only 1x) / time\n\n"
     text += markdown_table(cols, rows)
     print(text)

@@ -55,6 +55,23 @@ def compare_seconds(fns, device: str, rounds: int = 5, min_run_time: float = 0.3
     return [sorted(t)[len(t) // 2] for t in times]
 
 
+def torch_unscale_check_(tensors, found_inf, inv_scale):
+    """The strongest torch baseline for "multiply by inv_scale and flag non-finite values":
+    torch._amp_foreach_non_finite_check_and_unscale_ (GradScaler's fused kernel) for every
+    tensor it accepts. Its CUDA kernel rejects bfloat16, so bfloat16 tensors on a GPU take
+    the eager composition a user would write instead: a max-abs reduction per tensor
+    (torch._foreach_norm with ord=inf), one flag from their stack, one foreach multiply.
+    That is one read for the check plus one read-write for the multiply."""
+    fused = [t for t in tensors if not (t.is_cuda and t.dtype == torch.bfloat16)]
+    eager = [t for t in tensors if t.is_cuda and t.dtype == torch.bfloat16]
+    if fused:
+        torch._amp_foreach_non_finite_check_and_unscale_(fused, found_inf, inv_scale)
+    if eager:
+        amax = torch.stack(torch._foreach_norm(eager, float("inf")))
+        found_inf.copy_(torch.maximum(found_inf, (~torch.isfinite(amax)).any().to(found_inf.dtype)))
+        torch._foreach_mul_(eager, inv_scale.reshape(()))
+
+
 def markdown_table(columns, rows) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

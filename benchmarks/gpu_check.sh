@@ -18,14 +18,17 @@
 #                      left, so that a hanging step costs its limit and no more.
 #   GPU_CHECK_ARCHIVE  a .tar.gz path refreshed after every step with all of
 #                      $OUT: what a killed run had finished is still in it.
-#   GPU_CHECK_TESTS    pytest selection (default "-m cuda"; "" runs every test).
+#   GPU_CHECK_TESTS    pytest selection (default "-m cuda tests/python": the CUDA tests).
+#   GPU_CHECK_STEPS    what runs after the build (default: tests, every GPU benchmark
+#                      and demo_smoke), e.g. "tests bench_gemm".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M)}
 BUDGET=${GPU_CHECK_BUDGET:-0}
 ARCHIVE=${GPU_CHECK_ARCHIVE:-}
-TESTS=${GPU_CHECK_TESTS--m cuda}
+TESTS=${GPU_CHECK_TESTS:--m cuda tests/python}
+STEPS=${GPU_CHECK_STEPS:-tests bench_gemm bench_quant bench_unscale bench_scaler bench_shared_attention bench_sparse_ffn demo_smoke}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 declare -A status
@@ -75,26 +78,32 @@ step() {  # step NAME LIMIT_SECONDS LOGFILE COMMAND...
 
 step build 300 build.log $PY setup.py build_ext --inplace
 if [[ ${status[build]} == ok* ]]; then
-  pytest_args=(-q -rfEs --durations=15)
-  $PY -c "import xdist" 2>/dev/null && pytest_args+=(-n 4)
-  $PY -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout 150)
-  # shellcheck disable=SC2086
-  step tests 180 pytest.log $PY -m pytest "${pytest_args[@]}" $TESTS tests/python
-  # The GPU benchmarks (bench_comm needs network namespaces and several hosts;
-  # bench_data and bench_progressive measure the CPU-side pipeline and schedule).
-  # Three alternating rounds each: the GPU's run-to-run spread is far smaller
-  # than the CPU's, and the lease is short.
-  for name in bench_gemm bench_quant bench_unscale bench_scaler bench_shared_attention bench_sparse_ffn; do
+  for name in $STEPS; do
     case $name in
-      bench_unscale|bench_quant) extra=(--rounds 3 --min-run-time 0.1) ;;
-      bench_gemm|bench_sparse_ffn) extra=(--rounds 3 --min-run-time 0.2) ;;
-      bench_scaler) extra=(--rounds 3) ;;
-      bench_shared_attention) extra=(--parts tables --rounds 3 --small-rounds 3) ;;
+      tests)
+        pytest_args=(-q -rfEs --durations=15)
+        $PY -c "import xdist" 2>/dev/null && pytest_args+=(-n 4)
+        $PY -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout 150)
+        # shellcheck disable=SC2086
+        step tests 180 pytest.log $PY -m pytest "${pytest_args[@]}" $TESTS ;;
+      demo_smoke)
+        step demo_smoke 90 demo_smoke.log $PY -m deepseek_ext.demo --smoke --device cuda ;;
+      bench_*)
+        # The GPU benchmarks (bench_comm needs network namespaces and several hosts;
+        # bench_data and bench_progressive measure the CPU-side pipeline and schedule).
+        # Three alternating rounds each: the GPU's run-to-run spread is far smaller
+        # than the CPU's, and the lease is short.
+        extra=() limit=90
+        case $name in
+          bench_unscale|bench_quant) extra=(--rounds 3 --min-run-time 0.1) ;;
+          bench_gemm|bench_sparse_ffn) extra=(--rounds 3 --min-run-time 0.2) ;;
+          bench_scaler) extra=(--rounds 3) ;;
+          bench_shared_attention) extra=(--parts tables --rounds 3 --small-rounds 3) limit=120 ;;
+        esac
+        step "$name" "$limit" "$name.log" $PY "benchmarks/$name.py" --device cuda --out "$OUT" "${extra[@]}" ;;
+      *) echo "gpu_check: unknown step $name"; status[$name]="FAILED (unknown step)"; order+=("$name") ;;
     esac
-    limit=90; [[ $name == bench_shared_attention ]] && limit=120
-    step "$name" "$limit" "$name.log" $PY "benchmarks/$name.py" --device cuda --out "$OUT" "${extra[@]}"
   done
-  step demo_smoke 90 demo_smoke.log $PY -m deepseek_ext.demo --smoke --device cuda
 fi
 
 summary() {

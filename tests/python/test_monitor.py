@@ -117,11 +117,12 @@ def test_bad_metrics_and_arguments(tmp_path):
 def test_logging_device_tensors_does_not_synchronise(tmp_path):
     with Monitor(tmp_path, device="cuda", sample_interval_s=0.05) as mon:
         x = torch.randn(1024, 1024, device="cuda")
+        scale = torch.tensor(2.0**16, device="cuda")  # a host-to-device copy: made before the check
         torch.cuda.set_sync_debug_mode("error")
         try:
             for step in range(10):
                 y = x @ x
-                mon.log(step, loss=y.mean(), scale=torch.tensor(2.0**16, device="cuda"), tokens=1024)
+                mon.log(step, loss=y.mean(), scale=scale, tokens=1024)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         ref = (x @ x).mean().item()

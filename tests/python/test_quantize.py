@@ -59,9 +59,12 @@ def quantize_ref(x, block_size=256, stochastic=False, seed=0, offset=0, residual
     yb = torch.zeros(nb * block_size, dtype=torch.float32, device=x.device)
     yb[:n] = y
     yb = yb.view(nb, block_size)
-    amax_bits = (yb.view(torch.int32) & 0x7FFFFFFF).amax(dim=1) if nb else torch.zeros(0, dtype=torch.int32)
+    amax_bits = (yb.view(torch.int32) & 0x7FFFFFFF).amax(dim=1) if nb else \
+        torch.zeros(0, dtype=torch.int32, device=x.device)
     nonfinite = amax_bits >= 0x7F800000
-    scales = amax_bits.view(torch.float32) / 127.0
+    # A tensor divisor: on CUDA torch turns division by a Python scalar into a multiplication
+    # by its reciprocal, which is not the correctly rounded quotient the kernels compute.
+    scales = amax_bits.view(torch.float32) / torch.full((), 127.0, device=x.device)
     scales = torch.where(nonfinite, torch.full_like(scales, float("nan")), scales)
     ok = (scales > 0).unsqueeze(1)
     safe = torch.where(ok, scales.unsqueeze(1), torch.ones_like(scales).unsqueeze(1))

@@ -18,6 +18,7 @@ inline void check_tensor(const at::Tensor& t, const char* name, c10::DeviceType 
 
 inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref,
                               const char* ref_name) {
+  TORCH_CHECK(t.defined(), name, " must be a defined tensor");
   TORCH_CHECK(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (",
               ref.device(), "), got ", t.device());
 }

@@ -79,8 +79,8 @@ void check_quantize_inputs(const at::Tensor& x, int64_t block_size, int64_t offs
 void check_quantize_ef_inputs(const at::Tensor& x, const at::Tensor& residual, int64_t block_size,
                               int64_t offset, c10::DeviceType device_type) {
   check_quantize_inputs(x, block_size, offset, device_type);
+  check_same_device(residual, "residual", x, "x");  // first: names both devices
   check_tensor(residual, "residual", device_type);
-  check_same_device(residual, "residual", x, "x");
   TORCH_CHECK(residual.scalar_type() == at::kFloat || residual.scalar_type() == at::kBFloat16,
               "residual must be float32 or bfloat16, got ", residual.scalar_type());
   TORCH_CHECK(residual.numel() == x.numel(), "residual must have as many elements as x (",
@@ -91,8 +91,8 @@ void check_quantize_ef_inputs(const at::Tensor& x, const at::Tensor& residual, i
 static void check_quantized_pair(const at::Tensor& q, const at::Tensor& scales, int64_t block_size,
                                  at::ScalarType dtype, c10::DeviceType device_type) {
   check_tensor(q, "q", device_type);
+  check_same_device(scales, "scales", q, "q");  // first: names both devices
   check_tensor(scales, "scales", device_type);
-  check_same_device(scales, "scales", q, "q");
   TORCH_CHECK(q.scalar_type() == at::kChar, "q must be an int8 tensor, got ", q.scalar_type());
   TORCH_CHECK(scales.scalar_type() == at::kFloat, "scales must be a float32 tensor, got ",
               scales.scalar_type());
