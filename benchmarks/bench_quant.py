@@ -108,6 +108,7 @@ def main(argv=None):
     except Exception as e:  # not installed, or no usable binary
         bnbf = None
         bnb_note = f"bitsandbytes not importable ({type(e).__name__}: {e}); its quantize_blockwise was skipped"
+    print(f"bitsandbytes: {bnb_note or 'imported, compared on quantize'}", flush=True)
 
     rows, data = [], []
     for dtype in (torch.float32, torch.bfloat16):

@@ -48,6 +48,7 @@ export PYTHONUNBUFFERED=1
   nvcc --version | tail -1
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>/dev/null
   echo "arch list: $arch; cpu cores: $(nproc)"
+  $PY -c "import bitsandbytes; print('bitsandbytes:', bitsandbytes.__version__)" 2>&1 | tail -1
 } | tee "$OUT/environment.txt"
 
 pack() {

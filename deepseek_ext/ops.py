@@ -38,6 +38,11 @@ def unscale_and_check_(
         # complain about the backend instead of naming the argument).
         if g.layout != torch.strided:
             raise ValueError(f"grads[{i}] must be a strided (dense) tensor, got {g.layout}")
+        # Checked here as well as in the kernels: a CPU tensor in a CUDA list crashed the
+        # process on an H200 (GPU check 2026-11-28) instead of raising the kernel's error.
+        if g.device != found_inf.device:
+            raise RuntimeError(
+                f"grads[{i}] must be on the same device as found_inf ({found_inf.device}), got {g.device}")
     torch.ops.deepseek_ext.unscale_and_check_.default(grads, found_inf, inv_scale)
 
 

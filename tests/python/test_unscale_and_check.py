@@ -243,6 +243,14 @@ def test_cuda_long_list_and_misaligned_views():
     assert found.item() == 1.0
 
 
+def test_rejects_mixed_devices_before_dispatch():
+    # A tensor of another device in the list is named before the op is dispatched (a CPU tensor
+    # in a CUDA list crashed the process on an H200 when it reached the dispatcher).
+    with pytest.raises(RuntimeError, match=r"grads\[1\] must be on the same device as found_inf \(cpu\), got meta"):
+        deepseek_ext.ops.unscale_and_check_([torch.ones(3), torch.ones(3, device="meta")], torch.zeros(1),
+                                            torch.ones(1))
+
+
 @pytest.mark.cuda
 def test_cuda_rejects_mixed_devices():
     with pytest.raises(RuntimeError, match=r"grads\[1\] must be on the same device as found_inf"):
