@@ -77,11 +77,21 @@ bench: build
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 # The GPU machine has no network: stage the CUTLASS headers (from the pinned
-# nvidia-cutlass package) into third_party/ and carry that folder there.
+# nvidia-cutlass package) and bitsandbytes (bench_quant's peer baseline; a
+# Python 3.12 wheel with only its CUDA 13.0 library, 4.5 MB instead of 43) into
+# third_party/ and carry that folder there. gpu_check.sh puts
+# third_party/site on PYTHONPATH.
+BNB_VERSION := 0.50.2
 gpu-prep: deps
 	rm -rf third_party/cutlass && mkdir -p third_party/cutlass
 	cp -r "$$($(PY) -c 'import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include"))')" third_party/cutlass/include
-	@du -sh third_party/cutlass
+	rm -rf third_party/site third_party/wheels && mkdir -p third_party/site third_party/wheels
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_24_x86_64 -d third_party/wheels bitsandbytes==$(BNB_VERSION)
+	cd third_party/site && unzip -q ../wheels/bitsandbytes-*.whl -x 'bitsandbytes/libbitsandbytes_cuda1[12]*' \
+	  'bitsandbytes/libbitsandbytes_cuda132.so' 'bitsandbytes/libbitsandbytes_rocm*' 'bitsandbytes/libbitsandbytes_xpu*'
+	rm -rf third_party/wheels
+	@du -sh third_party/cutlass third_party/site
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

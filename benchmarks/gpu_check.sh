@@ -7,7 +7,8 @@
 #   3. runs the GPU benchmarks, then the demo's smoke run on the GPU,
 # writes logs and result tables to $OUT (default benchmarks/results/gpu-<date>/)
 # and prints a short summary table last. Build inputs that would need a
-# download are staged beforehand by `make gpu-prep` into third_party/.
+# download (CUTLASS headers, bitsandbytes) are staged beforehand by
+# `make gpu-prep` into third_party/; carry that folder to the GPU machine.
 #
 # Environment:
 #   GPU_CHECK_ARCH     arch list override. "8.0+PTX" on a Hopper GPU builds only
@@ -42,6 +43,8 @@ arch=${GPU_CHECK_ARCH:-$arch}
 export TORCH_CUDA_ARCH_LIST="$arch"
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONUNBUFFERED=1
+# Python packages staged by `make gpu-prep` (bitsandbytes for bench_quant).
+[[ -d third_party/site ]] && export PYTHONPATH="$PWD/third_party/site${PYTHONPATH:+:$PYTHONPATH}"
 {
   echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
   $PY -c "import torch, sys; print('gpu:', torch.cuda.get_device_name()); print('torch:', torch.__version__, 'cuda', torch.version.cuda); print('python:', sys.version.split()[0])"
