@@ -100,6 +100,10 @@ TEST(UnscaleAndCheckErrors, NamesTheArgument) {
                "found_inf must have exactly one element");
   deepseek_ext::testing::expect_error([&] { deepseek_ext::unscale_and_check_({ok}, found, at::ones({1}, at::kDouble)); },
                "inv_scale must be a float32 tensor");
+  // A tensor of another device in the list is named before dispatch.
+  deepseek_ext::testing::expect_error(
+      [&] { deepseek_ext::unscale_and_check_({ok, at::ones({2}, at::TensorOptions().device(at::kMeta))}, found, inv); },
+      "grads[1] must be on the same device as found_inf (cpu), got meta");
   EXPECT_TRUE(at::equal(ok, at::ones({4})));
 }
 
