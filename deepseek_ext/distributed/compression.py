@@ -155,10 +155,11 @@ class Int8CompressionState:
             ``"done"`` when the averaged bucket is ready). For benchmarks.
 
     Checkpoints: :meth:`state_dict` also saves the bucket layout the residuals
-    belong to, each bucket as a list of stable parameter keys (a parameter's
-    position among the buckets of this state's first iteration; with DDP's
-    defaults that is its single first-iteration bucket, in the model's
-    parameter order, the same in every run of the same model). A fresh DDP
+    belong to, each bucket as a list of ``(stable key, shape)`` pairs, one per
+    parameter (the key: the parameter's position among the buckets of this
+    state's first iteration; with DDP's defaults that is its place in DDP's
+    single first-iteration bucket, which follows the model's parameter order
+    and so is the same in every run of the same model). A fresh DDP
     built on resume hands its first iteration over as that single bucket,
     before rebuilding the saved layout; the hook then *replays* the saved
     layout: it averages each saved bucket inside it as its own bucket, in
@@ -372,8 +373,8 @@ class Int8CompressionState:
             reason = (f"bucket {idx} ({len(keys)} parameters) is neither saved bucket {idx} nor made of "
                       f"whole saved buckets with the same parameter shapes")
         warnings.warn(f"Int8CompressionState: the bucket layout saved in the loaded state does not fit this run "
-                      f"({reason}; a different model or parameter order?): the loaded error-feedback residuals "
-                      f"are reset", RuntimeWarning, stacklevel=3)
+                      f"({reason}; another model, parameter order or DDP bucketing?): the loaded "
+                      f"error-feedback residuals are reset", RuntimeWarning, stacklevel=3)
         self.layout_resets += len(self._residuals)
         self._residuals, self._replay = {}, None
         return None

@@ -366,17 +366,17 @@ def _ddp_convergence_and_resume_worker(rank, p, steps):
         torch.save((m_half.state_dict(), opt_half.state_dict(), st_half.state_dict()), path)  # like a real checkpoint
         ckpt = torch.load(path, weights_only=False)
         os.remove(path)
-        layout = ckpt[2]["layout"]
-        # Rebuilt in backward order: [4.bias, 4.weight], [2.bias], ...; DDP's initial
-        # assignment (no rebuild) has one parameter per bucket here.
-        assert [len(b) for b in layout] == ([2, 1, 1, 1, 1] if rebuild else [1] * 6), layout
-        assert len(ckpt[2]["residuals"]) == 2
         full_losses, m_full, _, st_full = _train(rank, make, 24, **kw)
         res_losses, m_res, _, st_res = _train(rank, make, 24, start=12, model_state=ckpt[0], opt_state=ckpt[1],
                                               hook_state=ckpt[2], **kw)
         assert torch.equal(full_losses[12:], res_losses), rebuild
         assert all(torch.equal(a, b) for a, b in zip(m_full.parameters(), m_res.parameters())), rebuild
         assert _params_identical_across_ranks(m_res)
+        layout = ckpt[2]["layout"]
+        # Rebuilt in backward order: [4.bias, 4.weight], [2.bias], ...; DDP's initial
+        # assignment (no rebuild) has one parameter per bucket here.
+        assert [len(b) for b in layout] == ([2, 1, 1, 1, 1] if rebuild else [1] * 6), layout
+        assert len(ckpt[2]["residuals"]) == 2
         assert st_res.layout_resets == 0 and st_res.replayed_buckets == (len(layout) if rebuild else 0)
         full, res = st_full.stats(), st_res.stats()
         # Same bytes and averages; a replayed DDP bucket is one hook call for 5 averages.
@@ -512,6 +512,24 @@ def test_adaptive_local_sgd_agrees_across_ranks_and_converges():
 def test_resume_with_another_model_warns_and_resets_residuals():
     message, _ = launch(_layout_mismatch_worker, 2, deadline_s=60)
     print(message)
+
+
+def test_future_join_completes_after_every_part_and_fails_with_the_first_error():
+    from deepseek_ext.distributed._pipeline import FutureJoin
+
+    value = torch.zeros(3)
+    join = FutureJoin(2, value)
+    join.done()
+    assert not join.result.done()
+    join.done()
+    assert join.result.wait() is value
+    join = FutureJoin(3, value)
+    join.done()
+    join.fail(RuntimeError("part 1 failed"))
+    join.fail(RuntimeError("part 2 failed"))
+    join.done()
+    with pytest.raises(RuntimeError, match="part 1 failed"):
+        join.result.wait()
 
 
 def test_dead_peer_raises_within_the_timeout():
