@@ -69,6 +69,47 @@ class Counters:
                     self.values[k] = type(self.values[k])(values[k])
 
 
+class FutureJoin:
+    """One future for several parts of a tensor, completed without waiting.
+
+    Each part's callback writes its share of ``value`` and calls :meth:`done`
+    (or :meth:`fail`); the last :meth:`done` completes :attr:`result` with
+    ``value``; the first :meth:`fail` fails it (raised from a then-callback,
+    so that DDP reports the error as is). On CUDA, callbacks run on different
+    streams: each records an event after its writes and the last makes its
+    stream wait for all of them (a device-side wait, not a host one) before
+    completing, so that the result's consumers see every part.
+    """
+
+    def __init__(self, parts: int, value: torch.Tensor):
+        self._lock = threading.Lock()
+        self._left, self._value, self._events, self._failed = parts, value, [], False
+        self._inner = torch.futures.Future(devices=[value.device] if value.is_cuda else None)
+        self.result = self._inner.then(lambda f: f.value())
+
+    def done(self) -> None:
+        with self._lock:
+            if self._value.is_cuda:
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(self._value.device))
+                self._events.append(event)
+            self._left -= 1
+            last = self._left == 0 and not self._failed
+        if last:
+            if self._value.is_cuda:
+                stream = torch.cuda.current_stream(self._value.device)
+                for event in self._events:
+                    stream.wait_event(event)
+            self._inner.set_result(self._value)
+
+    def fail(self, err: BaseException) -> None:
+        with self._lock:
+            if self._failed:
+                return
+            self._failed = True
+        self._inner.set_exception(err)
+
+
 class HostTimer:
     """Adds the host time of a block to ``counters['hook_time_s']``."""
 

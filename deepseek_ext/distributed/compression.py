@@ -28,6 +28,8 @@ callback completes (or fails, naming the bucket, the rank and the cause).
 import itertools
 import os
 import time
+import warnings
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -36,6 +38,7 @@ import torch.distributed as dist
 from deepseek_ext import ops
 from deepseek_ext.distributed._pipeline import (
     Counters,
+    FutureJoin,
     HostTimer,
     OrderedLauncher,
     check_process_group,
@@ -51,7 +54,7 @@ __all__ = [
 ]
 
 _MAX_BLOCK_SIZE = 4096
-_STATE_DICT_VERSION = 1
+_STATE_DICT_VERSION = 2  # 2: adds "layout" (version 1 still loads, without it)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -150,6 +153,22 @@ class Int8CompressionState:
             iteration)`` tuples to ``self.timeline`` (events: ``"hook"`` when DDP
             hands over a bucket, ``"sent"`` when its first collective completes,
             ``"done"`` when the averaged bucket is ready). For benchmarks.
+
+    Checkpoints: :meth:`state_dict` also saves the bucket layout the residuals
+    belong to, each bucket as a list of ``(stable key, shape)`` pairs, one per
+    parameter (the key: the parameter's position among the buckets of this
+    state's first iteration; with DDP's defaults that is its place in DDP's
+    single first-iteration bucket, which follows the model's parameter order
+    and so is the same in every run of the same model). A fresh DDP
+    built on resume hands its first iteration over as that single bucket,
+    before rebuilding the saved layout; the hook then *replays* the saved
+    layout: it averages each saved bucket inside it as its own bucket, in
+    saved order, with that bucket's residuals and random offsets, so the
+    resumed run continues bit-identically. A bucket that neither equals its
+    saved bucket nor is made of whole saved buckets (another model, another
+    parameter order) drops the loaded residuals with one warning.
+    ``replayed_buckets`` counts the saved buckets averaged that way and
+    ``layout_resets`` the residuals dropped.
     """
 
     def __init__(
@@ -186,6 +205,16 @@ class Int8CompressionState:
         self.rng_offset = 0
         self._residuals = {}
         self.layout_resets = 0  # saved residuals dropped because a bucket's layout changed
+        self.replayed_buckets = 0  # saved buckets averaged by layout replay (see the class docstring)
+        # Layouts: a bucket is a tuple of (stable key, shape) pairs, one per parameter.
+        self._param_keys = {}  # id(parameter) -> stable key, handed out in the first iteration
+        self._key_refs = []  # key -> weak reference to its parameter (an id can be reused)
+        self._keys_open = True
+        self._layout_now = {}  # this iteration: bucket index -> its pairs (None: unknown)
+        self._layout = None  # the last complete iteration's buckets, by index
+        self._replay = None  # the loaded layout, until the live buckets match it
+        self._replay_owner = {}  # (key, shape) -> the loaded bucket holding it
+        self._replayed_now = False
         self._counters = Counters()
         self._bind(process_group)
 
@@ -241,7 +270,10 @@ class Int8CompressionState:
 
     def stats(self) -> dict:
         """Counters as plain Python numbers (no device synchronisation):
-        ``hook_calls``, ``compressed_calls``, ``allreduce_calls``,
+        ``hook_calls`` (buckets DDP handed over), ``compressed_calls`` and
+        ``allreduce_calls`` (buckets averaged each way; they add up to
+        ``hook_calls`` except while a resumed run replays a saved layout,
+        where one DDP bucket is averaged as the saved buckets it holds),
         ``bytes_sent`` (what this rank sent, all stages), ``bytes_sent_inter_node``
         (hierarchical mode: the part sent to other nodes; flat: equal to
         ``bytes_sent``), ``bytes_fp32_equivalent`` (an fp32 ring allreduce of
@@ -253,8 +285,9 @@ class Int8CompressionState:
         return out
 
     def state_dict(self) -> dict:
-        """Residuals (cloned), the iteration and RNG counters, the counters and
-        the configuration. The process group is not saved."""
+        """Residuals (cloned), the bucket layout they belong to, the iteration
+        and RNG counters, the counters and the configuration. The process
+        group is not saved."""
         return {
             "version": _STATE_DICT_VERSION,
             "config": {"block_size": self.block_size, "error_feedback": self.error_feedback,
@@ -266,15 +299,20 @@ class Int8CompressionState:
             "counters": self._counters.snapshot(),
             "residuals": {idx: {"signature": r.signature, "tensors": {k: t.clone() for k, t in r.t.items()}}
                           for idx, r in self._residuals.items()},
+            "layout": None if self._layout is None else [[[k, list(shape)] for k, shape in bucket]
+                                                         for bucket in self._layout],
         }
 
     def load_state_dict(self, state_dict: dict, process_group: Optional[dist.ProcessGroup] = None) -> None:
         """Restore what :meth:`state_dict` saved. ``process_group`` re-binds the
         state to a group of this run (its pipeline groups are created again);
         None keeps the current one. Residuals saved with another world size
-        or mode are dropped (they would not fit the shards)."""
-        if state_dict.get("version") != _STATE_DICT_VERSION:
-            raise ValueError(f"state_dict version must be {_STATE_DICT_VERSION}, got {state_dict.get('version')!r}")
+        or mode are dropped (they would not fit the shards). Load before the
+        first backward of the new DDP: its first buckets are then matched
+        against the saved layout (see the class docstring)."""
+        if state_dict.get("version") not in (1, _STATE_DICT_VERSION):
+            raise ValueError(f"state_dict version must be 1 or {_STATE_DICT_VERSION}, "
+                             f"got {state_dict.get('version')!r}")
         cfg = state_dict["config"]
         if process_group is not None:
             self._bind(process_group)
@@ -284,11 +322,73 @@ class Int8CompressionState:
         self.rng_offset = int(state_dict["rng_offset"])
         self._counters.load(state_dict["counters"])
         self._residuals = {}
+        self._layout, self._layout_now, self._replay, self._replay_owner = None, {}, None, {}
         if cfg["world_size"] == self.world_size and cfg["hierarchical"] == self.hierarchical:
             for idx, r in state_dict["residuals"].items():
                 self._residuals[int(idx)] = _BucketResiduals(
                     tuple(r["signature"]) if isinstance(r["signature"], list) else r["signature"],
                     {k: t.clone() for k, t in r["tensors"].items()})
+            if state_dict.get("layout") is not None:
+                self._layout = self._replay = [tuple((int(k), tuple(int(d) for d in shape)) for k, shape in bucket)
+                                               for bucket in state_dict["layout"]]
+                self._replay_owner = {entry: j for j, bucket in enumerate(self._replay) for entry in bucket}
+
+    # ---- bucket layouts
+
+    def _layout_keys(self, params) -> Optional[tuple]:
+        """A bucket's parameters as ``(stable key, shape)`` pairs (None when the
+        bucket names no parameters, or one that this state's first iteration
+        did not)."""
+        if not params:
+            return None
+        if self._keys_open:
+            for p in params:
+                k = self._param_keys.get(id(p))
+                if k is None or self._key_refs[k]() is not p:
+                    self._param_keys[id(p)] = len(self._key_refs)
+                    self._key_refs.append(weakref.ref(p))
+        keys = []
+        for p in params:
+            k = self._param_keys.get(id(p))
+            if k is None or self._key_refs[k]() is not p:
+                return None
+            keys.append((k, tuple(p.shape)))
+        return tuple(keys)
+
+    def _replay_plan(self, idx: int, keys: Optional[tuple]) -> Optional[list]:
+        """The loaded buckets to average in place of live bucket ``idx`` (their
+        indices, in saved order), or None for the normal path. Every rank
+        has the same buckets (DDP agrees on them), so every rank decides alike."""
+        saved = self._replay
+        if saved is None:
+            return None
+        if keys is None:
+            reason = f"bucket {idx}'s parameters are unknown to this state (not seen in its first iteration)"
+        elif idx < len(saved) and keys == saved[idx]:
+            return None
+        else:
+            held = {self._replay_owner.get(k) for k in keys}
+            if None not in held and sum(len(saved[j]) for j in held) == len(keys):
+                return sorted(held)
+            reason = (f"bucket {idx} ({len(keys)} parameters) is neither saved bucket {idx} nor made of "
+                      f"whole saved buckets with the same parameter shapes")
+        warnings.warn(f"Int8CompressionState: the bucket layout saved in the loaded state does not fit this run "
+                      f"({reason}; another model, parameter order or DDP bucketing?): the loaded "
+                      f"error-feedback residuals are reset", RuntimeWarning, stacklevel=3)
+        self.layout_resets += len(self._residuals)
+        self._residuals, self._replay = {}, None
+        return None
+
+    def _end_iteration(self) -> None:
+        """After the bucket with ``is_last()``: keep the iteration's layout;
+        the loaded one is done with once an iteration needed no replay."""
+        n = len(self._layout_now)
+        layout = [self._layout_now.get(i) for i in range(n)]
+        self._layout = layout if n and all(keys is not None for keys in layout) else None
+        self._layout_now, self._keys_open = {}, False
+        if not self._replayed_now:
+            self._replay = None
+        self._replayed_now = False
 
     # ---- residuals
 
@@ -310,10 +410,9 @@ class Int8CompressionState:
             self.timeline.append((time.perf_counter(), event, idx, iteration))
 
 
-def _bucket_signature(bucket, buffer: torch.Tensor):
-    params = getattr(bucket, "parameters", None)
-    shapes = tuple(tuple(p.shape) for p in params()) if params is not None else None
-    return (buffer.numel(), buffer.dtype, shapes)
+def _signature(buffer: torch.Tensor, shapes):
+    """What a bucket's residuals are checked against (shapes: None when unknown)."""
+    return (buffer.numel(), buffer.dtype, None if shapes is None else tuple(tuple(s) for s in shapes))
 
 
 def _quantize(state: Int8CompressionState, x, residual, offset):
@@ -384,41 +483,89 @@ def int8_compress_hook(state: Int8CompressionState, bucket: dist.GradBucket) -> 
     Never waits: it launches the first collective and returns a future that the
     last collective's callback completes with the averaged gradients (a new
     tensor shaped like ``bucket.buffer()``, which DDP copies into the grads;
-    the full-precision path averages ``bucket.buffer()`` in place). ``bucket`` needs ``buffer()``, ``index()`` and ``is_last()`` (and,
-    optionally, ``parameters()``), as ``torch.distributed.GradBucket`` has.
+    the full-precision path and layout replay average ``bucket.buffer()`` in
+    place). ``bucket`` needs ``buffer()``, ``index()`` and ``is_last()`` (and,
+    optionally, ``parameters()`` and ``gradients()``), as
+    ``torch.distributed.GradBucket`` has.
     """
     t0 = time.perf_counter()
     buffer = bucket.buffer()
     idx = bucket.index()
+    last = bucket.is_last()
     iteration = state.iteration
-    if bucket.is_last():
+    if last:
         state.iteration += 1
     state._mark("hook", idx, iteration)
-    n = buffer.numel()
-    p = state.world_size
     if buffer.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"int8_compress_hook: bucket {idx} must be float32, float16 or bfloat16, got {buffer.dtype}")
+    params = bucket.parameters() if hasattr(bucket, "parameters") else None
+    keys = state._layout_keys(params)
+    saved = state._replay_plan(idx, keys)
+    if saved is None:
+        state._layout_now[idx] = keys
+        signature = _signature(buffer, None if params is None else [p.shape for p in params])
+        fut = _average(state, buffer, idx, iteration, signature)
+    else:
+        fut = _replay(state, bucket, buffer, keys, saved, iteration)
+    if last:
+        state._end_iteration()
+    state._counters.add(hook_calls=1, hook_time_s=time.perf_counter() - t0)
+    return fut
+
+
+def _average(state, buffer, idx, iteration, signature) -> torch.futures.Future:
+    """Starts averaging one bucket's flat gradients ``buffer`` (bucket index
+    ``idx``: its residuals) and counts it; returns the future of the result."""
+    n, p = buffer.numel(), state.world_size
     fp32_bytes = ring_allreduce_bytes(n, p, 4)
     if p == 1 or iteration < state.start_iter or n < state.min_compress_numel:
         sent = ring_allreduce_bytes(n, p, buffer.element_size())
-        state._counters.add(hook_calls=1, allreduce_calls=1, bytes_sent=sent, bytes_sent_inter_node=sent,
+        state._counters.add(allreduce_calls=1, bytes_sent=sent, bytes_sent_inter_node=sent,
                             bytes_fp32_equivalent=fp32_bytes)
-        fut = _allreduce_mean(buffer, state.process_group) if p > 1 else completed_future(buffer)
-        state._counters.add(hook_time_s=time.perf_counter() - t0)
-        return fut
+        return _allreduce_mean(buffer, state.process_group) if p > 1 else completed_future(buffer)
     build = _hierarchical_stages if state.hierarchical else _flat_stages
-    stages, finish, sent, inter = build(state, bucket, buffer, idx)
-    state._counters.add(hook_calls=1, compressed_calls=1, bytes_sent=sent, bytes_sent_inter_node=inter,
-                        bytes_fp32_equivalent=fp32_bytes, hook_time_s=time.perf_counter() - t0)
+    stages, finish, sent, inter = build(state, buffer, idx, signature)
+    state._counters.add(compressed_calls=1, bytes_sent=sent, bytes_sent_inter_node=inter,
+                        bytes_fp32_equivalent=fp32_bytes)
     return _Pipeline(state, next(state._seq), idx, iteration, buffer, stages, finish).start()
 
 
-def _flat_stages(state, bucket, buffer, idx):
+def _replay(state, bucket, buffer, keys, saved, iteration) -> torch.futures.Future:
+    """Averages DDP's bucket as the loaded buckets ``saved`` that make it up:
+    each one's gradients gathered in its saved parameter order, averaged as
+    that bucket (its index, residuals and random offsets, in saved order, as
+    the run that saved them would have), the result written back into the
+    bucket's buffer. Returns one future for the whole buffer."""
+    views = dict(zip(keys, bucket.gradients()))  # (key, shape) -> that parameter's view into the buffer
+    join = FutureJoin(len(saved), buffer)
+    for j in saved:
+        parts = [views[k] for k in state._replay[j]]
+        flat = torch.cat([v.reshape(-1) for v in parts])
+        state._layout_now[j] = state._replay[j]
+        fut = _average(state, flat, j, iteration, _signature(flat, [v.shape for v in parts]))
+        fut.then(lambda f, parts=parts: _write_back(f, parts, join))
+    state.replayed_buckets += len(saved)
+    state._replayed_now = True
+    return join.result
+
+
+def _write_back(fut, parts, join) -> None:
+    try:
+        out, offset = fut.value(), 0
+        for v in parts:
+            v.copy_(out[offset: offset + v.numel()].view_as(v))
+            offset += v.numel()
+        join.done()
+    except BaseException as e:  # noqa: BLE001 -- must reach the joined future, or DDP waits forever
+        join.fail(e)
+
+
+def _flat_stages(state, buffer, idx, signature):
     p, bs, n = state.world_size, state.block_size, buffer.numel()
     npad = _round_up(n, p * bs)
     shard = npad // p
     device = buffer.device
-    res = state._bucket_residuals(idx, _bucket_signature(bucket, buffer),
+    res = state._bucket_residuals(idx, signature,
                                   {"bucket": (n, device), "shard": (shard, device)})
     off1, off2 = state.rng_offset, state.rng_offset + npad
     state.rng_offset += npad + shard
@@ -449,7 +596,7 @@ def _flat_stages(state, bucket, buffer, idx):
     return [all_to_all, all_gather], finish, packed, packed
 
 
-def _hierarchical_stages(state, bucket, buffer, idx):
+def _hierarchical_stages(state, buffer, idx, signature):
     L, M, bs, n = state.local_world_size, state.num_nodes, state.block_size, buffer.numel()
     p = L * M
     npad = _round_up(n, p * bs)
@@ -457,7 +604,7 @@ def _hierarchical_stages(state, bucket, buffer, idx):
     sub = part // M        # the piece of it this rank owns between nodes
     device = buffer.device
     wire = buffer.dtype if buffer.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    res = state._bucket_residuals(idx, _bucket_signature(bucket, buffer), {
+    res = state._bucket_residuals(idx, signature, {
         "cast": (n, device), "part": (part, device), "shard": (sub, device)})
     off1, off2 = state.rng_offset, state.rng_offset + part
     state.rng_offset += part + sub

@@ -17,6 +17,7 @@ import queue
 import socket
 import time
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -290,18 +291,20 @@ def eval_loss(model) -> float:
 
 
 def _train(rank, make_hook, steps, start=0, model_state=None, opt_state=None, hook_state=None, lr=0.05,
-           rebuild_buckets=True):
-    """Trains TinyNet with DDP from step `start` to `steps`; returns per-step
-    global losses, the model, optimizer and hook state. DDP re-orders its
-    buckets after its first iteration unless find_unused_parameters is set
-    (rebuild_buckets=False)."""
+           rebuild_buckets=True, bucket_cap_mb=None):
+    """Trains a fresh TinyNet in a fresh DDP from step `start` to `steps` (as a
+    restart would, from the given state dicts); returns per-step global
+    losses, the model, optimizer and hook state. DDP's first iteration uses
+    one bucket holding every parameter and rebuilds its buckets after it,
+    unless find_unused_parameters is set (rebuild_buckets=False)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(0)
     model = TinyNet()
     if model_state is not None:
         model.load_state_dict(model_state)
-    ddp = DDP(model, find_unused_parameters=not rebuild_buckets)
+    ddp = DDP(model, find_unused_parameters=not rebuild_buckets,
+              **({} if bucket_cap_mb is None else {"bucket_cap_mb": bucket_cap_mb}))
     opt = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
@@ -346,29 +349,42 @@ def _ddp_convergence_and_resume_worker(rank, p, steps):
     assert final_base < 0.5 * base[:10].mean().item()  # it learnt something
     assert abs(final_ours - final_base) <= 0.02 * final_base, (final_ours, final_base)
 
-    # Checkpoint at step 12, resume in a fresh DDP + state: bit-identical to the
-    # uninterrupted run when the fresh DDP keeps the bucket layout of the saved
-    # residuals (no bucket rebuild). With DDP's rebuild, the first resumed
-    # iteration sees DDP's initial layout, the residuals are reset (counted
-    # below) and the run continues close to, not equal to, the uninterrupted one.
-    make = _int8(stochastic_rounding=True, seed=5)
+    # Checkpoint at step 12; resume as a restart does: fresh model, DDP,
+    # optimizer and hook state, loaded from the checkpoint. bucket_cap_mb
+    # splits TinyNet into 5 rebuilt buckets (129, 128, 16384, 128 and 4096
+    # values; the small ones below min_compress_numel go through the fp32
+    # allreduce). With
+    # DDP's rebuild (the default) the fresh DDP's first iteration is one bucket
+    # holding every parameter: the state replays the saved 5-bucket layout
+    # inside it, then DDP's rebuilt buckets match the saved ones. Without the
+    # rebuild (find_unused_parameters) the layout never changes.
+    make = _int8(stochastic_rounding=True, seed=5, min_compress_numel=1000)
     path = f"/tmp/_dsx_ckpt_{os.getpid()}.pt"
-    for rebuild in (False, True):
-        _, m_half, opt_half, st_half = _train(rank, make, 12, rebuild_buckets=rebuild)
+    for rebuild in (True, False):
+        kw = {"rebuild_buckets": rebuild, "bucket_cap_mb": 0.0002}
+        _, m_half, opt_half, st_half = _train(rank, make, 12, **kw)
         torch.save((m_half.state_dict(), opt_half.state_dict(), st_half.state_dict()), path)  # like a real checkpoint
         ckpt = torch.load(path, weights_only=False)
         os.remove(path)
-        full_losses, m_full, _, st_full = _train(rank, make, 24, rebuild_buckets=rebuild)
+        full_losses, m_full, _, st_full = _train(rank, make, 24, **kw)
         res_losses, m_res, _, st_res = _train(rank, make, 24, start=12, model_state=ckpt[0], opt_state=ckpt[1],
-                                              hook_state=ckpt[2], rebuild_buckets=rebuild)
-        assert st_full.stats()["bytes_sent"] == st_res.stats()["bytes_sent"]
+                                              hook_state=ckpt[2], **kw)
+        assert torch.equal(full_losses[12:], res_losses), rebuild
+        assert all(torch.equal(a, b) for a, b in zip(m_full.parameters(), m_res.parameters())), rebuild
+        assert _params_identical_across_ranks(m_res)
+        layout = ckpt[2]["layout"]
+        # Rebuilt in backward order: [4.bias, 4.weight], [2.bias], ...; DDP's initial
+        # assignment (no rebuild) has one parameter per bucket here.
+        assert [len(b) for b in layout] == ([2, 1, 1, 1, 1] if rebuild else [1] * 6), layout
+        assert len(ckpt[2]["residuals"]) == 2
+        assert st_res.layout_resets == 0 and st_res.replayed_buckets == (len(layout) if rebuild else 0)
+        full, res = st_full.stats(), st_res.stats()
+        # Same bytes and averages; a replayed DDP bucket is one hook call for 5 averages.
+        for key in ("compressed_calls", "allreduce_calls", "bytes_sent", "bytes_fp32_equivalent", "iteration"):
+            assert full[key] == res[key], (key, full[key], res[key])
+        assert full["hook_calls"] - res["hook_calls"] == (len(layout) - 1 if rebuild else 0)
         assert st_full.rng_offset == st_res.rng_offset
-        same = [torch.equal(a, b) for a, b in zip(m_full.parameters(), m_res.parameters())]
-        if not rebuild:
-            assert torch.equal(full_losses[12:], res_losses) and all(same)
-        else:
-            assert st_res.layout_resets >= 1 and not all(same)
-            torch.testing.assert_close(res_losses, full_losses[12:], rtol=0.05, atol=1e-3)
+        assert st_res.state_dict()["layout"] == st_full.state_dict()["layout"]
     return final_base, final_ours
 
 
@@ -408,6 +424,37 @@ def _local_sgd_worker(rank, p, steps):
     assert final_ours < 0.5 * ours[:10].mean().item()
     s = ls.stats()
     return final_base, final_ours, s["bytes_sent"], sorted(periods), len(ls.history)
+
+
+def _layout_mismatch_worker(rank, p):
+    """A state saved with TinyNet's layout, loaded for another model: one
+    warning naming the reason, the loaded residuals dropped, training goes on."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    _, _, _, saved = _train(rank, _int8(), 4, bucket_cap_mb=0.0002)
+    sd = saved.state_dict()
+    assert len(sd["layout"]) == 5 and len(sd["residuals"]) == 5
+    torch.manual_seed(0)
+    other = DDP(torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)))
+    state = Int8CompressionState(min_compress_numel=0)
+    state.load_state_dict(sd)
+    other.register_comm_hook(state, int8_compress_hook)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            x, y = _batch(rank, step)
+            torch.nn.functional.mse_loss(other(x), y).backward()
+    ours = [str(w.message) for w in caught if "Int8CompressionState" in str(w.message)]
+    assert len(ours) == 1, ours
+    assert "bucket 0 (4 parameters) is neither saved bucket 0 nor made of whole saved buckets" in ours[0], ours
+    assert "residuals are reset" in ours[0]
+    # The 5 loaded residuals, then the one of the first iteration's bucket when
+    # DDP rebuilds it (same parameters, backward order) after that iteration.
+    assert state.layout_resets == 5 + 1 and state.replayed_buckets == 0, (state.layout_resets, state.replayed_buckets)
+    # The loaded iteration (4) is past start_iter: compressed from the first step.
+    assert state.stats()["compressed_calls"] - sd["counters"]["compressed_calls"] == 3
+    assert _params_identical_across_ranks(other)
+    return ours[0]
 
 
 def _dead_peer_worker(rank, p):
@@ -460,6 +507,29 @@ def test_adaptive_local_sgd_agrees_across_ranks_and_converges():
     (final_base, final_ours, sent, periods, n_avg), _ = launch(_local_sgd_worker, 2, 240, deadline_s=120)
     print(f"local SGD: final loss {final_ours:.5f} vs allreduce {final_base:.5f}; {n_avg} averages, "
           f"periods {periods}, {sent} bytes sent")
+
+
+def test_resume_with_another_model_warns_and_resets_residuals():
+    message, _ = launch(_layout_mismatch_worker, 2, deadline_s=60)
+    print(message)
+
+
+def test_future_join_completes_after_every_part_and_fails_with_the_first_error():
+    from deepseek_ext.distributed._pipeline import FutureJoin
+
+    value = torch.zeros(3)
+    join = FutureJoin(2, value)
+    join.done()
+    assert not join.result.done()
+    join.done()
+    assert join.result.wait() is value
+    join = FutureJoin(3, value)
+    join.done()
+    join.fail(RuntimeError("part 1 failed"))
+    join.fail(RuntimeError("part 2 failed"))
+    join.done()
+    with pytest.raises(RuntimeError, match="part 1 failed"):
+        join.result.wait()
 
 
 def test_dead_peer_raises_within_the_timeout():
