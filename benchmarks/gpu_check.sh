@@ -20,8 +20,9 @@
 #   GPU_CHECK_ARCHIVE  a .tar.gz path refreshed after every step with all of
 #                      $OUT: what a killed run had finished is still in it.
 #   GPU_CHECK_TESTS    pytest selection (default "-m cuda tests/python": the CUDA tests).
-#   GPU_CHECK_STEPS    what runs after the build (default: tests, every GPU benchmark
-#                      and demo_smoke), e.g. "tests bench_gemm".
+#   GPU_CHECK_STEPS    what runs after the build (default: tests, every GPU benchmark,
+#                      demo_smoke, then bench_gemm_sm90_variants, which compiles other
+#                      CUTLASS configurations of the fused GEMM), e.g. "tests bench_gemm".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -29,7 +30,7 @@ OUT=${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M)}
 BUDGET=${GPU_CHECK_BUDGET:-0}
 ARCHIVE=${GPU_CHECK_ARCHIVE:-}
 TESTS=${GPU_CHECK_TESTS:--m cuda tests/python}
-STEPS=${GPU_CHECK_STEPS:-tests bench_gemm bench_quant bench_unscale bench_scaler bench_shared_attention bench_sparse_ffn demo_smoke}
+STEPS=${GPU_CHECK_STEPS:-tests bench_gemm bench_quant bench_unscale bench_scaler bench_shared_attention bench_sparse_ffn demo_smoke bench_gemm_sm90_variants}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 declare -A status
@@ -104,6 +105,10 @@ if [[ ${status[build]} == ok* ]]; then
           bench_gemm|bench_sparse_ffn) extra=(--rounds 3 --min-run-time 0.2) ;;
           bench_scaler) extra=(--rounds 3) ;;
           bench_shared_attention) extra=(--parts tables --rounds 3 --small-rounds 3) limit=120 ;;
+          # Builds its own extension (4 CUTLASS configurations, about 2 min on 16 cores).
+          bench_gemm_sm90_variants)
+            if [[ $cap != 9.0 ]]; then status[$name]="not run (needs sm_90)"; order+=("$name"); continue; fi
+            extra=(--rounds 3 --min-run-time 0.2) limit=300 ;;
         esac
         step "$name" "$limit" "$name.log" $PY "benchmarks/$name.py" --device cuda --out "$OUT" "${extra[@]}" ;;
       *) echo "gpu_check: unknown step $name"; status[$name]="FAILED (unknown step)"; order+=("$name") ;;
