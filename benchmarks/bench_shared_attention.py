@@ -16,11 +16,16 @@ for bert-base, 2 for small), and all + factorised embedding (E = 128 / 64).
 2. Step time: forward + backward, and the Adam step, of one batch; each plan
    timed in alternating rounds beside the unshared model (medians over rounds),
    ratio to it. "step" = forward + backward + Adam.
-3. Peak memory of building the model and training two steps. CPU: in a fresh
-   process whose glibc mmap threshold is fixed at 128 KiB, so that every
-   tensor buffer is mmapped and returned on free; peak RSS (VmHWM) minus the
-   RSS before the model was built. CUDA: max_memory_allocated, in process. Compared with the saved parameters +
-   gradients + Adam state. Plans with equal parameter counts are measured once.
+3. Peak memory of building the model and training two steps. CPU, two measures,
+   each in a fresh process: (a) RSS: with glibc's mmap threshold fixed at
+   128 KiB, so that large tensor buffers are mmapped and returned on free, peak
+   RSS (VmHWM) minus the RSS before the model was built; it also counts the
+   allocator's heap and varies by a few tenths of a MiB from run to run;
+   (b) tensors: the peak of the live CPU tensor bytes in the profiler's memory
+   timeline (torch.profiler, profile_memory), exact and the CPU counterpart of
+   CUDA's max_memory_allocated. CUDA: max_memory_allocated, in process (both
+   columns). Compared with the saved parameters + Adam state (12 B/parameter)
+   and + gradients (16 B). Plans with equal parameter counts are measured once.
 4. Quality: a byte-level LM (vocab 256) on the Python standard library's .py
    sources (last 10% of the files held out), unshared vs sharing="all",
    trained on the same batches from the same seed; eval loss (nats/byte) on the
@@ -128,18 +133,45 @@ def _status_bytes(field):
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def _tensor_peak_bytes(run):
+    """Peak live CPU tensor bytes while run() runs, from the profiler's memory timeline."""
+    import tempfile
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        run()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # export_memory_timeline is deprecated in 2.11
+        path = os.path.join(tmp, "timeline.json")
+        prof.export_memory_timeline(path, device="cpu")
+        with open(path) as f:
+            _, sizes = json.load(f)  # [times, [bytes per category] per time]
+    return max((sum(s) for s in sizes), default=0)
+
+
 def memory_child(spec):
     torch.set_num_threads(int(spec["threads"]))
     torch.manual_seed(0)
+
+    def run():
+        model = SharedAttentionTransformer(**CONFIGS[spec["config"]], **plans(spec["config"])[spec["plan"]])
+        step = make_step(model, spec["batch"], spec["seq"])
+        for _ in range(2):
+            step()
+
+    if spec["measure"] == "tensors":
+        print(json.dumps({"peak_bytes": _tensor_peak_bytes(run)}))
+        return
     before = _status_bytes("VmRSS")
-    model = SharedAttentionTransformer(**CONFIGS[spec["config"]], **plans(spec["config"])[spec["plan"]])
-    step = make_step(model, spec["batch"], spec["seq"])
-    for _ in range(2):
-        step()
+    run()
     print(json.dumps({"peak_bytes": _status_bytes("VmHWM") - before}))
 
 
 def measure_peak(config_name, plan, batch, seq, device):
+    """(RSS peak, tensor peak) in bytes; on CUDA both are max_memory_allocated."""
     if device == "cuda":  # the caching allocator's own statistics, in this process
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -151,12 +183,16 @@ def measure_peak(config_name, plan, batch, seq, device):
             step()
         peak = torch.cuda.max_memory_allocated() - before
         del model, step
-        return peak
+        return peak, peak
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    spec = json.dumps(dict(config=config_name, plan=plan, batch=batch, seq=seq, threads=torch.get_num_threads()))
-    out = subprocess.run([sys.executable, __file__, "--memory-child", spec], env=env, check=True,
-                         capture_output=True, text=True, timeout=600)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    peaks = []
+    for measure in ("rss", "tensors"):
+        spec = json.dumps(dict(config=config_name, plan=plan, batch=batch, seq=seq,
+                               threads=torch.get_num_threads(), measure=measure))
+        out = subprocess.run([sys.executable, __file__, "--memory-child", spec], env=env, check=True,
+                             capture_output=True, text=True, timeout=1200)
+        peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"])
+    return tuple(peaks)
 
 
 # ---- quality on real text ----
@@ -238,37 +274,42 @@ def main(argv=None):
             # with the same n_unique) build the same tensors: measured once.
             same = next((q for q in peaks if entries[q]["report"]["params"] == rep["params"]), None)
             if args.skip_memory:
-                peak = None
+                peak = tensor_peak = None
             elif same is not None:
-                peak = peaks[same]
+                peak, tensor_peak = peaks[same]
             else:
-                peak = peaks[plan] = measure_peak(cname, plan, b, t, dev)
+                peak, tensor_peak = peaks[plan] = measure_peak(cname, plan, b, t, dev)
             fb, adam, step = times[plan]
             print(f"   {plan}: fwd+bwd {fb:.3f} s, Adam {adam:.3f} s, "
-                  f"peak {'-' if peak is None else f'{mib(peak):.0f} MiB'}", flush=True)
+                  f"peak {'-' if peak is None else f'{mib(peak):.2f} MiB, tensors {mib(tensor_peak):.2f} MiB'}",
+                  flush=True)
             entries[plan] = dict(report=rep, fwd_bwd_s=fb, adam_s=adam, step_s=step, peak_bytes=peak,
-                                 peak_measured_as=same or plan)
+                                 tensor_peak_bytes=tensor_peak, peak_measured_as=same or plan)
         base = entries["none"]
         for plan, e in entries.items():
             rep = e["report"]
-            peak_saved = None if e["peak_bytes"] is None else base["peak_bytes"] - e["peak_bytes"]
+            saved = lambda key: None if e[key] is None else base[key] - e[key]
             e["step_ratio"] = e["step_s"] / base["step_s"]
             e["fwd_bwd_ratio"] = e["fwd_bwd_s"] / base["fwd_bwd_s"]
-            e["peak_saved_bytes"] = peak_saved
+            e["peak_saved_bytes"] = saved("peak_bytes")
+            e["tensor_peak_saved_bytes"] = saved("tensor_peak_bytes")
+            e["params_adam_bytes_saved"] = 3 * (rep["param_bytes_unshared"] - rep["param_bytes"])
+            fmt = lambda v: "-" if v is None else f"{mib(v):.2f}"
             rows.append([
                 plan, f"{rep['params'] / 1e6:.2f}M", f"{100 * rep['reduction']:.1f}%",
                 f"{mib(rep['adam_state_bytes']):.0f}",
-                f"{mib(rep['training_state_bytes_saved']):.0f}",
+                f"{mib(e['params_adam_bytes_saved']):.2f}", f"{mib(rep['training_state_bytes_saved']):.2f}",
                 f"{e['fwd_bwd_s'] * 1e3:.0f}", f"{e['fwd_bwd_ratio']:.3f}", f"{e['adam_s'] * 1e3:.0f}",
                 f"{e['step_s'] * 1e3:.0f}", f"{e['step_ratio']:.3f}",
-                "-" if e["peak_bytes"] is None else f"{mib(e['peak_bytes']):.0f}",
-                "-" if peak_saved is None else f"{mib(peak_saved):.0f}",
+                fmt(e["peak_bytes"]), fmt(e["peak_saved_bytes"]),
+                fmt(e["tensor_peak_bytes"]), fmt(e["tensor_peak_saved_bytes"]),
             ])
         text += (f"\n## {cname} ({', '.join(f'{k}={v}' for k, v in cfg.items())}; "
                  f"batch {b} x seq {t}, float32)\n\n")
         text += markdown_table(
-            ["plan", "params", "fewer params", "Adam state MiB", "saved p+g+Adam MiB", "fwd+bwd ms",
-             "x none", "Adam ms", "step ms", "x none", "peak MiB", "peak saved MiB"], rows)
+            ["plan", "params", "fewer params", "Adam state MiB", "saved p+Adam MiB", "saved p+g+Adam MiB",
+             "fwd+bwd ms", "x none", "Adam ms", "step ms", "x none", "peak MiB", "peak saved MiB",
+             "tensor peak MiB", "tensor peak saved MiB"], rows)
         data["configs"][cname] = dict(config=cfg, batch=b, seq=t, plans=entries)
 
     if "quality" not in parts:

@@ -313,12 +313,14 @@ def test_transformer_jit_script():
     torch.testing.assert_close(scripted(tokens), model(tokens))
 
 
-def test_transformer_compile_fullgraph():
+@pytest.mark.parametrize("embed_dim", [None, 8])
+def test_transformer_compile_fullgraph(embed_dim):
     # aot_eager: Dynamo and AOTAutograd trace the whole model, shared weights and the
     # op's decomposition included, without a graph break (Inductor codegen of the op
-    # is covered by test_op_compile_fullgraph, and is slow on this machine).
+    # is covered by test_op_compile_fullgraph, and is slow on this machine). With
+    # embed_dim, the factorised embedding's autograd.Functions are traced too.
     torch.manual_seed(0)
-    model = SharedAttentionTransformer(**small(n_layers=3, sharing="cycle", n_unique=2))
+    model = SharedAttentionTransformer(**small(n_layers=3, sharing="cycle", n_unique=2, embed_dim=embed_dim))
     tokens = torch.randint(0, 50, (2, 6))
     mask = torch.zeros(2, 6, dtype=torch.bool)
     mask[0, 4:] = True
@@ -348,6 +350,93 @@ def test_activation_checkpointing_with_shared_weights():
 
     for a, b in zip(run(False), run(True)):
         torch.testing.assert_close(a, b)
+
+
+# ---- factorised embedding (embed_dim < d_model) ----
+
+def plain_forward(model, tokens, key_padding_mask=None):
+    """The factorised model as a plain composition of modules (what autograd saves
+    for it includes the two narrow [B, T, E] activations)."""
+    h = model.emb_proj(model.tok_emb(tokens) + model.pos_emb(torch.arange(tokens.shape[1], device=tokens.device)))
+    h = model.drop(h)
+    for block in model.layers:
+        h = block(h, model.causal, key_padding_mask)
+    h = model.head_proj(model.ln_f(h))
+    return F.linear(h, model.tok_emb.weight) if model.lm_head is None else model.lm_head(h)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_factorised_embedding_matches_plain_composition(device, tie_embeddings):
+    torch.manual_seed(0)
+    model = SharedAttentionTransformer(**small(sharing="cycle", n_unique=2, embed_dim=8,
+                                               tie_embeddings=tie_embeddings)).to(device)
+    tokens = torch.randint(0, 50, (3, 7), device=device)
+    mask = torch.zeros(3, 7, dtype=torch.bool, device=device)
+    mask[1, 5:] = True
+    out, ref = model(tokens, mask), plain_forward(model, tokens, mask)
+    assert torch.equal(out, ref)  # the same ops in the same order
+    w = torch.randn_like(out)
+    params = list(model.parameters())
+    grads = torch.autograd.grad((out * w).sum(), params)
+    ref_grads = torch.autograd.grad((ref * w).sum(), params)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_factorised_embedding_under_autocast():
+    """bfloat16 autocast (CPU): the linears run in bfloat16 in forward and backward,
+    the gradients come back in the parameters' float32, as for the plain composition."""
+    torch.manual_seed(0)
+    model = SharedAttentionTransformer(**small(sharing="all", embed_dim=8))
+    tokens = torch.randint(0, 50, (3, 7))
+    params = list(model.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = model(tokens), plain_forward(model, tokens)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    w = torch.randn(out.shape).to(out.dtype)
+    grads = torch.autograd.grad((out * w).sum(), params)
+    ref_grads = torch.autograd.grad((ref * w).sum(), params)
+    for (name, p), g, r in zip(model.named_parameters(), grads, ref_grads):
+        assert g.dtype == p.dtype == torch.float32, name
+        torch.testing.assert_close(g, r, rtol=1.6e-2, atol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_factorised_embedding_saves_no_narrow_activations():
+    """Autograd keeps two [B, T, E] float32 tensors fewer than for the plain composition."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    torch.manual_seed(0)
+    model = SharedAttentionTransformer(**small(sharing="all", embed_dim=8))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    tokens = torch.randint(0, 50, (3, 7))
+
+    def saved_bytes(forward):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            if t.untyped_storage().data_ptr() not in params:  # parameters are not activations
+                total += t.numel() * t.element_size()
+            return t
+
+        with saved_tensors_hooks(pack, lambda t: t):
+            forward(model, tokens)
+        return total
+
+    assert saved_bytes(plain_forward) - saved_bytes(SharedAttentionTransformer.forward) == 2 * 3 * 7 * 8 * 4
+
+
+def test_factorised_embedding_under_activation_checkpointing():
+    torch.manual_seed(0)
+    model = SharedAttentionTransformer(**small(sharing="all", embed_dim=8))
+    tokens = torch.randint(0, 50, (2, 8))
+    model(tokens).square().mean().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    checkpoint(model, tokens, use_reentrant=False).square().mean().backward()
+    for e, p in zip(expected, model.parameters()):
+        torch.testing.assert_close(p.grad, e)
 
 
 def test_ffn_factory_is_called_once_per_unique_ffn():
@@ -397,13 +486,13 @@ def test_transformer_bad_options():
 
 # ---- DDP ----
 
-def _ddp_worker(rank, world, init_file, tokens, state, out_dir):
+def _ddp_worker(rank, world, init_file, tokens, state, out_dir, embed_dim):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    model = SharedAttentionTransformer(**small(sharing="cycle", n_unique=2))
+    model = SharedAttentionTransformer(**small(sharing="cycle", n_unique=2, embed_dim=embed_dim))
     model.load_state_dict(state)
     ddp = DDP(model)
     shard = tokens.chunk(world)[rank]
@@ -412,16 +501,17 @@ def _ddp_worker(rank, world, init_file, tokens, state, out_dir):
     dist.destroy_process_group()
 
 
-def test_ddp_two_processes_match_single_process():
+@pytest.mark.parametrize("embed_dim", [None, 8])
+def test_ddp_two_processes_match_single_process(embed_dim):
     import torch.multiprocessing as mp
 
     torch.manual_seed(0)
-    model = SharedAttentionTransformer(**small(sharing="cycle", n_unique=2))
+    model = SharedAttentionTransformer(**small(sharing="cycle", n_unique=2, embed_dim=embed_dim))
     tokens = torch.randint(0, 50, (4, 6))
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_ddp_worker,
-                             args=(r, 2, os.path.join(tmp, "init"), tokens, model.state_dict(), tmp))
+                             args=(r, 2, os.path.join(tmp, "init"), tokens, model.state_dict(), tmp, embed_dim))
                  for r in range(2)]
         for p in procs:
             p.start()
@@ -436,3 +526,76 @@ def test_ddp_two_processes_match_single_process():
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[0][name], p.grad, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(grads[1][name], p.grad, atol=1e-5, rtol=1e-4)
+
+
+# ---- FSDP2 ----
+
+def _fsdp_train(model, batches):
+    """SGD steps (momentum 0.9) on the mean of logsumexp over each batch (a stand-in loss).
+    Not Adam: the key bias's gradient is zero up to rounding (softmax ignores a shift),
+    and Adam's g / sqrt(v) turns that rounding noise into lr-sized steps."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for tokens in batches:
+        model(tokens).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _fsdp_worker(rank, world, init_file, batches, state, out_dir):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = SharedAttentionTransformer(**small(sharing="cycle", n_unique=2, embed_dim=8))
+    model.load_state_dict(state)
+    n_params = len(list(model.parameters()))
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    sharded = list(model.parameters())
+    info = {
+        "n_params": (n_params, len(sharded)),
+        "all_dtensor": all(isinstance(p, DTensor) for p in sharded),
+        # The shared module is still one object, so its sharded parameters too.
+        "shared_is_same": model.layers[0].attn.qkv_weight is model.layers[2].attn.qkv_weight,
+    }
+    _fsdp_train(model, [b.chunk(world)[rank] for b in batches])
+    full = {n: p.full_tensor() for n, p in model.named_parameters()}  # a collective: every rank
+    if rank == 0:
+        torch.save({"info": info, "params": full}, os.path.join(out_dir, "fsdp.pt"))
+    dist.destroy_process_group()
+
+
+def test_fsdp2_two_processes_match_single_process():
+    """fully_shard (FSDP2, Gloo, CPU) on the root of a shared, factorised model: three
+    SGD steps on two half batches give the parameters of single-process training
+    on the whole batches; each shared weight is one (sharded) parameter."""
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    model = SharedAttentionTransformer(**small(sharing="cycle", n_unique=2, embed_dim=8))
+    state = copy.deepcopy(model.state_dict())
+    batches = [torch.randint(0, 50, (4, 6)) for _ in range(3)]
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_fsdp_worker, args=(r, 2, os.path.join(tmp, "init"), batches, state, tmp))
+                 for r in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=90)
+            if p.is_alive():
+                p.kill()
+        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+        result = torch.load(os.path.join(tmp, "fsdp.pt"))
+    unique = len(list(model.parameters()))
+    assert unique == len(model.state_dict()) - 4 * 2  # layers 2, 3 repeat layers 0, 1's attention (4 tensors each)
+    assert result["info"] == {"n_params": (unique, unique), "all_dtensor": True, "shared_is_same": True}
+    # FSDP averages the gradients over ranks: the mean over the whole batch.
+    _fsdp_train(model, batches)
+    assert not torch.equal(model.tok_emb.weight, state["tok_emb.weight"])  # the steps moved the weights
+    assert set(result["params"]) == {n for n, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(result["params"][name], p.detach(), atol=1e-5, rtol=1e-4,
+                                   msg=lambda m: f"{name}: {m}")
