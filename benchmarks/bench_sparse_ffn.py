@@ -47,6 +47,9 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", default=None, help="comma-separated torch CPU thread counts to run, "
                    "e.g. 1,2 (default: torch's current count)")
+    p.add_argument("--profile", type=float, default=None, metavar="DENSITY",
+                   help="after the table, profile two sparse steps at this density and list the ops "
+                        "by device time (where the sparse step's time goes)")
     p.add_argument("--out", default=None, help="results folder (default $OUT or benchmarks/results)")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per configuration")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
@@ -105,12 +108,43 @@ def main(argv=None):
              f"(train mode, bias update included); median of {args.rounds} alternating rounds\n\n")
     text += markdown_table(["threads", "density", "blocks/token", "dense ms", "sparse ms", "sparse / dense",
                             "routing ms", "routing / dense", "FLOPs ratio", "FLOPs saved"], rows)
+    if args.profile is not None:
+        text += "\n" + profile_sparse_step(x, grad, D, Fh, bs, args.profile, act, dev, dtype)
     print(text)
     path = write_results("sparse_ffn", dev, text, {
         "title": title, "device": dev, "torch": torch.__version__, "tokens": T, "d_model": D,
         "d_ff": Fh, "block_size": bs, "activation": act, "dtype": str(dtype), "rows": data},
         args.out)
     print(f"wrote {path}")
+
+
+def profile_sparse_step(x, grad, D, Fh, bs, density, act, dev, dtype, top=12):
+    """Two forward + backward steps under torch.profiler: the ops with the most
+    device time (self time, so nested ops are not counted twice), as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ffn = GatedSparseFFN(D, Fh, block_size=bs, density=density, activation=act).to(dev, dtype)
+    ffn.train()
+    for _ in range(2):  # warm-up
+        ffn(x).backward(grad)
+    gpu = dev == "cuda"
+    if gpu:
+        torch.cuda.synchronize()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            ffn(x).backward(grad)
+        if gpu:
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if (e.self_device_time_total if gpu else e.self_cpu_time_total) > 0]
+    key = (lambda e: e.self_device_time_total) if gpu else (lambda e: e.self_cpu_time_total)
+    events.sort(key=key, reverse=True)
+    total = sum(key(e) for e in events)
+    rows = [[e.key[:60], e.count // 2, f"{key(e) / 2e3:.2f}", f"{100 * key(e) / total:.1f}%"] for e in events[:top]]
+    what = "device" if gpu else "CPU"
+    return (f"## Where a sparse step's time goes (density {density:g}, self {what} time per step, "
+            f"top {top} of {len(events)} ops; torch.profiler)\n\n" +
+            markdown_table(["op", "calls / step", "ms / step", "share"], rows))
 
 
 if __name__ == "__main__":

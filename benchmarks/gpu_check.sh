@@ -102,7 +102,8 @@ if [[ ${status[build]} == ok* ]]; then
         case $name in
           bench_unscale) extra=(--rounds 3 --min-run-time 0.1) ;;
           bench_quant) extra=(--rounds 3 --min-run-time 0.1) limit=150 ;;  # ~55 s per dtype on an H200
-          bench_gemm|bench_sparse_ffn) extra=(--rounds 3 --min-run-time 0.2) ;;
+          bench_gemm) extra=(--rounds 3 --min-run-time 0.2) ;;
+          bench_sparse_ffn) extra=(--rounds 3 --min-run-time 0.2 --profile 0.3) ;;
           bench_scaler) extra=(--rounds 3) ;;
           bench_shared_attention) extra=(--parts tables --rounds 3 --small-rounds 3) limit=120 ;;
           # Builds its own extension (4 CUTLASS configurations, about 2 min on 16 cores).
