@@ -68,7 +68,11 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--min-run-time", type=float, default=0.2)
+    p.add_argument("--build-only", action="store_true", help="compile the variants and exit (no GPU needed)")
     args = p.parse_args(argv)
+    if args.build_only:
+        build()
+        return
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         raise SystemExit("needs an sm_90 GPU (H100/H200)")
     ext = build()
