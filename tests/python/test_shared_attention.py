@@ -501,25 +501,29 @@ def _ddp_worker(rank, world, init_file, tokens, state, out_dir, embed_dim):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("embed_dim", [None, 8])
-def test_ddp_two_processes_match_single_process(embed_dim):
+def _run_two_ranks(target, tmp, *args):
+    """target(rank, 2, init_file, *args) in two spawned processes (a file-based rendezvous in
+    tmp); both must exit cleanly within 90 s."""
     import torch.multiprocessing as mp
 
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, 2, os.path.join(tmp, "init"), *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=90)
+        if p.is_alive():
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+@pytest.mark.parametrize("embed_dim", [None, 8])
+def test_ddp_two_processes_match_single_process(embed_dim):
     torch.manual_seed(0)
     model = SharedAttentionTransformer(**small(sharing="cycle", n_unique=2, embed_dim=embed_dim))
     tokens = torch.randint(0, 50, (4, 6))
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_ddp_worker,
-                             args=(r, 2, os.path.join(tmp, "init"), tokens, model.state_dict(), tmp, embed_dim))
-                 for r in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=90)
-            if p.is_alive():
-                p.kill()
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+        _run_two_ranks(_ddp_worker, tmp, tokens, model.state_dict(), tmp, embed_dim)
         grads = [torch.load(os.path.join(tmp, f"grad{r}.pt")) for r in range(2)]
     # The mean over the whole batch equals the mean of the two shards' means.
     model(tokens).logsumexp(-1).mean().backward()
@@ -571,23 +575,12 @@ def test_fsdp2_two_processes_match_single_process():
     """fully_shard (FSDP2, Gloo, CPU) on the root of a shared, factorised model: three
     SGD steps on two half batches give the parameters of single-process training
     on the whole batches; each shared weight is one (sharded) parameter."""
-    import torch.multiprocessing as mp
-
     torch.manual_seed(0)
     model = SharedAttentionTransformer(**small(sharing="cycle", n_unique=2, embed_dim=8))
     state = copy.deepcopy(model.state_dict())
     batches = [torch.randint(0, 50, (4, 6)) for _ in range(3)]
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_fsdp_worker, args=(r, 2, os.path.join(tmp, "init"), batches, state, tmp))
-                 for r in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=90)
-            if p.is_alive():
-                p.kill()
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+        _run_two_ranks(_fsdp_worker, tmp, batches, state, tmp)
         result = torch.load(os.path.join(tmp, "fsdp.pt"))
     unique = len(list(model.parameters()))
     assert unique == len(model.state_dict()) - 4 * 2  # layers 2, 3 repeat layers 0, 1's attention (4 tensors each)
