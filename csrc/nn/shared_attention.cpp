@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <torch/autograd.h>
 #include <torch/nn/functional/activation.h>
 #include <torch/nn/init.h>
 
@@ -25,6 +26,90 @@ void init_like_linear(at::Tensor& weight, at::Tensor& bias) {
   weight.uniform_(-bound, bound);
   if (bias.defined()) bias.uniform_(-bound, bound);
 }
+
+// ---- Factorised embedding: the two narrow [B, T, E] activations are recomputed
+// in backward instead of kept (as deepseek_ext/nn/shared_attention.py does).
+// With embed_dim = E < d_model, plain autograd keeps the input of emb_proj
+// (tok_emb(tokens) + pos_emb) and the input of the LM head (head_proj's
+// output). Both are cheap to recompute: from the token ids (a gather and an
+// add) and from head_proj's input, which these functions keep anyway. Forward
+// values are those of the plain composition; gradients equal it to rounding.
+// Backward computes in the dtype the forward's linears ran in (the output's)
+// and returns each gradient in its input's dtype.
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// linear(tok_w[tokens] + pos_w[:T], proj_w, proj_b), keeping the token ids, not the sum.
+struct FactorisedEmbedding : torch::autograd::Function<FactorisedEmbedding> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& tokens, const at::Tensor& tok_w,
+                            const at::Tensor& pos_w, const at::Tensor& proj_w,
+                            const at::Tensor& proj_b) {
+    const at::Tensor pos = at::arange(tokens.size(1), tokens.options());
+    ctx->save_for_backward({tokens, pos, tok_w, pos_w, proj_w});
+    return at::linear(at::embedding(tok_w, tokens) + at::embedding(pos_w, pos), proj_w, proj_b);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &tokens = saved[0], &pos = saved[1], &tok_w = saved[2], &pos_w = saved[3],
+                     &proj_w = saved[4];
+    const at::Tensor& grad = grads[0];
+    const at::Tensor g2 = grad.reshape({-1, grad.size(-1)});
+    at::Tensor g_tok, g_pos, g_w, g_b;
+    if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
+      const at::Tensor g_e = grad.matmul(proj_w.to(grad.scalar_type())).to(tok_w.scalar_type());
+      if (ctx->needs_input_grad(1)) {
+        g_tok = at::embedding_dense_backward(g_e, tokens, tok_w.size(0), -1, false);
+      }
+      if (ctx->needs_input_grad(2)) {
+        g_pos = at::embedding_dense_backward(g_e.sum(0).to(pos_w.scalar_type()), pos, pos_w.size(0),
+                                             -1, false);
+      }
+    }
+    if (ctx->needs_input_grad(3)) {  // the sum, recomputed (not kept past this block)
+      const at::Tensor e =
+          (at::embedding(tok_w, tokens) + at::embedding(pos_w, pos)).to(grad.scalar_type());
+      g_w = g2.t().matmul(e.reshape({-1, e.size(-1)})).to(proj_w.scalar_type());
+    }
+    if (ctx->needs_input_grad(4)) g_b = g2.sum(0).to(proj_w.scalar_type());
+    return {at::Tensor(), g_tok, g_pos, g_w, g_b};
+  }
+};
+
+// linear(linear(x, proj_w), out_w): the head of a factorised model, keeping x, not
+// the narrow [..., E] middle.
+struct FactorisedHead : torch::autograd::Function<FactorisedHead> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& proj_w,
+                            const at::Tensor& out_w) {
+    ctx->save_for_backward({x, proj_w, out_w});
+    return at::linear(at::linear(x, proj_w), out_w);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &proj_w = saved[1], &out_w = saved[2];
+    const at::Tensor& grad = grads[0];
+    const at::Tensor g2 = grad.reshape({-1, grad.size(-1)});
+    const at::Tensor x_c = x.to(grad.scalar_type()), proj_c = proj_w.to(grad.scalar_type());
+    at::Tensor g_x, g_proj, g_out;
+    if (ctx->needs_input_grad(2)) {  // the middle, recomputed (not kept past this block)
+      const at::Tensor z = at::linear(x_c, proj_c);
+      g_out = g2.t().matmul(z.reshape({-1, z.size(-1)})).to(out_w.scalar_type());
+    }
+    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
+      const at::Tensor g_z = grad.matmul(out_w.to(grad.scalar_type()));
+      if (ctx->needs_input_grad(1)) {
+        g_proj = g_z.reshape({-1, g_z.size(-1)})
+                     .t()
+                     .matmul(x_c.reshape({-1, x_c.size(-1)}))
+                     .to(proj_w.scalar_type());
+      }
+      if (ctx->needs_input_grad(0)) g_x = g_z.matmul(proj_c).to(x.scalar_type());
+    }
+    return {g_x, g_proj, g_out};
+  }
+};
 
 }  // namespace
 
@@ -258,15 +343,18 @@ at::Tensor SharedAttentionTransformerImpl::forward(
   const int64_t seq = tokens.size(1);
   TORCH_CHECK(seq <= options.max_seq_len(), "tokens.size(1) (", seq,
               ") must not exceed max_seq_len (", options.max_seq_len(), ")");
-  at::Tensor h = tok_emb(tokens) + pos_emb(at::arange(seq, tokens.options()));
-  if (!emb_proj.is_empty()) h = emb_proj(h);
+  // Factorised (embed_dim < d_model): the narrow activations are recomputed in backward.
+  const bool factorised = !emb_proj.is_empty();
+  at::Tensor h = factorised ? FactorisedEmbedding::apply(tokens, tok_emb->weight, pos_emb->weight,
+                                                         emb_proj->weight, emb_proj->bias)
+                            : tok_emb(tokens) + pos_emb(at::arange(seq, tokens.options()));
   h = drop(h);
   for (size_t i = 0; i < layers->size(); ++i) {
     h = layers->ptr<SharedAttentionBlockImpl>(i)->forward(h, options.causal(), key_padding_mask);
   }
   h = ln_f(h);
-  if (!head_proj.is_empty()) h = head_proj(h);
-  return lm_head.is_empty() ? at::linear(h, tok_emb->weight) : lm_head(h);
+  const at::Tensor& out_w = lm_head.is_empty() ? tok_emb->weight : lm_head->weight;
+  return factorised ? FactorisedHead::apply(h, head_proj->weight, out_w) : at::linear(h, out_w);
 }
 
 }  // namespace nn

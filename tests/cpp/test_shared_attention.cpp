@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -235,6 +236,38 @@ TEST(SharedAttentionTransformer, SharedGradientIsSumOfUntiedClones) {
   for (int k = 0; k < 4; ++k) {
     EXPECT_TRUE(torch::allclose(shared_grads[k], sums[k], 1e-5, 1e-5))
         << k << ": " << (shared_grads[k] - sums[k]).abs().max();
+  }
+}
+
+// A factorised embedding (embed_dim < d_model) runs two autograd functions that
+// recompute the narrow [B, T, E] activations in backward instead of keeping them:
+// the same output and gradients as the plain composition of the same modules.
+TEST(SharedAttentionTransformer, FactorisedRecomputeMatchesPlainComposition) {
+  for (const bool tie : {true, false}) {
+    torch::manual_seed(0);
+    dnn::SharedAttentionTransformer model(
+        small().sharing("cycle").n_unique(2).embed_dim(8).tie_embeddings(tie));
+    const auto tokens = torch::randint(50, {3, 7}, torch::kLong);
+    const auto out = model(tokens);
+    out.logsumexp(-1).mean().backward();
+    std::vector<at::Tensor> recomputed;
+    for (const auto& p : model->parameters()) recomputed.push_back(p.grad().clone());
+    model->zero_grad();
+
+    at::Tensor h = model->emb_proj(model->tok_emb(tokens) + model->pos_emb(torch::arange(7, torch::kLong)));
+    for (size_t i = 0; i < model->layers->size(); ++i) {
+      h = model->layers->ptr<dnn::SharedAttentionBlockImpl>(i)->forward(h, model->options.causal(), std::nullopt);
+    }
+    h = model->head_proj(model->ln_f(h));
+    const at::Tensor plain = tie ? at::linear(h, model->tok_emb->weight) : model->lm_head(h);
+    EXPECT_TRUE(torch::equal(out, plain)) << "tie " << tie;
+    plain.logsumexp(-1).mean().backward();
+    const auto params = model->parameters();
+    ASSERT_EQ(params.size(), recomputed.size());
+    for (size_t k = 0; k < params.size(); ++k) {
+      EXPECT_TRUE(torch::allclose(recomputed[k], params[k].grad(), 1e-5, 1e-6))
+          << "tie " << tie << ", parameter " << k << ": " << (recomputed[k] - params[k].grad()).abs().max();
+    }
   }
 }
 
