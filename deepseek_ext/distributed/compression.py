@@ -422,6 +422,22 @@ def _quantize(state: Int8CompressionState, x, residual, offset):
     return ops.quantize_int8(x, bs, sr, seed, offset)
 
 
+def _gather_requantized_mean(state, recv, residual, offset, ranks, shard, group):
+    """The second stage of both modes: this rank's shard of the mean over all
+    ``state.world_size`` ranks (dequantise-reduce of the int8 pieces ``recv``
+    holds), re-quantised with the shard owner's ``residual`` and all-gathered
+    from the ``ranks`` ranks of ``group``. Returns (future, packed output)."""
+    bs, device = state.block_size, recv.buf.device
+    mean = ops.dequantize_reduce_int8(recv.q, recv.scales, bs, 1.0 / state.world_size, torch.float32)
+    q, s = _quantize(state, mean, residual, offset)
+    send = _Packed(1, shard, bs, device)
+    send.fill(q, s)
+    out = _Packed(ranks, shard, bs, device)
+    # 1-D on both sides: Gloo compares the input's shape with output.chunk(ranks)'s.
+    fut = dist.all_gather_into_tensor(out.buf.view(-1), send.buf.view(-1), group=group, async_op=True)
+    return fut.get_future(), out
+
+
 class _Pipeline:
     """Runs the stages of one compressed bucket: stage 0 now (from the hook),
     stage k from stage k - 1's callback through launcher k, then ``finish``."""
@@ -579,14 +595,7 @@ def _flat_stages(state, buffer, idx, signature):
         return dist.all_to_all_single(recv.buf, send.buf, group=g1, async_op=True).get_future(), recv
 
     def all_gather(recv):
-        mean = ops.dequantize_reduce_int8(recv.q, recv.scales, bs, 1.0 / p, torch.float32)
-        q, s = _quantize(state, mean, res["shard"], off2)
-        send = _Packed(1, shard, bs, device)
-        send.fill(q, s)
-        out = _Packed(p, shard, bs, device)
-        # 1-D on both sides: Gloo compares the input's shape with output.chunk(p)'s.
-        fut = dist.all_gather_into_tensor(out.buf.view(-1), send.buf.view(-1), group=g2, async_op=True).get_future()
-        return fut, out
+        return _gather_requantized_mean(state, recv, res["shard"], off2, p, shard, g2)
 
     def finish(gathered):
         deq = ops.dequantize_int8(gathered.q.reshape(-1), gathered.scales.reshape(-1), bs, buffer.dtype, npad)
@@ -631,13 +640,7 @@ def _hierarchical_stages(state, buffer, idx, signature):
         return dist.all_to_all_single(out.buf, send.buf, group=g_inter_a, async_op=True).get_future(), out
 
     def inter_all_gather(recv):
-        mean = ops.dequantize_reduce_int8(recv.q, recv.scales, bs, 1.0 / p, torch.float32)
-        q, s = _quantize(state, mean, res["shard"], off2)
-        send = _Packed(1, sub, bs, device)
-        send.fill(q, s)
-        out = _Packed(M, sub, bs, device)
-        fut = dist.all_gather_into_tensor(out.buf.view(-1), send.buf.view(-1), group=g_inter_b, async_op=True)
-        return fut.get_future(), out
+        return _gather_requantized_mean(state, recv, res["shard"], off2, M, sub, g_inter_b)
 
     def intra_all_gather(gathered):
         out = torch.empty(L * gathered.buf.numel(), dtype=torch.uint8, device=device)
