@@ -65,6 +65,7 @@ def rel_err(out, ref):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=["cuda"], help="the GPU check passes it to every benchmark")
     p.add_argument("--out", default=None)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--min-run-time", type=float, default=0.2)

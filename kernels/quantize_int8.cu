@@ -14,6 +14,16 @@
 // owns 8 groups of 4 elements (warp-contiguous 4-byte q loads and 16/8-byte
 // stores) and accumulates all ranks in registers.
 //
+// Bytes in flight: a thread's loads are bounded by its registers, and at 50%
+// occupancy that is 32-64 KB per SM, under what HBM3e needs to stream at full
+// rate (the first H200 run: quantize 73% of copy bandwidth for float32, 49%
+// for bfloat16, at the same element rate). On sm_90 one thread of a block
+// therefore asks the L2 for data before it is loaded (cp.async.bulk.prefetch:
+// no registers, no wait): quantize prefetches the tile a block launched about
+// kPrefetchBytes later will read, dequantize_reduce all W ranks of its current
+// tile at once (they were loaded one rank after another) or, for W = 1, its
+// next tile. A prefetch is a hint: results do not depend on it.
+//
 // All math is detail/int8_quant.h (the _rn intrinsics: nothing contracted), so
 // the results equal the CPU kernels' bit for bit. No host synchronisation.
 
@@ -50,6 +60,29 @@ __device__ __forceinline__ float to_float(T v) {
 template <typename T>
 __device__ __forceinline__ T from_float(float f) {
   return static_cast<T>(f);
+}
+
+// How far ahead quantize prefetches, in bytes of input: well inside the H200's
+// 50 MB L2, far more than the 32-64 KB per SM its loads keep in flight.
+constexpr int64_t kPrefetchBytes = int64_t{8} << 20;
+
+// Asks the L2 to fetch the 16-byte-aligned part of [p, p + bytes) (sm_90's bulk
+// prefetch, asynchronous; a no-op before sm_90). Only a hint: the data is
+// loaded normally afterwards.
+__device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint64_t a = static_cast<uint64_t>(__cvta_generic_to_global(p));
+  const uint64_t lo = (a + 15) & ~uint64_t{15};
+  const uint64_t hi = (a + static_cast<uint64_t>(bytes)) & ~uint64_t{15};
+  if (bytes > 0 && hi > lo) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(lo),
+                 "r"(static_cast<uint32_t>(hi - lo))
+                 : "memory");
+  }
+#else
+  (void)p;
+  (void)bytes;
+#endif
 }
 
 // v[0, 16) = p[0, 16) as floats; elements at or past `valid` read as 0.
@@ -113,6 +146,7 @@ struct QuantParams {
   bool stochastic;
   uint64_t seed;
   uint64_t offset;
+  int64_t prefetch_tiles;  // a block prefetches tile blockIdx.x + prefetch_tiles
 };
 
 template <typename scalar_t, typename res_t, bool kEF>
@@ -123,6 +157,16 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t tile_elems = static_cast<int64_t>(p.block_size) * p.blocks_per_tile;
   const int64_t first_block = static_cast<int64_t>(blockIdx.x) * p.blocks_per_tile;
   for (int i = threadIdx.x; i < p.blocks_per_tile; i += kThreads) amax_s[i] = 0;
+  if (threadIdx.x == 0) {
+    // Blocks start in about index order, so this tile is read by a block that
+    // starts about kPrefetchBytes of input later.
+    const int64_t ahead = (static_cast<int64_t>(blockIdx.x) + p.prefetch_tiles) * tile_elems;
+    if (ahead < p.n) {
+      const int64_t count = min(tile_elems, p.n - ahead);
+      prefetch_l2(x + ahead, count * static_cast<int64_t>(sizeof(scalar_t)));
+      if constexpr (kEF) prefetch_l2(res + ahead, count * static_cast<int64_t>(sizeof(res_t)));
+    }
+  }
 
   const int local = threadIdx.x * kPerThread;
   const int64_t e0 = static_cast<int64_t>(blockIdx.x) * tile_elems + local;
@@ -244,6 +288,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x_in, const a
   p.stochastic = stochastic;
   p.seed = static_cast<uint64_t>(seed);
   p.offset = static_cast<uint64_t>(offset);
+  const int64_t tile_bytes = static_cast<int64_t>(block_size) * p.blocks_per_tile *
+                             static_cast<int64_t>(x.element_size());
+  p.prefetch_tiles = std::max<int64_t>(1, kPrefetchBytes / tile_bytes);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   switch (x.scalar_type()) {
     case at::kFloat: dispatch_quantize<float>(x, residual, q, scales, p, stream); break;
@@ -279,6 +326,12 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_ef_cuda(const at::Tensor& x,
 constexpr int kDqVec = 4;
 constexpr int kDqGroups = 8;
 constexpr int64_t kDqTile = int64_t{kThreads} * kDqVec * kDqGroups;  // elements per block step
+// Ranks prefetched per tile: 8 x 8 KB per resident block keeps the prefetched
+// data far below the L2's size.
+constexpr int64_t kDqPrefetchRanks = 8;
+// 3 resident blocks per SM (80 registers a thread, no spills; 125 without the
+// bound left 2 blocks; a bound of 4 spills 152 bytes).
+constexpr int kDqMinBlocks = 3;
 
 template <typename T>
 __device__ __forceinline__ void store4(T* p, int64_t valid, const float (&v)[kDqVec]) {
@@ -304,30 +357,56 @@ __device__ __forceinline__ void store4(T* p, int64_t valid, const float (&v)[kDq
   }
 }
 
+struct DequantParams {
+  int64_t W;
+  int64_t n;        // elements per rank
+  int64_t nblocks;  // scales per rank
+  int block_size;
+  int block_shift;  // log2(block_size) when it is a power of two, else -1
+  float multiplier;
+  bool vec_ok;      // every rank's row starts 4-byte aligned
+};
+
 template <typename out_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kDqMinBlocks)
     dequantize_reduce_int8_kernel(const int8_t* __restrict__ q, const float* __restrict__ scales,
-                                  out_t* __restrict__ out, int64_t W, int64_t n, int64_t nblocks,
-                                  int block_size, float multiplier, bool vec_ok) {
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kDqTile; base < n;
-       base += static_cast<int64_t>(gridDim.x) * kDqTile) {
+                                  out_t* __restrict__ out, DequantParams p) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kDqTile;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kDqTile; base < p.n; base += step) {
+    // W > 1: the ranks of this tile at once (the loop below loads them one
+    // after another), up to kDqPrefetchRanks; W = 1: the next tile (this one's
+    // loads follow at once).
+    const int64_t pf = p.W > 1 ? base : base + step;
+    if (pf < p.n) {
+      for (int64_t w = threadIdx.x; w < min(p.W, kDqPrefetchRanks); w += kThreads) {
+        prefetch_l2(q + w * p.n + pf, min(kDqTile, p.n - pf));
+      }
+    }
+    // The scale index of each group, the same for every rank (a shift for
+    // power-of-two block sizes: a 64-bit division costs dozens of instructions).
+    int64_t blk[kDqGroups];
+#pragma unroll
+    for (int g = 0; g < kDqGroups; ++g) {
+      const int64_t e0 = base + (static_cast<int64_t>(g) * kThreads + threadIdx.x) * kDqVec;
+      blk[g] = p.block_shift >= 0 ? e0 >> p.block_shift : e0 / p.block_size;
+    }
     float acc[kDqGroups][kDqVec];
 #pragma unroll
     for (int g = 0; g < kDqGroups; ++g) {
 #pragma unroll
       for (int i = 0; i < kDqVec; ++i) acc[g][i] = 0.0f;
     }
-    for (int64_t w = 0; w < W; ++w) {
-      const int8_t* qw = q + w * n;
-      const float* sw = scales + w * nblocks;
+    for (int64_t w = 0; w < p.W; ++w) {
+      const int8_t* qw = q + w * p.n;
+      const float* sw = scales + w * p.nblocks;
       int8_t qb[kDqGroups][kDqVec];
       float s[kDqGroups];
       // Every load of this rank is issued before any is used.
 #pragma unroll
       for (int g = 0; g < kDqGroups; ++g) {
         const int64_t e0 = base + (static_cast<int64_t>(g) * kThreads + threadIdx.x) * kDqVec;
-        const int64_t valid = n - e0;  // <= 0: past the end
-        if (vec_ok && valid >= kDqVec) {
+        const int64_t valid = p.n - e0;  // <= 0: past the end
+        if (p.vec_ok && valid >= kDqVec) {
           const uint32_t raw = *reinterpret_cast<const uint32_t*>(qw + e0);
           memcpy(qb[g], &raw, sizeof raw);
         } else {
@@ -335,7 +414,7 @@ __global__ void __launch_bounds__(kThreads)
           for (int i = 0; i < kDqVec; ++i) qb[g][i] = i < valid ? qw[e0 + i] : int8_t{0};
         }
         // block_size % 32 == 0 and e0 % 4 == 0: a group lies in one block.
-        s[g] = valid > 0 ? sw[e0 / block_size] : 0.0f;
+        s[g] = valid > 0 ? sw[blk[g]] : 0.0f;
       }
 #pragma unroll
       for (int g = 0; g < kDqGroups; ++g) {
@@ -348,10 +427,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int g = 0; g < kDqGroups; ++g) {
       const int64_t e0 = base + (static_cast<int64_t>(g) * kThreads + threadIdx.x) * kDqVec;
-      if (e0 >= n) continue;
+      if (e0 >= p.n) continue;
 #pragma unroll
-      for (int i = 0; i < kDqVec; ++i) acc[g][i] = int8q::mul_rn(multiplier, acc[g][i]);
-      store4(out + e0, n - e0, acc[g]);
+      for (int i = 0; i < kDqVec; ++i) acc[g][i] = int8q::mul_rn(p.multiplier, acc[g][i]);
+      store4(out + e0, p.n - e0, acc[g]);
     }
   }
 }
@@ -365,31 +444,33 @@ at::Tensor dequantize_reduce_impl(const at::Tensor& q_in, const at::Tensor& scal
   const int64_t n = q.size(1);
   at::Tensor out = at::empty({n}, q.options().dtype(dtype));
   if (n == 0) return out;
-  const int64_t nblocks = num_quant_blocks(n, block_size);
   const auto* qp = q.const_data_ptr<int8_t>();
   const auto* sp = scales.const_data_ptr<float>();
+  DequantParams p{};
+  p.W = W;
+  p.n = n;
+  p.nblocks = num_quant_blocks(n, block_size);
+  p.block_size = static_cast<int>(block_size);
+  p.block_shift = (block_size & (block_size - 1)) == 0 ? __builtin_ctzll(block_size) : -1;
+  p.multiplier = static_cast<float>(multiplier);
   // Rows start 4-byte aligned only when n is a multiple of 4.
-  const bool vec_ok = reinterpret_cast<uintptr_t>(qp) % 4 == 0 && n % 4 == 0;
+  p.vec_ok = reinterpret_cast<uintptr_t>(qp) % 4 == 0 && n % 4 == 0;
   const int64_t grid_max =
       static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>((n + kDqTile - 1) / kDqTile, grid_max));
-  const float m = static_cast<float>(multiplier);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   switch (dtype) {
     case at::kFloat:
       dequantize_reduce_int8_kernel<float><<<grid, kThreads, 0, stream>>>(
-          qp, sp, out.mutable_data_ptr<float>(), W, n, nblocks, static_cast<int>(block_size), m,
-          vec_ok);
+          qp, sp, out.mutable_data_ptr<float>(), p);
       break;
     case at::kHalf:
       dequantize_reduce_int8_kernel<c10::Half><<<grid, kThreads, 0, stream>>>(
-          qp, sp, out.mutable_data_ptr<c10::Half>(), W, n, nblocks, static_cast<int>(block_size),
-          m, vec_ok);
+          qp, sp, out.mutable_data_ptr<c10::Half>(), p);
       break;
     case at::kBFloat16:
       dequantize_reduce_int8_kernel<c10::BFloat16><<<grid, kThreads, 0, stream>>>(
-          qp, sp, out.mutable_data_ptr<c10::BFloat16>(), W, n, nblocks,
-          static_cast<int>(block_size), m, vec_ok);
+          qp, sp, out.mutable_data_ptr<c10::BFloat16>(), p);
       break;
     default: TORCH_INTERNAL_ASSERT(false, "unexpected dtype ", dtype);
   }
