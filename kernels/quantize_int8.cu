@@ -10,19 +10,26 @@
 // atomicMax per warp and block. q (16 bytes per thread) and the new residual
 // are written once. Stochastic rounding draws 4 or 5 Philox counter blocks per
 // thread.
-// dequantize_reduce_int8 (and dequantize_int8, its W = 1 case): each thread
-// owns 8 groups of 4 elements (warp-contiguous 4-byte q loads and 16/8-byte
-// stores) and accumulates all ranks in registers.
-//
-// Bytes in flight: a thread's loads are bounded by its registers, and at 50%
-// occupancy that is 32-64 KB per SM, under what HBM3e needs to stream at full
-// rate (the first H200 run: quantize 73% of copy bandwidth for float32, 49%
-// for bfloat16, at the same element rate). On sm_90 one thread of a block
-// therefore asks the L2 for data before it is loaded (cp.async.bulk.prefetch:
-// no registers, no wait): quantize prefetches the tile a block launched about
-// kPrefetchBytes later will read, dequantize_reduce all W ranks of its current
-// tile at once (they were loaded one rank after another) or, for W = 1, its
-// next tile. A prefetch is a hint: results do not depend on it.
+// dequantize_reduce_int8 and dequantize_int8 (W = 1) have one kernel each,
+// chosen by what the H200 measured (256M elements, float32 out):
+//   * W > 1: each thread owns 16 consecutive elements, one 16-byte q load and
+//     one scale load per rank, accumulated in registers; 80% of copy bandwidth
+//     at W = 8. (Its stores are four 16-byte stores at a 64-byte lane stride,
+//     which matters little when the output is 1/W of the input.)
+//   * W = 1: that layout wrote its 4x larger output at 44%. Here each thread
+//     owns 8 groups of 4 elements (warp-contiguous 4-byte q loads and 16/8-byte
+//     stores), the scale index is a shift for power-of-two block sizes (a
+//     64-bit division costs dozens of instructions), the kernel is bounded to
+//     3 blocks per SM (it had 125 registers, 2 blocks), and on sm_90 one
+//     thread asks the L2 for the block's next tile ahead of its loads
+//     (cp.async.bulk.prefetch: no registers, no wait; a hint, results do not
+//     depend on it): 90% (float32 out), 84% (bfloat16 out).
+//   The W = 1 layout with a prefetch of all ranks ran W = 8 at 66% / 58%
+//   (37% / 31% before the shift and the register bound), below the W > 1
+//   kernel's 80%. The same prefetch in quantize (a tile about 8 MB ahead)
+//   changed nothing measurable (73% -> 71%, 49% -> 51%) and made bfloat16
+//   error feedback slower (77% -> 68%), so quantize has none: its limit is not
+//   the bytes in flight.
 //
 // All math is detail/int8_quant.h (the _rn intrinsics: nothing contracted), so
 // the results equal the CPU kernels' bit for bit. No host synchronisation.
@@ -61,10 +68,6 @@ template <typename T>
 __device__ __forceinline__ T from_float(float f) {
   return static_cast<T>(f);
 }
-
-// How far ahead quantize prefetches, in bytes of input: well inside the H200's
-// 50 MB L2, far more than the 32-64 KB per SM its loads keep in flight.
-constexpr int64_t kPrefetchBytes = int64_t{8} << 20;
 
 // Asks the L2 to fetch the 16-byte-aligned part of [p, p + bytes) (sm_90's bulk
 // prefetch, asynchronous; a no-op before sm_90). Only a hint: the data is
@@ -146,7 +149,6 @@ struct QuantParams {
   bool stochastic;
   uint64_t seed;
   uint64_t offset;
-  int64_t prefetch_tiles;  // a block prefetches tile blockIdx.x + prefetch_tiles
 };
 
 template <typename scalar_t, typename res_t, bool kEF>
@@ -157,16 +159,6 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t tile_elems = static_cast<int64_t>(p.block_size) * p.blocks_per_tile;
   const int64_t first_block = static_cast<int64_t>(blockIdx.x) * p.blocks_per_tile;
   for (int i = threadIdx.x; i < p.blocks_per_tile; i += kThreads) amax_s[i] = 0;
-  if (threadIdx.x == 0) {
-    // Blocks start in about index order, so this tile is read by a block that
-    // starts about kPrefetchBytes of input later.
-    const int64_t ahead = (static_cast<int64_t>(blockIdx.x) + p.prefetch_tiles) * tile_elems;
-    if (ahead < p.n) {
-      const int64_t count = min(tile_elems, p.n - ahead);
-      prefetch_l2(x + ahead, count * static_cast<int64_t>(sizeof(scalar_t)));
-      if constexpr (kEF) prefetch_l2(res + ahead, count * static_cast<int64_t>(sizeof(res_t)));
-    }
-  }
 
   const int local = threadIdx.x * kPerThread;
   const int64_t e0 = static_cast<int64_t>(blockIdx.x) * tile_elems + local;
@@ -288,9 +280,6 @@ std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x_in, const a
   p.stochastic = stochastic;
   p.seed = static_cast<uint64_t>(seed);
   p.offset = static_cast<uint64_t>(offset);
-  const int64_t tile_bytes = static_cast<int64_t>(block_size) * p.blocks_per_tile *
-                             static_cast<int64_t>(x.element_size());
-  p.prefetch_tiles = std::max<int64_t>(1, kPrefetchBytes / tile_bytes);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   switch (x.scalar_type()) {
     case at::kFloat: dispatch_quantize<float>(x, residual, q, scales, p, stream); break;
@@ -317,20 +306,15 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_ef_cuda(const at::Tensor& x,
   return quantize_impl(x, residual, block_size, stochastic, seed, offset);
 }
 
-// dequantize_reduce_int8: a thread owns kDqGroups groups of kDqVec consecutive
+// dequantize (W = 1): a thread owns kDqGroups groups of kDqVec consecutive
 // elements, kThreads * kDqVec elements apart, so each warp-wide q load (4 bytes
 // a lane) and each output store (16 bytes a lane for float32, 8 for 16-bit
-// types) covers one contiguous span. The first H200 run of the previous layout
-// (16 consecutive elements a thread, four 16-byte stores at a 64-byte lane
-// stride) wrote float32 output at 44% of copy bandwidth.
+// types) covers one contiguous span.
 constexpr int kDqVec = 4;
 constexpr int kDqGroups = 8;
 constexpr int64_t kDqTile = int64_t{kThreads} * kDqVec * kDqGroups;  // elements per block step
-// Ranks prefetched per tile: 8 x 8 KB per resident block keeps the prefetched
-// data far below the L2's size.
-constexpr int64_t kDqPrefetchRanks = 8;
-// 3 resident blocks per SM (80 registers a thread, no spills; 125 without the
-// bound left 2 blocks; a bound of 4 spills 152 bytes).
+// At least 3 resident blocks per SM (68 registers a thread, no spills; the
+// measured version, with a rank loop, had 80 here and 125 without the bound).
 constexpr int kDqMinBlocks = 3;
 
 template <typename T>
@@ -364,75 +348,114 @@ struct DequantParams {
   int block_size;
   int block_shift;  // log2(block_size) when it is a power of two, else -1
   float multiplier;
-  bool vec_ok;      // every rank's row starts 4-byte aligned
 };
 
+__device__ __forceinline__ int64_t scale_index(int64_t e, const DequantParams& p) {
+  return p.block_shift >= 0 ? e >> p.block_shift : e / p.block_size;
+}
+
+// out = multiplier * (q * scale), for W = 1. vec_ok: q is 4-byte aligned and
+// n % 4 == 0.
 template <typename out_t>
 __global__ void __launch_bounds__(kThreads, kDqMinBlocks)
-    dequantize_reduce_int8_kernel(const int8_t* __restrict__ q, const float* __restrict__ scales,
-                                  out_t* __restrict__ out, DequantParams p) {
+    dequantize_int8_kernel(const int8_t* __restrict__ q, const float* __restrict__ scales,
+                           out_t* __restrict__ out, DequantParams p, bool vec_ok) {
   const int64_t step = static_cast<int64_t>(gridDim.x) * kDqTile;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kDqTile; base < p.n; base += step) {
-    // W > 1: the ranks of this tile at once (the loop below loads them one
-    // after another), up to kDqPrefetchRanks; W = 1: the next tile (this one's
-    // loads follow at once).
-    const int64_t pf = p.W > 1 ? base : base + step;
-    if (pf < p.n) {
-      for (int64_t w = threadIdx.x; w < min(p.W, kDqPrefetchRanks); w += kThreads) {
-        prefetch_l2(q + w * p.n + pf, min(kDqTile, p.n - pf));
-      }
-    }
-    // The scale index of each group, the same for every rank (a shift for
-    // power-of-two block sizes: a 64-bit division costs dozens of instructions).
-    int64_t blk[kDqGroups];
+    const int64_t next = base + step;
+    if (threadIdx.x == 0 && next < p.n) prefetch_l2(q + next, min(kDqTile, p.n - next));
+    int8_t qb[kDqGroups][kDqVec];
+    float s[kDqGroups];
+    // Every load is issued before any is used.
 #pragma unroll
     for (int g = 0; g < kDqGroups; ++g) {
       const int64_t e0 = base + (static_cast<int64_t>(g) * kThreads + threadIdx.x) * kDqVec;
-      blk[g] = p.block_shift >= 0 ? e0 >> p.block_shift : e0 / p.block_size;
-    }
-    float acc[kDqGroups][kDqVec];
+      const int64_t valid = p.n - e0;  // <= 0: past the end
+      if (vec_ok && valid >= kDqVec) {
+        const uint32_t raw = *reinterpret_cast<const uint32_t*>(q + e0);
+        memcpy(qb[g], &raw, sizeof raw);
+      } else {
 #pragma unroll
-    for (int g = 0; g < kDqGroups; ++g) {
-#pragma unroll
-      for (int i = 0; i < kDqVec; ++i) acc[g][i] = 0.0f;
-    }
-    for (int64_t w = 0; w < p.W; ++w) {
-      const int8_t* qw = q + w * p.n;
-      const float* sw = scales + w * p.nblocks;
-      int8_t qb[kDqGroups][kDqVec];
-      float s[kDqGroups];
-      // Every load of this rank is issued before any is used.
-#pragma unroll
-      for (int g = 0; g < kDqGroups; ++g) {
-        const int64_t e0 = base + (static_cast<int64_t>(g) * kThreads + threadIdx.x) * kDqVec;
-        const int64_t valid = p.n - e0;  // <= 0: past the end
-        if (p.vec_ok && valid >= kDqVec) {
-          const uint32_t raw = *reinterpret_cast<const uint32_t*>(qw + e0);
-          memcpy(qb[g], &raw, sizeof raw);
-        } else {
-#pragma unroll
-          for (int i = 0; i < kDqVec; ++i) qb[g][i] = i < valid ? qw[e0 + i] : int8_t{0};
-        }
-        // block_size % 32 == 0 and e0 % 4 == 0: a group lies in one block.
-        s[g] = valid > 0 ? sw[blk[g]] : 0.0f;
+        for (int i = 0; i < kDqVec; ++i) qb[g][i] = i < valid ? q[e0 + i] : int8_t{0};
       }
-#pragma unroll
-      for (int g = 0; g < kDqGroups; ++g) {
-#pragma unroll
-        for (int i = 0; i < kDqVec; ++i) {
-          acc[g][i] = int8q::accumulate(acc[g][i], static_cast<float>(qb[g][i]), s[g]);
-        }
-      }
+      // block_size % 32 == 0 and e0 % 4 == 0: a group lies in one block.
+      s[g] = valid > 0 ? scales[scale_index(e0, p)] : 0.0f;
     }
 #pragma unroll
     for (int g = 0; g < kDqGroups; ++g) {
       const int64_t e0 = base + (static_cast<int64_t>(g) * kThreads + threadIdx.x) * kDqVec;
       if (e0 >= p.n) continue;
+      float v[kDqVec];
 #pragma unroll
-      for (int i = 0; i < kDqVec; ++i) acc[g][i] = int8q::mul_rn(p.multiplier, acc[g][i]);
-      store4(out + e0, p.n - e0, acc[g]);
+      for (int i = 0; i < kDqVec; ++i) {
+        // The reduction's arithmetic with one rank: fma(q, scale, 0), then the multiplier.
+        v[i] = int8q::mul_rn(p.multiplier,
+                             int8q::accumulate(0.0f, static_cast<float>(qb[g][i]), s[g]));
+      }
+      store4(out + e0, p.n - e0, v);
     }
   }
+}
+
+// out = multiplier * sum_w q[w] * scales[w], for W > 1: a thread owns 16
+// consecutive elements (within one quantisation block: block_size % 32 == 0)
+// and accumulates every rank in registers, in rank order. vec_ok: q is
+// 16-byte aligned and n % 16 == 0.
+template <typename out_t>
+__global__ void __launch_bounds__(kThreads)
+    dequantize_reduce_int8_kernel(const int8_t* __restrict__ q, const float* __restrict__ scales,
+                                  out_t* __restrict__ out, DequantParams p, bool vec_ok) {
+  const int64_t groups = (p.n + kPerThread - 1) / kPerThread;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t e0 = g * kPerThread;
+    const int64_t valid = min(static_cast<int64_t>(kPerThread), p.n - e0);
+    const int64_t blk = scale_index(e0, p);
+    float acc[kPerThread];
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) acc[i] = 0.0f;
+    for (int64_t w = 0; w < p.W; ++w) {
+      const int8_t* qw = q + w * p.n + e0;
+      const float s = scales[w * p.nblocks + blk];
+      int8_t qb[kPerThread];
+      if (vec_ok && valid == kPerThread) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(qw);
+        memcpy(qb, &raw, sizeof qb);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) qb[i] = i < valid ? qw[i] : int8_t{0};
+      }
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) {
+        acc[i] = int8q::accumulate(acc[i], static_cast<float>(qb[i]), s);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) acc[i] = int8q::mul_rn(p.multiplier, acc[i]);
+    store16(out + e0, valid, true, acc);  // out: fresh tensor, e0 % 16 == 0
+  }
+}
+
+template <typename out_t>
+void launch_dequantize(const int8_t* q, const float* scales, at::Tensor& out,
+                       const DequantParams& p, cudaStream_t stream) {
+  const int64_t grid_max =
+      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
+  const auto q_addr = reinterpret_cast<uintptr_t>(q);
+  out_t* o = out.mutable_data_ptr<out_t>();
+  if (p.W == 1) {
+    const auto grid = static_cast<unsigned>(std::min<int64_t>((p.n + kDqTile - 1) / kDqTile, grid_max));
+    dequantize_int8_kernel<out_t>
+        <<<grid, kThreads, 0, stream>>>(q, scales, o, p, q_addr % 4 == 0 && p.n % 4 == 0);
+  } else {
+    // W == 0 (no ranks) runs this kernel too: it writes zeros.
+    const int64_t groups = (p.n + kPerThread - 1) / kPerThread;
+    const auto grid =
+        static_cast<unsigned>(std::min<int64_t>((groups + kThreads - 1) / kThreads, grid_max));
+    dequantize_reduce_int8_kernel<out_t>
+        <<<grid, kThreads, 0, stream>>>(q, scales, o, p, q_addr % 16 == 0 && p.n % 16 == 0);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor dequantize_reduce_impl(const at::Tensor& q_in, const at::Tensor& scales_in,
@@ -453,28 +476,13 @@ at::Tensor dequantize_reduce_impl(const at::Tensor& q_in, const at::Tensor& scal
   p.block_size = static_cast<int>(block_size);
   p.block_shift = (block_size & (block_size - 1)) == 0 ? __builtin_ctzll(block_size) : -1;
   p.multiplier = static_cast<float>(multiplier);
-  // Rows start 4-byte aligned only when n is a multiple of 4.
-  p.vec_ok = reinterpret_cast<uintptr_t>(qp) % 4 == 0 && n % 4 == 0;
-  const int64_t grid_max =
-      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>((n + kDqTile - 1) / kDqTile, grid_max));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   switch (dtype) {
-    case at::kFloat:
-      dequantize_reduce_int8_kernel<float><<<grid, kThreads, 0, stream>>>(
-          qp, sp, out.mutable_data_ptr<float>(), p);
-      break;
-    case at::kHalf:
-      dequantize_reduce_int8_kernel<c10::Half><<<grid, kThreads, 0, stream>>>(
-          qp, sp, out.mutable_data_ptr<c10::Half>(), p);
-      break;
-    case at::kBFloat16:
-      dequantize_reduce_int8_kernel<c10::BFloat16><<<grid, kThreads, 0, stream>>>(
-          qp, sp, out.mutable_data_ptr<c10::BFloat16>(), p);
-      break;
+    case at::kFloat: launch_dequantize<float>(qp, sp, out, p, stream); break;
+    case at::kHalf: launch_dequantize<c10::Half>(qp, sp, out, p, stream); break;
+    case at::kBFloat16: launch_dequantize<c10::BFloat16>(qp, sp, out, p, stream); break;
     default: TORCH_INTERNAL_ASSERT(false, "unexpected dtype ", dtype);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
