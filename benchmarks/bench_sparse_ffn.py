@@ -139,11 +139,16 @@ def profile_sparse_step(x, grad, D, Fh, bs, density, act, dev, dtype, top=12):
     events = [e for e in prof.key_averages() if (e.self_device_time_total if gpu else e.self_cpu_time_total) > 0]
     key = (lambda e: e.self_device_time_total) if gpu else (lambda e: e.self_cpu_time_total)
     events.sort(key=key, reverse=True)
-    total = sum(key(e) for e in events)
+    # On the GPU an op row (aten::gather) carries its kernels' time and the
+    # kernels have rows of their own: the share is of the kernels' total, so
+    # nothing is counted twice (the first GPU table divided by both, halving every share).
+    kernels = [e for e in events if not gpu or getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    total = sum(key(e) for e in (kernels or events))
     rows = [[e.key[:60], e.count // 2, f"{key(e) / 2e3:.2f}", f"{100 * key(e) / total:.1f}%"] for e in events[:top]]
     what = "device" if gpu else "CPU"
+    note = "; share: of all kernels' device time, and an op's row includes its kernels" if gpu else ""
     return (f"## Where a sparse step's time goes (density {density:g}, self {what} time per step, "
-            f"top {top} of {len(events)} ops; torch.profiler)\n\n" +
+            f"top {top} of {len(events)} ops; torch.profiler{note})\n\n" +
             markdown_table(["op", "calls / step", "ms / step", "share"], rows))
 
 

@@ -2,15 +2,11 @@
 // each panel scaled, converted and checked while it is still in cache.
 //
 // Inputs are multiplied in float32 (float16/bfloat16 products are exact in
-// float32, so this is FP32 accumulation). For each panel of rows the
-// multi-threaded BLAS writes the float32 panel; then, in parallel over the
+// float32, so this is FP32 accumulation). For each panel of rows, at::mm_out
+// (multi-threaded BLAS) writes the float32 panel; then, in parallel over the
 // panel, every value is multiplied by inv_scale, converted to out_dtype and
 // its *converted* bits checked for inf/NaN (detail/float_bits.h), so a value
 // that overflows float16 only in the conversion is caught too.
-// float32 output: the BLAS applies inv_scale itself (alpha of sgemm, beta 0:
-// alpha * sum, rounded once, as the separate multiply would), so the epilogue
-// only reads the panel. The unfused sequence (matmul, then torch's unscale +
-// check) reads and writes it; that pass is what the fusion saves here.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -75,36 +71,6 @@ bool scale_convert_check(const float* acc, out_t* out, int64_t n, float s) {
   return bits::max_magnitude_is_nonfinite<Format>(static_cast<typename Format::bits_type>(m));
 }
 
-// Whether any of p[0, n) is inf/NaN (read only).
-bool any_nonfinite(const float* p, int64_t n) {
-  using Format = bits::format_of_t<float>;
-  using IVec = Vectorized<int32_t>;
-  using FVec = Vectorized<float>;
-  const IVec mask(static_cast<int32_t>(Format::kMagnitudeMask));
-  IVec max_bits(0);
-  int64_t i = 0;
-  for (; i + FVec::size() <= n; i += FVec::size()) {
-    max_bits = at::vec::maximum(max_bits, at::vec::cast<int32_t>(FVec::loadu(p + i)) & mask);
-  }
-  int32_t lanes[IVec::size()];
-  max_bits.store(lanes);
-  int32_t m = *std::max_element(lanes, lanes + IVec::size());
-  for (; i < n; ++i) {
-    uint32_t b;
-    std::memcpy(&b, &p[i], sizeof b);
-    m = std::max(m, static_cast<int32_t>(bits::magnitude_bits<Format>(b)));
-  }
-  return bits::max_magnitude_is_nonfinite<Format>(static_cast<uint32_t>(m));
-}
-
-bool parallel_any_nonfinite(const float* p, int64_t n) {
-  std::atomic<bool> bad{false};
-  at::parallel_for(0, n, kEpilogueGrain, [&](int64_t begin, int64_t end) {
-    if (any_nonfinite(p + begin, end - begin)) bad.store(true, std::memory_order_relaxed);
-  });
-  return bad.load();
-}
-
 template <typename out_t>
 bool parallel_epilogue(const float* acc, out_t* out, int64_t n, float s) {
   std::atomic<bool> bad{false};
@@ -137,16 +103,11 @@ at::Tensor matmul_unscale_check_cpu(const at::Tensor& a, const at::Tensor& b, co
     at::Tensor a_panel = a.narrow(0, r, h);
     if (a_panel.scalar_type() != at::kFloat) a_panel = a_panel.to(at::kFloat);
     at::Tensor out_panel = out.narrow(0, r, h);  // rows of a contiguous matrix: contiguous
-    if (out_t == at::kFloat) {
-      // beta = 0: the uninitialised panel is not read (no NaN from it).
-      at::addmm_out(out_panel, out_panel, a_panel, b32, /*beta=*/0, /*alpha=*/s);
-      bad |= parallel_any_nonfinite(out_panel.const_data_ptr<float>(), h * N);
-      continue;
-    }
-    at::Tensor acc = scratch.narrow(0, 0, h);
+    at::Tensor acc = out_t == at::kFloat ? out_panel : scratch.narrow(0, 0, h);
     at::mm_out(acc, a_panel, b32);
     const float* acc_ptr = acc.const_data_ptr<float>();
     switch (out_t) {
+      case at::kFloat: bad |= parallel_epilogue(acc_ptr, out_panel.data_ptr<float>(), h * N, s); break;
       case at::kHalf: bad |= parallel_epilogue(acc_ptr, out_panel.data_ptr<c10::Half>(), h * N, s); break;
       case at::kBFloat16:
         bad |= parallel_epilogue(acc_ptr, out_panel.data_ptr<c10::BFloat16>(), h * N, s);
