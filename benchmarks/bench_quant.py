@@ -44,6 +44,7 @@ ops = deepseek_ext.ops
 
 # ---- the same computations in torch eager ops (sizes are multiples of block_size)
 
+RECIPROCAL = "DEEPSEEK_EXT_QUANT_RNE_RECIPROCAL"
 _CONSTS = {}
 
 
@@ -140,6 +141,20 @@ def main(argv=None):
                                    lambda: eager_dequantize_reduce(qw, sw, bs, 1.0 / W, dtype),
                                    n + 4 * nb + (n // W) * b),
             }
+            if dev == "cuda":
+                # The experiment of kernels/quantize_int8.cu (one reciprocal per
+                # thread instead of 16 divisions), switched by an environment
+                # variable read at every call; both rows pay for setting it.
+                def switched(flag, fn):
+                    def run():
+                        os.environ[RECIPROCAL] = flag
+                        return fn()
+                    return run
+                cases["quantize"] = (switched("0", cases["quantize"][0]),) + cases["quantize"][1:]
+                cases["quantize_recip"] = (switched("1", lambda: ops.quantize_int8(x, bs)),) + cases["quantize"][1:]
+                cases["quantize_ef"] = (switched("0", cases["quantize_ef"][0]),) + cases["quantize_ef"][1:]
+                cases["quantize_ef_recip"] = ((switched("1", lambda: ops.quantize_int8_ef_(x, residual, bs)),) +
+                                              cases["quantize_ef"][1:])
             # The eager compositions compute the same values (RNE paths):
             assert torch.equal(eager_quantize(x, bs)[0], q)
             torch.testing.assert_close(eager_dequantize(q, scales, bs, dtype), ops.dequantize_int8(q, scales, bs, dtype))
@@ -174,6 +189,7 @@ def main(argv=None):
                                  copy_ms=t_copy * 1e3, copy_gbs=copy_gbs, fraction_of_copy_bw=gbs / copy_gbs,
                                  bnb_ms=extra * 1e3 if extra else None))
                 print(" | ".join(row), flush=True)
+            os.environ.pop(RECIPROCAL, None)
             del x, residual, residual_e, q, scales, qw, sw, dst
 
     cols = ["op", "input", "numel", "ours ms", "ours GB/s", "eager ms", "x eager",
@@ -190,6 +206,9 @@ def main(argv=None):
              "torch.utils.benchmark medians; GB/s = bytes the op must move / time\n"
              "- eager = the same computation in torch ops (benchmarks/bench_quant.py: eager_*); "
              "its stochastic variant uses torch.rand_like\n")
+    if dev == "cuda":
+        text += (f"- *_recip rows: {RECIPROCAL}=1, round to nearest through one reciprocal per thread "
+                 "(an experiment, same results); both those rows and the plain ones set the variable before each call\n")
     if bnb_note:
         text += f"- {bnb_note}\n"
     text += "\n" + markdown_table(cols, rows)

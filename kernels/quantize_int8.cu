@@ -44,6 +44,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <tuple>
 
 #include "deepseek_ext/detail/int8_quant.h"
@@ -149,6 +150,7 @@ struct QuantParams {
   bool stochastic;
   uint64_t seed;
   uint64_t offset;
+  bool rne_reciprocal;  // DEEPSEEK_EXT_QUANT_RNE_RECIPROCAL=1, see rne_reciprocal_enabled()
 };
 
 template <typename scalar_t, typename res_t, bool kEF>
@@ -208,6 +210,11 @@ __global__ void __launch_bounds__(kThreads)
       case 2: quantize16_sr<2>(y, scale, p.seed, first, qf); break;
       default: quantize16_sr<3>(y, scale, p.seed, first, qf); break;
     }
+  } else if (p.rne_reciprocal && int8q::rne_by_reciprocal(scale)) {
+    // One correctly rounded reciprocal instead of 16 divisions (int8_quant.h: same q).
+    const int8q::ScaleDivisor d = int8q::scale_divisor(scale);
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) qf[i] = int8q::quantize_rne_by(y[i], d);
   } else {
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) qf[i] = int8q::quantize_rne(y[i], scale);
@@ -237,6 +244,21 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// An experiment for the next GPU check, off by default: with
+// DEEPSEEK_EXT_QUANT_RNE_RECIPROCAL=1 (read at every call) round-to-nearest
+// quantize divides by a block's scale through one reciprocal per thread
+// (int8q::quantize_rne_by: the same q, residual and scales, tested on the CPU
+// for scales across 2^-90..2^90 and values of every magnitude) instead of a
+// correctly rounded division per value (__fdiv_rn: a reciprocal, fused
+// multiply-adds, a range check and a branch to a slow path, 16 times a
+// thread). quantize runs at the same element rate for float32 and bfloat16
+// input on the H200, so it is bound by work per element. On the CPU the same
+// change was 20-30% slower than vdivps and is not used there.
+bool rne_reciprocal_enabled() {
+  const char* v = std::getenv("DEEPSEEK_EXT_QUANT_RNE_RECIPROCAL");
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
+}
 
 template <typename scalar_t, typename res_t, bool kEF>
 void launch_quantize(const at::Tensor& x, const at::Tensor& residual, at::Tensor& q,
@@ -280,6 +302,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x_in, const a
   p.stochastic = stochastic;
   p.seed = static_cast<uint64_t>(seed);
   p.offset = static_cast<uint64_t>(offset);
+  p.rne_reciprocal = !stochastic && rne_reciprocal_enabled();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   switch (x.scalar_type()) {
     case at::kFloat: dispatch_quantize<float>(x, residual, q, scales, p, stream); break;

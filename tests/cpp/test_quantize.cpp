@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <random>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -219,6 +220,66 @@ TEST_P(Quantize, NonFiniteBlocksDequantiseToNaN) {
 INSTANTIATE_TEST_SUITE_P(Dtypes, Quantize,
                          ::testing::Values(at::kFloat, at::kHalf, at::kBFloat16),
                          [](const auto& info) { return std::string(c10::toString(info.param)); });
+
+float from_bits(uint32_t b) { return int8q::bits_to_float(b); }
+uint32_t bits(float f) { return int8q::float_to_bits(f); }
+
+// quantize_rne_by (one reciprocal per block, no division per element) against
+// quantize_rne (IEEE division) bit for bit, q and residual, for scales across
+// the whole range rne_by_reciprocal accepts and values of every magnitude up
+// to 127.5 scale: random, exact ties (k + 1/2) scale, zeros of both signs and
+// subnormals. Where neither y nor y / s is below 2^-100 (nothing underflows)
+// the quotient itself must be the correctly rounded one.
+TEST(Int8Math, RoundToNearestByReciprocalEqualsDivision) {
+  std::mt19937_64 gen(20261128);
+  int64_t checked = 0, quotients = 0;
+  auto check = [&](float y, float s) {
+    ASSERT_TRUE(int8q::rne_by_reciprocal(s)) << s;
+    const auto d = int8q::scale_divisor(s);
+    const float want = int8q::quantize_rne(y, s);
+    const float got = int8q::quantize_rne_by(y, d);
+    ASSERT_EQ(bits(got), bits(want)) << "y=" << y << " s=" << s;
+    ASSERT_EQ(bits(int8q::residual(y, got, s)), bits(int8q::residual(y, want, s)));
+    if (y == 0.0f || (std::fabs(y) >= std::ldexp(s, -100) && std::fabs(y) >= std::ldexp(1.0f, -100))) {
+      ASSERT_EQ(bits(int8q::div_by(y, d)), bits(int8q::div_rn(y, s))) << "y=" << y << " s=" << s;
+      ++quotients;
+    }
+    ++checked;
+  };
+  for (int rep = 0; rep < 1 << 15; ++rep) {
+    // Every 128th significand of s across the accepted exponents, the extremes included.
+    const uint32_t mant = static_cast<uint32_t>(rep * 256 + (gen() & 255)) & 0x7fffffu;
+    const uint32_t e = int8q::kReciprocalMinExponent +
+                       static_cast<uint32_t>(gen() % (int8q::kReciprocalMaxExponent -
+                                                      int8q::kReciprocalMinExponent + 1));
+    const float s = from_bits((e << 23) | (rep % 7 == 0 ? 0x7fffffu : mant));
+    const float ymax = 127.5f * s;
+    for (int k = 0; k < 64; ++k) {
+      const uint64_t r = gen();
+      // |y| = ymax * u, u in (0, 1]: uniform, or log-uniform down to 2^-140.
+      const double u = (k % 2) ? std::ldexp(static_cast<double>(r >> 11) + 1, -53)
+                               : std::exp2(-140.0 * static_cast<double>(r >> 11) / 9007199254740992.0);
+      float y = static_cast<float>(ymax * u);
+      if (r & 1) y = -y;
+      check(y, s);
+    }
+    // Ties: (k + 1/2) s is exact when s has 9 trailing zero bits in its significand.
+    const float st = from_bits((e << 23) | (mant & ~0x1ffu));
+    for (int q = -127; q < 127; q += 9) check((static_cast<float>(q) + 0.5f) * st, st);
+    check(0.0f, s);
+    check(-0.0f, s);
+    check(from_bits(1u + static_cast<uint32_t>(gen() % 0x7fffffu)), s);  // a subnormal y
+    check(-from_bits(1u), s);
+  }
+  EXPECT_GT(quotients, checked / 2);
+  // Outside the range the kernels keep the division.
+  EXPECT_FALSE(int8q::rne_by_reciprocal(std::ldexp(1.0f, -91)));
+  EXPECT_FALSE(int8q::rne_by_reciprocal(std::ldexp(1.0f, 91)));
+  EXPECT_FALSE(int8q::rne_by_reciprocal(0.0f));
+  EXPECT_FALSE(int8q::rne_by_reciprocal(std::numeric_limits<float>::quiet_NaN()));
+  EXPECT_TRUE(int8q::rne_by_reciprocal(std::ldexp(1.0f, -90)));
+  EXPECT_TRUE(int8q::rne_by_reciprocal(std::nextafter(std::ldexp(1.0f, 91), 0.0f)));
+}
 
 TEST(Philox, MatchesRandom123AndAten) {
   // Random123 known-answer vector: philox4x32_10, counter 0, key 0.

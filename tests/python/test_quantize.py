@@ -546,6 +546,36 @@ def test_cuda_matches_cpu_bitwise(dtype, stochastic, n, block_size, offset):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_rne_by_reciprocal_matches_cpu_bitwise(dtype, monkeypatch):
+    """DEEPSEEK_EXT_QUANT_RNE_RECIPROCAL=1 (the CUDA kernel divides through one
+    reciprocal per thread) keeps q, scales and the residual equal to the CPU's,
+    for blocks across the whole exponent range (also outside 2^-90..2^90,
+    where the kernel keeps the division), zeros of both signs and subnormals."""
+    monkeypatch.setenv("DEEPSEEK_EXT_QUANT_RNE_RECIPROCAL", "1")
+    n, bs = 1_000_003, 256
+    nb = (n + bs - 1) // bs
+    gen = torch.Generator().manual_seed(11)
+    exps = torch.randint(-135, 125, (nb,), generator=gen).float()
+    x = torch.randn(n, generator=gen) * torch.pow(2.0, exps).repeat_interleave(bs)[:n]
+    x[:bs] = 0.0
+    x[1:bs:2] = -0.0
+    x[bs:2 * bs] = torch.randn(bs, generator=gen) * 2.0**-140  # subnormals
+    x[2 * bs:3 * bs] = torch.arange(bs, dtype=torch.float32) - 127.5  # absmax 127.5: many near-ties
+    x = x.to(dtype)
+    q_c, s_c = ops.quantize_int8(x, bs)
+    q_g, s_g = ops.quantize_int8(x.cuda(), bs)
+    assert_bitwise(q_g.cpu(), q_c)
+    assert_bitwise(s_g.cpu(), s_c)
+    r_c = torch.randn(n, generator=gen) * 1e-3
+    r_g = r_c.cuda()
+    a = ops.quantize_int8_ef_(x, r_c, bs)
+    b = ops.quantize_int8_ef_(x.cuda(), r_g, bs)
+    assert_bitwise(b[0].cpu(), a[0])
+    assert_bitwise(r_g.cpu(), r_c)
+
+
+@pytest.mark.cuda
 def test_cuda_misaligned_views():
     base = torch.randn(10001, device="cuda")
     x = base[1:]  # 4-byte offset: no 16-byte loads

@@ -141,6 +141,47 @@ DSX_INLINE float quantize_rne(float y, float scale) {
   return clamp_q(rint_rn(div_rn(y, scale)));
 }
 
+// Round-to-nearest-even q without a division per element. A block divides
+// every value by the same scale s, so take r = RN(1/s) once; then
+// q0 = RN(y r), e = y - q0 s (exact: one fma) and RN(q0 + e r) is the
+// correctly rounded y / s (Markstein's theorem: r correctly rounded, no
+// underflow or overflow). e == 0 means q0 is exact; returning it also keeps
+// the sign of a zero y. With 2^-90 <= s <= 2^90 (rne_by_reciprocal) and
+// |y| <= 127.5 s, the quotient cannot overflow, and wherever rint could round
+// it either way (|y / s| >= 0.5) nothing underflows, so rint gives the same q
+// as quantize_rne. Below 0.5 both give 0, and the residual y - q s is y either
+// way. (Stochastic rounding keeps the division: a quotient that underflows
+// matters to it.) The tests compare this with quantize_rne bit for bit. The
+// CUDA quantize kernel uses it when DEEPSEEK_EXT_QUANT_RNE_RECIPROCAL=1 (an
+// experiment until a GPU run measures it); on the CPU it was slower than the
+// vector division and is not used.
+struct ScaleDivisor {
+  float scale;
+  float inv;  // RN(1 / scale)
+};
+
+DSX_INLINE ScaleDivisor scale_divisor(float scale) { return {scale, div_rn(1.0f, scale)}; }
+
+constexpr uint32_t kReciprocalMinExponent = 127 - 90;  // biased exponent of 2^-90
+constexpr uint32_t kReciprocalMaxExponent = 127 + 90;
+
+// Whether quantize_rne_by(y, scale_divisor(scale)) == quantize_rne(y, scale)
+// for every y of a block with this scale.
+DSX_INLINE bool rne_by_reciprocal(float scale) {
+  const uint32_t e = (float_to_bits(scale) & kMagnitudeMask) >> 23;
+  return e >= kReciprocalMinExponent && e <= kReciprocalMaxExponent;
+}
+
+DSX_INLINE float div_by(float y, ScaleDivisor d) {
+  const float q0 = mul_rn(y, d.inv);
+  const float e = fma_rn(-q0, d.scale, y);
+  return e == 0.0f ? q0 : fma_rn(e, d.inv, q0);
+}
+
+DSX_INLINE float quantize_rne_by(float y, ScaleDivisor d) {
+  return clamp_q(rint_rn(div_by(y, d)));
+}
+
 // q (as an integral float in [-127, 127]) of y rounded stochastically with
 // the random word `word`.
 DSX_INLINE float quantize_sr(float y, float scale, uint32_t word) {
