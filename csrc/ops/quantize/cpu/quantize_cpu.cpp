@@ -31,6 +31,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/cpu_alloc.h"
 #include "deepseek_ext/detail/int8_quant.h"
 #include "deepseek_ext/detail/philox.h"
 #include "quantize/quantize.h"
@@ -483,7 +484,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x_in, const a
                                                  int64_t block_size, bool stochastic, int64_t seed,
                                                  int64_t offset) {
   const at::Tensor x = x_in.contiguous();
-  at::Tensor q = at::empty(x_in.sizes(), x_in.options().dtype(at::kChar));
+  at::Tensor q = empty_for_write(x_in.sizes(), x_in.options().dtype(at::kChar));
   at::Tensor scales =
       at::empty({num_quant_blocks(x.numel(), block_size)}, x_in.options().dtype(at::kFloat));
   if (x.numel() == 0) return {q, scales};
@@ -554,7 +555,7 @@ at::Tensor dequantize_reduce_impl(const at::Tensor& q_in, const at::Tensor& scal
   const at::Tensor scales = scales_in.contiguous();
   const int64_t W = q.size(0);
   const int64_t n = q.size(1);
-  at::Tensor out = at::empty({n}, q.options().dtype(dtype));
+  at::Tensor out = empty_for_write({n}, q.options().dtype(dtype));
   if (n == 0) return out;
   const float m = static_cast<float>(multiplier);
   const auto* qp = q.const_data_ptr<int8_t>();
