@@ -515,6 +515,51 @@ def test_cpp_api_and_torchscript():
     assert_bitwise(r, r_ref)
 
 
+# ---------------------------------------------------------------- large CPU outputs
+
+def _thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _anon_huge_kib(addr):
+    """AnonHugePages of the mapping of this process that holds addr."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) > 1 and len(head[1]) == 4:  # a mapping's first line
+                lo, hi = (int(v, 16) for v in head[0].split("-"))
+                inside = lo <= addr < hi
+            elif inside and head and head[0] == "AnonHugePages:":
+                return int(head[1])
+    return 0
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"),
+                    reason="needs Linux transparent huge pages in 'always' or 'madvise' mode")
+def test_large_cpu_outputs_get_huge_pages_and_exact_values():
+    """Outputs of 16 MiB or more are advised to use 2 MiB pages before the kernel
+    writes them (csrc/ops/common/cpu_alloc.h): the values stay exact, and the
+    output's mapping holds huge pages."""
+    n = 9 * 2**20 + 4096  # float32 output: 36 MiB
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(n, generator=gen)
+    q, s = ops.quantize_int8(x, 256)
+    out = ops.dequantize_int8(q, s, 256, torch.float32)
+    assert_bitwise(out, dequantize_ref(q, s, 256))
+    assert _anon_huge_kib(out.data_ptr() + out.nbytes // 2) >= 2048
+    x_big = torch.randn(17 * 2**20, generator=gen)
+    q_big, s_big = ops.quantize_int8(x_big, 4096)  # int8 q: 17 MiB
+    q_ref, s_ref, _ = quantize_ref(x_big, 4096)
+    assert_bitwise(q_big, q_ref)
+    assert_bitwise(s_big, s_ref)
+    assert _anon_huge_kib(q_big.data_ptr() + q_big.nbytes // 2) >= 2048
+
+
 # ---------------------------------------------------------------- CPU == CUDA
 
 @pytest.mark.cuda
