@@ -544,7 +544,8 @@ def _anon_huge_kib(addr):
 def test_large_cpu_outputs_get_huge_pages_and_exact_values():
     """Outputs of 16 MiB or more are advised to use 2 MiB pages before the kernel
     writes them (csrc/ops/common/cpu_alloc.h): the values stay exact, and the
-    output's mapping holds huge pages."""
+    mapping of a 36 MiB output (above glibc's 32 MiB mmap threshold: always
+    fresh pages) holds huge pages."""
     n = 9 * 2**20 + 4096  # float32 output: 36 MiB
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(n, generator=gen)
@@ -552,12 +553,14 @@ def test_large_cpu_outputs_get_huge_pages_and_exact_values():
     out = ops.dequantize_int8(q, s, 256, torch.float32)
     assert_bitwise(out, dequantize_ref(q, s, 256))
     assert _anon_huge_kib(out.data_ptr() + out.nbytes // 2) >= 2048
+    # An int8 q of 17 MiB is advised too. Below glibc's largest mmap threshold
+    # (32 MiB) it may come from already-touched heap pages, which keep their
+    # 4 KiB pages (and fault no more), so only its values are checked.
     x_big = torch.randn(17 * 2**20, generator=gen)
-    q_big, s_big = ops.quantize_int8(x_big, 4096)  # int8 q: 17 MiB
+    q_big, s_big = ops.quantize_int8(x_big, 4096)
     q_ref, s_ref, _ = quantize_ref(x_big, 4096)
     assert_bitwise(q_big, q_ref)
     assert_bitwise(s_big, s_ref)
-    assert _anon_huge_kib(q_big.data_ptr() + q_big.nbytes // 2) >= 2048
 
 
 # ---------------------------------------------------------------- CPU == CUDA
