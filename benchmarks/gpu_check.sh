@@ -20,10 +20,10 @@
 #   GPU_CHECK_ARCHIVE  a .tar.gz path refreshed after every step with all of
 #                      $OUT: what a killed run had finished is still in it.
 #   GPU_CHECK_TESTS    pytest selection (default "-m cuda tests/python": the CUDA tests).
-#   GPU_CHECK_STEPS    what runs after the build, in order (default: tests, every GPU
-#                      benchmark including bench_gemm_sm90_variants, which compiles other
-#                      CUTLASS configurations of the fused GEMM, then demo_smoke),
-#                      e.g. "tests bench_gemm".
+#   GPU_CHECK_STEPS    what runs after the build, in order (default: tests, the GPU
+#                      benchmarks, then demo_smoke), e.g. "tests bench_gemm".
+#                      bench_gemm_sm90_variants (other CUTLASS configurations of the
+#                      fused GEMM, its own extension) runs only when named.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -32,7 +32,9 @@ BUDGET=${GPU_CHECK_BUDGET:-0}
 ARCHIVE=${GPU_CHECK_ARCHIVE:-}
 TESTS=${GPU_CHECK_TESTS:--m cuda tests/python}
 # Default order: what the open issues still need measured first, in case the budget runs out.
-STEPS=${GPU_CHECK_STEPS:-tests bench_quant bench_gemm_sm90_variants bench_unscale bench_shared_attention bench_gemm bench_sparse_ffn bench_scaler demo_smoke}
+# bench_gemm_sm90_variants is not in the default any more: its 2026-11-28 run settled
+# the question it asked (no configuration beat the library's); name it to run it.
+STEPS=${GPU_CHECK_STEPS:-tests bench_quant bench_unscale bench_shared_attention bench_gemm bench_sparse_ffn bench_scaler demo_smoke}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 declare -A status
@@ -108,7 +110,8 @@ if [[ ${status[build]} == ok* ]]; then
         extra=() limit=90
         case $name in
           bench_unscale) extra=(--rounds 3 --min-run-time 0.1) ;;
-          bench_quant) extra=(--rounds 3 --min-run-time 0.1) limit=150 ;;  # ~55 s per dtype on an H200
+          # 16M and 256M: 1M is launch-bound. With the *_recip rows about 75 s per dtype on an H200.
+          bench_quant) extra=(--rounds 3 --min-run-time 0.1 --sizes 16M,256M) limit=200 ;;
           bench_gemm) extra=(--rounds 3 --min-run-time 0.2) ;;
           bench_sparse_ffn) extra=(--rounds 3 --min-run-time 0.2 --profile 0.3) ;;
           bench_scaler) extra=(--rounds 3) ;;
