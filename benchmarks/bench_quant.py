@@ -44,7 +44,7 @@ ops = deepseek_ext.ops
 
 # ---- the same computations in torch eager ops (sizes are multiples of block_size)
 
-RECIPROCAL = "DEEPSEEK_EXT_QUANT_RNE_RECIPROCAL"
+DIVISION = "DEEPSEEK_EXT_QUANT_DIVISION"
 _CONSTS = {}
 
 
@@ -142,19 +142,23 @@ def main(argv=None):
                                    n + 4 * nb + (n // W) * b),
             }
             if dev == "cuda":
-                # The experiment of kernels/quantize_int8.cu (one reciprocal per
-                # thread instead of 16 divisions), switched by an environment
-                # variable read at every call; both rows pay for setting it.
+                # kernels/quantize_int8.cu divides through one reciprocal per
+                # thread; DIVISION=1 (read at every call) makes it divide every
+                # value instead. The *_div rows time that, for comparison; every
+                # quantize row sets the variable before each call.
                 def switched(flag, fn):
                     def run():
-                        os.environ[RECIPROCAL] = flag
+                        os.environ[DIVISION] = flag
                         return fn()
                     return run
-                cases["quantize"] = (switched("0", cases["quantize"][0]),) + cases["quantize"][1:]
-                cases["quantize_recip"] = (switched("1", lambda: ops.quantize_int8(x, bs)),) + cases["quantize"][1:]
-                cases["quantize_ef"] = (switched("0", cases["quantize_ef"][0]),) + cases["quantize_ef"][1:]
-                cases["quantize_ef_recip"] = ((switched("1", lambda: ops.quantize_int8_ef_(x, residual, bs)),) +
-                                              cases["quantize_ef"][1:])
+                for name, fn in (("quantize", lambda: ops.quantize_int8(x, bs)),
+                                 ("quantize_sr", lambda: ops.quantize_int8(x, bs, True, 1, 0)),
+                                 ("quantize_ef", lambda: ops.quantize_int8_ef_(x, residual, bs))):
+                    rest = cases[name][1:]
+                    cases[name] = (switched("0", fn),) + rest
+                    cases[name + "_div"] = (switched("1", fn),) + rest
+                cases = {k: cases[k] for k in ("quantize", "quantize_div", "quantize_sr", "quantize_sr_div",
+                                               "quantize_ef", "quantize_ef_div", "dequantize", "dequant_reduce")}
             # The eager compositions compute the same values (RNE paths):
             assert torch.equal(eager_quantize(x, bs)[0], q)
             torch.testing.assert_close(eager_dequantize(q, scales, bs, dtype), ops.dequantize_int8(q, scales, bs, dtype))
@@ -189,7 +193,7 @@ def main(argv=None):
                                  copy_ms=t_copy * 1e3, copy_gbs=copy_gbs, fraction_of_copy_bw=gbs / copy_gbs,
                                  bnb_ms=extra * 1e3 if extra else None))
                 print(" | ".join(row), flush=True)
-            os.environ.pop(RECIPROCAL, None)
+            os.environ.pop(DIVISION, None)
             del x, residual, residual_e, q, scales, qw, sw, dst
 
     cols = ["op", "input", "numel", "ours ms", "ours GB/s", "eager ms", "x eager",
@@ -207,8 +211,9 @@ def main(argv=None):
              "- eager = the same computation in torch ops (benchmarks/bench_quant.py: eager_*); "
              "its stochastic variant uses torch.rand_like\n")
     if dev == "cuda":
-        text += (f"- *_recip rows: {RECIPROCAL}=1, round to nearest through one reciprocal per thread "
-                 "(an experiment, same results); both those rows and the plain ones set the variable before each call\n")
+        text += (f"- *_div rows: {DIVISION}=1, the kernel divides every value by its block's scale "
+                 "(__fdiv_rn) instead of using one reciprocal per thread (same results); "
+                 "every quantize row sets the variable before each call\n")
     if bnb_note:
         text += f"- {bnb_note}\n"
     text += "\n" + markdown_table(cols, rows)

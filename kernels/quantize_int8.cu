@@ -6,10 +6,20 @@
 // error feedback) into registers. block_size is a multiple of 32, so a
 // thread's 16 elements lie in one quantisation block. absmax is reduced over
 // the lanes of a warp that share a quantisation block (__match_any_sync +
-// __reduce_max_sync on the magnitude bits), then across warps with one shared
-// atomicMax per warp and block. q (16 bytes per thread) and the new residual
-// are written once. Stochastic rounding draws 4 or 5 Philox counter blocks per
-// thread.
+// __reduce_max_sync on the magnitude bits); only block sizes that do not
+// divide a warp's 512 elements then reduce across warps (one shared atomicMax
+// per warp and block, two barriers), so with the default 256 the warps run
+// independently. q (16 bytes per thread) and the new residual are written
+// once. Stochastic rounding draws 4 or 5 Philox counter blocks per thread.
+// Per element the kernel does no division and no quarter-rate instruction:
+// the quotient comes from one correctly rounded reciprocal per thread and two
+// fmas (int8q::div_by; div_exact_by for stochastic rounding), and rint / floor
+// and the int8 conversion are one FADD of 1.5 * 2^23 (int8q::rne_code,
+// sr_code), whose low byte is q, packed with byte permutes. On the H200 the
+// previous version (a correctly rounded division, FRND and F2I per element,
+// barriers for every block size) ran float32 at 73% of copy bandwidth and
+// bfloat16 at 49%, the same element rate for both: bound by instructions per
+// element. DEEPSEEK_EXT_QUANT_DIVISION=1 brings the division back, to measure.
 // dequantize_reduce_int8 and dequantize_int8 (W = 1) have one kernel each,
 // chosen by what the H200 measured (256M elements, float32 out):
 //   * W > 1: each thread owns 16 consecutive elements, one 16-byte q load and
@@ -59,6 +69,7 @@ constexpr int kThreads = 256;
 constexpr int kPerThread = 16;
 constexpr int kTileElems = kThreads * kPerThread;  // 4096 = the largest block_size
 constexpr int kMaxBlocksPerTile = kTileElems / int8q::kBlockMultiple;
+constexpr int kWarpElems = 32 * kPerThread;
 static_assert(kTileElems == int8q::kMaxBlockSize, "a tile holds at least one block");
 
 template <typename T>
@@ -126,10 +137,24 @@ __device__ __forceinline__ void store16(T* p, int64_t valid, bool vec_ok, const 
   }
 }
 
-// Stochastic q of 16 values whose first element has Philox index 4 * first + kShift.
-template <int kShift>
-__device__ __forceinline__ void quantize16_sr(const float (&y)[16], float scale, uint64_t seed,
-                                              uint64_t first, float (&qf)[16]) {
+// q codes (int8q::rne_code) of 16 values of a block with scale `scale` > 0.
+// kReciprocal: divide through one reciprocal (int8q::div_by / div_exact_by,
+// needs int8q::rne_by_reciprocal(scale)), else by a division per value. Both
+// give the correctly rounded quotient wherever the rounding can see it, so the
+// codes are the same. kShift: the first element's Philox word is word kShift
+// of counter block `first` (stochastic only: 4 or 5 blocks for 16 values).
+template <bool kReciprocal>
+__device__ __forceinline__ void rne_codes16(const float (&y)[16], float scale, float (&t)[16]) {
+  const int8q::ScaleDivisor d = kReciprocal ? int8q::scale_divisor(scale) : int8q::ScaleDivisor{scale, 0.0f};
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    t[i] = int8q::rne_code(kReciprocal ? int8q::div_by(y[i], d) : int8q::div_rn(y[i], scale));
+  }
+}
+
+template <bool kReciprocal, int kShift>
+__device__ __forceinline__ void sr_codes16(const float (&y)[16], float scale, uint64_t seed,
+                                           uint64_t first, float (&t)[16]) {
   constexpr int kBlocks = kShift == 0 ? 4 : 5;
   uint32_t w[4 * kBlocks];
 #pragma unroll
@@ -138,8 +163,31 @@ __device__ __forceinline__ void quantize16_sr(const float (&y)[16], float scale,
 #pragma unroll
     for (int j = 0; j < 4; ++j) w[4 * b + j] = o.w[j];
   }
+  const int8q::ScaleDivisor d = kReciprocal ? int8q::scale_divisor(scale) : int8q::ScaleDivisor{scale, 0.0f};
 #pragma unroll
-  for (int i = 0; i < kPerThread; ++i) qf[i] = int8q::quantize_sr(y[i], scale, w[kShift + i]);
+  for (int i = 0; i < kPerThread; ++i) {
+    const float v = kReciprocal ? int8q::div_exact_by(y[i], d) : int8q::div_rn(y[i], scale);
+    t[i] = int8q::sr_code(v, w[kShift + i]);
+  }
+}
+
+template <bool kReciprocal>
+__device__ __forceinline__ void sr_codes16(const float (&y)[16], float scale, uint64_t seed,
+                                           uint64_t g0, float (&t)[16]) {
+  const uint64_t first = g0 >> 2;
+  switch (static_cast<int>(g0 & 3)) {
+    case 0: sr_codes16<kReciprocal, 0>(y, scale, seed, first, t); break;
+    case 1: sr_codes16<kReciprocal, 1>(y, scale, seed, first, t); break;
+    case 2: sr_codes16<kReciprocal, 2>(y, scale, seed, first, t); break;
+    default: sr_codes16<kReciprocal, 3>(y, scale, seed, first, t); break;
+  }
+}
+
+// Four codes' low bytes (their int8 q) as one word, first in the lowest byte.
+__device__ __forceinline__ uint32_t pack4(float a, float b, float c, float d) {
+  const uint32_t ab = __byte_perm(__float_as_uint(a), __float_as_uint(b), 0x0040);
+  const uint32_t cd = __byte_perm(__float_as_uint(c), __float_as_uint(d), 0x0040);
+  return __byte_perm(ab, cd, 0x5410);
 }
 
 struct QuantParams {
@@ -150,7 +198,7 @@ struct QuantParams {
   bool stochastic;
   uint64_t seed;
   uint64_t offset;
-  bool rne_reciprocal;  // DEEPSEEK_EXT_QUANT_RNE_RECIPROCAL=1, see rne_reciprocal_enabled()
+  bool division;  // DEEPSEEK_EXT_QUANT_DIVISION=1, see division_forced()
 };
 
 template <typename scalar_t, typename res_t, bool kEF>
@@ -160,7 +208,14 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ uint32_t amax_s[kMaxBlocksPerTile];
   const int64_t tile_elems = static_cast<int64_t>(p.block_size) * p.blocks_per_tile;
   const int64_t first_block = static_cast<int64_t>(blockIdx.x) * p.blocks_per_tile;
-  for (int i = threadIdx.x; i < p.blocks_per_tile; i += kThreads) amax_s[i] = 0;
+  // Quantisation blocks that divide a warp's 32 * 16 = 512 elements (32 ... 512,
+  // powers of two, the default 256 among them) lie in one warp each: their
+  // absmax needs no shared memory and no barrier, so the warps of a block run
+  // independently. Other sizes (96, 1024, ...) reduce across warps.
+  const bool in_warp = kWarpElems % p.block_size == 0;  // the same for every thread
+  if (!in_warp) {
+    for (int i = threadIdx.x; i < p.blocks_per_tile; i += kThreads) amax_s[i] = 0;
+  }
 
   const int local = threadIdx.x * kPerThread;
   const int64_t e0 = static_cast<int64_t>(blockIdx.x) * tile_elems + local;
@@ -185,51 +240,50 @@ __global__ void __launch_bounds__(kThreads)
       mag = m > mag ? m : mag;
     }
   }
-  __syncthreads();  // amax_s zeroed
   // Warp-level absmax over the lanes of the same quantisation block.
   const unsigned peers = __match_any_sync(0xffffffffu, lb);
   mag = __reduce_max_sync(peers, mag);
-  const int lane = threadIdx.x & 31;
-  if (active && lane == __ffs(peers) - 1) atomicMax(&amax_s[lb], mag);
-  __syncthreads();
+  if (!in_warp) {
+    __syncthreads();  // amax_s zeroed
+    const int lane = threadIdx.x & 31;
+    if (active && lane == __ffs(peers) - 1) atomicMax(&amax_s[lb], mag);
+    __syncthreads();
+    if (active) mag = amax_s[lb];
+  }
   if (!active) return;
 
-  const float scale = int8q::scale_from_absmax_bits(amax_s[lb]);
+  const float scale = int8q::scale_from_absmax_bits(mag);
   if (local % p.block_size == 0) scales[first_block + lb] = scale;
 
-  float qf[kPerThread];
+  // q codes (int8q::rne_code): q is the low byte, code_value(t) its float value.
+  float t[kPerThread];
+  const bool reciprocal = !p.division && int8q::rne_by_reciprocal(scale);
   if (!int8q::quantizes(scale)) {
 #pragma unroll
-    for (int i = 0; i < kPerThread; ++i) qf[i] = 0.0f;
+    for (int i = 0; i < kPerThread; ++i) t[i] = int8q::kRoundMagic;  // q = 0
   } else if (p.stochastic) {
     const uint64_t g0 = p.offset + static_cast<uint64_t>(e0);
-    const uint64_t first = g0 >> 2;
-    switch (static_cast<int>(g0 & 3)) {
-      case 0: quantize16_sr<0>(y, scale, p.seed, first, qf); break;
-      case 1: quantize16_sr<1>(y, scale, p.seed, first, qf); break;
-      case 2: quantize16_sr<2>(y, scale, p.seed, first, qf); break;
-      default: quantize16_sr<3>(y, scale, p.seed, first, qf); break;
+    if (reciprocal) {
+      sr_codes16<true>(y, scale, p.seed, g0, t);
+    } else {
+      sr_codes16<false>(y, scale, p.seed, g0, t);
     }
-  } else if (p.rne_reciprocal && int8q::rne_by_reciprocal(scale)) {
-    // One correctly rounded reciprocal instead of 16 divisions (int8_quant.h: same q).
-    const int8q::ScaleDivisor d = int8q::scale_divisor(scale);
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i) qf[i] = int8q::quantize_rne_by(y[i], d);
+  } else if (reciprocal) {
+    rne_codes16<true>(y, scale, t);
   } else {
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i) qf[i] = int8q::quantize_rne(y[i], scale);
+    rne_codes16<false>(y, scale, t);
   }
 
   // q: 16 bytes, aligned (fresh tensor, e0 % 16 == 0) unless this is the tail.
   if (valid == kPerThread) {
-    int8_t qb[kPerThread];
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i) qb[i] = static_cast<int8_t>(qf[i]);
     uint4 raw;
-    memcpy(&raw, qb, sizeof raw);
+    raw.x = pack4(t[0], t[1], t[2], t[3]);
+    raw.y = pack4(t[4], t[5], t[6], t[7]);
+    raw.z = pack4(t[8], t[9], t[10], t[11]);
+    raw.w = pack4(t[12], t[13], t[14], t[15]);
     *reinterpret_cast<uint4*>(q + e0) = raw;
   } else {
-    for (int i = 0; i < valid; ++i) q[e0 + i] = static_cast<int8_t>(qf[i]);
+    for (int i = 0; i < valid; ++i) q[e0 + i] = int8q::code_byte(t[i]);
   }
 
   if constexpr (kEF) {
@@ -237,7 +291,7 @@ __global__ void __launch_bounds__(kThreads)
     if (scale == scale) {
       float r[kPerThread];
 #pragma unroll
-      for (int i = 0; i < kPerThread; ++i) r[i] = int8q::residual(y[i], qf[i], scale);
+      for (int i = 0; i < kPerThread; ++i) r[i] = int8q::residual(y[i], int8q::code_value(t[i]), scale);
       store16(res + e0, valid, p.vec_ok, r);
     }
   }
@@ -245,18 +299,14 @@ __global__ void __launch_bounds__(kThreads)
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-// An experiment for the next GPU check, off by default: with
-// DEEPSEEK_EXT_QUANT_RNE_RECIPROCAL=1 (read at every call) round-to-nearest
-// quantize divides by a block's scale through one reciprocal per thread
-// (int8q::quantize_rne_by: the same q, residual and scales, tested on the CPU
-// for scales across 2^-90..2^90 and values of every magnitude) instead of a
-// correctly rounded division per value (__fdiv_rn: a reciprocal, fused
-// multiply-adds, a range check and a branch to a slow path, 16 times a
-// thread). quantize runs at the same element rate for float32 and bfloat16
-// input on the H200, so it is bound by work per element. On the CPU the same
-// change was 20-30% slower than vdivps and is not used there.
-bool rne_reciprocal_enabled() {
-  const char* v = std::getenv("DEEPSEEK_EXT_QUANT_RNE_RECIPROCAL");
+// DEEPSEEK_EXT_QUANT_DIVISION=1 (read at every call) makes quantize divide
+// every value by its block's scale (__fdiv_rn: a reciprocal, fused
+// multiply-adds, a range check and a branch to a slow path) instead of going
+// through one reciprocal per thread (int8q::div_by / div_exact_by). The results
+// are the same; the switch exists to measure the difference (bench_quant's
+// *_div rows).
+bool division_forced() {
+  const char* v = std::getenv("DEEPSEEK_EXT_QUANT_DIVISION");
   return v != nullptr && v[0] == '1' && v[1] == '\0';
 }
 
@@ -302,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x_in, const a
   p.stochastic = stochastic;
   p.seed = static_cast<uint64_t>(seed);
   p.offset = static_cast<uint64_t>(offset);
-  p.rne_reciprocal = !stochastic && rne_reciprocal_enabled();
+  p.division = division_forced();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   switch (x.scalar_type()) {
     case at::kFloat: dispatch_quantize<float>(x, residual, q, scales, p, stream); break;

@@ -224,13 +224,14 @@ INSTANTIATE_TEST_SUITE_P(Dtypes, Quantize,
 float from_bits(uint32_t b) { return int8q::bits_to_float(b); }
 uint32_t bits(float f) { return int8q::float_to_bits(f); }
 
-// quantize_rne_by (one reciprocal per block, no division per element) against
-// quantize_rne (IEEE division) bit for bit, q and residual, for scales across
-// the whole range rne_by_reciprocal accepts and values of every magnitude up
-// to 127.5 scale: random, exact ties (k + 1/2) scale, zeros of both signs and
-// subnormals. Where neither y nor y / s is below 2^-100 (nothing underflows)
-// the quotient itself must be the correctly rounded one.
-TEST(Int8Math, RoundToNearestByReciprocalEqualsDivision) {
+// The CUDA kernel's division through one reciprocal per thread against IEEE
+// division, bit for bit, for scales across the whole range rne_by_reciprocal
+// accepts and values of every magnitude up to 127.5 scale: random, exact ties
+// (k + 1/2) scale, zeros of both signs and subnormals.
+//   * quantize_rne_by against quantize_rne: q and residual;
+//   * div_exact_by (stochastic rounding's quotient) against div_rn, always;
+//   * div_by against div_rn where neither y nor y / s is below 2^-100.
+TEST(Int8Math, DivisionByReciprocalEqualsDivision) {
   std::mt19937_64 gen(20261128);
   int64_t checked = 0, quotients = 0;
   auto check = [&](float y, float s) {
@@ -240,6 +241,7 @@ TEST(Int8Math, RoundToNearestByReciprocalEqualsDivision) {
     const float got = int8q::quantize_rne_by(y, d);
     ASSERT_EQ(bits(got), bits(want)) << "y=" << y << " s=" << s;
     ASSERT_EQ(bits(int8q::residual(y, got, s)), bits(int8q::residual(y, want, s)));
+    ASSERT_EQ(bits(int8q::div_exact_by(y, d)), bits(int8q::div_rn(y, s))) << "y=" << y << " s=" << s;
     if (y == 0.0f || (std::fabs(y) >= std::ldexp(s, -100) && std::fabs(y) >= std::ldexp(1.0f, -100))) {
       ASSERT_EQ(bits(int8q::div_by(y, d)), bits(int8q::div_rn(y, s))) << "y=" << y << " s=" << s;
       ++quotients;
@@ -279,6 +281,54 @@ TEST(Int8Math, RoundToNearestByReciprocalEqualsDivision) {
   EXPECT_FALSE(int8q::rne_by_reciprocal(std::numeric_limits<float>::quiet_NaN()));
   EXPECT_TRUE(int8q::rne_by_reciprocal(std::ldexp(1.0f, -90)));
   EXPECT_TRUE(int8q::rne_by_reciprocal(std::nextafter(std::ldexp(1.0f, 91), 0.0f)));
+}
+
+// The q codes (t = q + 1.5 * 2^23) against rint / floor written directly: for
+// every quarter in [-130, 130] and its two float neighbours (ties and values
+// just off them), zeros of both signs, tiny values and random ones, the code's
+// low byte is the int8 q and code_value its float value, +0 for zero. The
+// stochastic code is checked with words at, just below and just above the
+// threshold u = v - floor(v), and random ones.
+TEST(Int8Math, CodesRoundLikeRintAndFloorAndHoldTheInt8) {
+  auto clamp_ref = [](float r) { return r < -127.0f ? -127.0f : (r > 127.0f ? 127.0f : r); };
+  std::vector<float> vs = {0.0f, -0.0f, 1e-30f, -1e-30f, from_bits(1u), -from_bits(1u),
+                           127.49998f, -127.49998f, 127.5f, -127.5f, 1000.0f, -1000.0f};
+  for (int k = -130 * 4; k <= 130 * 4; ++k) {
+    const float v = static_cast<float>(k) * 0.25f;
+    vs.push_back(v);
+    vs.push_back(std::nextafter(v, 1e9f));
+    vs.push_back(std::nextafter(v, -1e9f));
+  }
+  std::mt19937_64 gen(7);
+  std::uniform_real_distribution<float> dist(-140.0f, 140.0f);
+  for (int k = 0; k < 100000; ++k) vs.push_back(dist(gen));
+  int64_t ups = 0, downs = 0;
+  for (const float v : vs) {
+    const float want = clamp_ref(std::nearbyint(v)) + 0.0f;  // + 0: -0 becomes +0
+    const float t = int8q::rne_code(v);
+    ASSERT_EQ(bits(int8q::code_value(t)), bits(want)) << "v=" << v;
+    ASSERT_EQ(int8q::code_byte(t), static_cast<int8_t>(want)) << "v=" << v;
+
+    const float vc = clamp_ref(v);
+    const float f = std::floor(vc);
+    const float frac = vc - f;  // exact
+    const uint32_t at = static_cast<uint32_t>(std::ldexp(static_cast<double>(frac), 24));  // floor(frac * 2^24)
+    const uint32_t words[] = {(at << 8) | 0xffu, at == 0 ? 0u : ((at - 1) << 8), ((at + 1) << 8) & ~0u,
+                              static_cast<uint32_t>(gen())};
+    for (const uint32_t w : words) {
+      const float u = static_cast<float>(w >> 8) * 5.9604644775390625e-08f;
+      const float q_ref = (u < frac ? f + 1.0f : f) + 0.0f;
+      const float ts = int8q::sr_code(v, w);
+      ASSERT_EQ(bits(int8q::code_value(ts)), bits(q_ref)) << "v=" << v << " w=" << w;
+      ASSERT_EQ(int8q::code_byte(ts), static_cast<int8_t>(q_ref)) << "v=" << v << " w=" << w;
+      (q_ref > f ? ups : downs) += 1;
+    }
+  }
+  EXPECT_GT(ups, 100000);  // both outcomes are exercised
+  EXPECT_GT(downs, 100000);
+  // A zero q carries no sign, so the residual of y = -0 is -0 (y itself).
+  EXPECT_EQ(bits(int8q::quantize_rne(-0.25f, 1.0f)), 0u);
+  EXPECT_EQ(bits(int8q::residual(-0.0f, int8q::quantize_rne(-0.0f, 1.0f), 1.0f)), bits(-0.0f));
 }
 
 TEST(Philox, MatchesRandom123AndAten) {

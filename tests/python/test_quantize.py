@@ -331,6 +331,22 @@ def test_ef_matches_reference(device, dtype, res_dtype, stochastic, n, block_siz
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_ef_zero_q_keeps_the_value_and_its_sign(device, stochastic):
+    # q = 0 is the int8 0 (no sign), so the new residual of such an element is
+    # y = x + r itself, bit for bit: -0 stays -0, tiny values stay.
+    bs = 32
+    x = torch.tensor([1.0, -0.0, 0.0, -1e-9, 1e-9, -0.0] + [0.5] * (bs - 6), device=device)
+    r = torch.tensor([0.0, -0.0, -0.0, 0.0, -0.0, 0.0] + [0.0] * (bs - 6), device=device)
+    y = x + r
+    q, s = ops.quantize_int8_ef_(x, r, bs, stochastic, 3, 0)
+    zero = q == 0
+    assert zero[1:6].all()
+    assert_bitwise(r[zero].view(torch.int32), y[zero].view(torch.int32))
+    assert torch.signbit(r[1]) and not torch.signbit(r[2]) and not torch.signbit(r[5])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("res_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_ef_telescoping_invariant(device, res_dtype, stochastic):
@@ -594,13 +610,16 @@ def test_cuda_matches_cpu_bitwise(dtype, stochastic, n, block_size, offset):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("division", ["0", "1"], ids=["reciprocal", "division"])
+@pytest.mark.parametrize("stochastic", [False, True], ids=["rne", "sr"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_rne_by_reciprocal_matches_cpu_bitwise(dtype, monkeypatch):
-    """DEEPSEEK_EXT_QUANT_RNE_RECIPROCAL=1 (the CUDA kernel divides through one
-    reciprocal per thread) keeps q, scales and the residual equal to the CPU's,
-    for blocks across the whole exponent range (also outside 2^-90..2^90,
-    where the kernel keeps the division), zeros of both signs and subnormals."""
-    monkeypatch.setenv("DEEPSEEK_EXT_QUANT_RNE_RECIPROCAL", "1")
+def test_cuda_quantize_division_paths_match_cpu_bitwise(dtype, stochastic, division, monkeypatch):
+    """The CUDA kernel divides through one reciprocal per thread by default and
+    by a division per value with DEEPSEEK_EXT_QUANT_DIVISION=1: both keep q,
+    scales and the residual equal to the CPU's, for blocks across the whole
+    exponent range (also outside 2^-90..2^90, where the kernel always divides),
+    zeros of both signs, subnormals, tiny quotients and near-ties."""
+    monkeypatch.setenv("DEEPSEEK_EXT_QUANT_DIVISION", division)
     n, bs = 1_000_003, 256
     nb = (n + bs - 1) // bs
     gen = torch.Generator().manual_seed(11)
@@ -610,15 +629,21 @@ def test_cuda_rne_by_reciprocal_matches_cpu_bitwise(dtype, monkeypatch):
     x[1:bs:2] = -0.0
     x[bs:2 * bs] = torch.randn(bs, generator=gen) * 2.0**-140  # subnormals
     x[2 * bs:3 * bs] = torch.arange(bs, dtype=torch.float32) - 127.5  # absmax 127.5: many near-ties
+    x[3 * bs:4 * bs] = torch.randn(bs, generator=gen) * 2.0**-110  # quotients below 2^-100 ...
+    x[3 * bs] = 1.0  # ... next to a large absmax
+    x[4 * bs:5 * bs:3] = -0.0  # signed zeros inside a normal block
     x = x.to(dtype)
-    q_c, s_c = ops.quantize_int8(x, bs)
-    q_g, s_g = ops.quantize_int8(x.cuda(), bs)
+    kw = dict(stochastic=stochastic, seed=5, offset=3)
+    q_c, s_c = ops.quantize_int8(x, bs, **kw)
+    q_g, s_g = ops.quantize_int8(x.cuda(), bs, **kw)
     assert_bitwise(q_g.cpu(), q_c)
     assert_bitwise(s_g.cpu(), s_c)
     r_c = torch.randn(n, generator=gen) * 1e-3
+    r_c[:bs] = -0.0  # x + r keeps the zeros' signs
+    r_c[bs:4 * bs] = 0.0  # the subnormal and tiny blocks stay as they are
     r_g = r_c.cuda()
-    a = ops.quantize_int8_ef_(x, r_c, bs)
-    b = ops.quantize_int8_ef_(x.cuda(), r_g, bs)
+    a = ops.quantize_int8_ef_(x, r_c, bs, **kw)
+    b = ops.quantize_int8_ef_(x.cuda(), r_g, bs, **kw)
     assert_bitwise(b[0].cpu(), a[0])
     assert_bitwise(r_g.cpu(), r_c)
 

@@ -13,12 +13,15 @@
 //     scale to 0 (|y| < 127 * 2^-149) is sent as zeros too;
 //   * a block holding inf or NaN has scale NaN and q 0, so that its
 //     dequantised values are NaN: non-finite gradients stay visible.
+//   * q is clamped to [-127, 127] (scale's rounding can put |y / scale| a
+//     little above 127).
 // Dequantisation is q * scale; error feedback keeps y - q * scale computed as
-// one fused multiply-add (fma(-q, scale, y)), a reduction over ranks
+// one fused multiply-add (fma(-q, scale, y), q the int8's value: +0, never -0,
+// so a zero q leaves the residual y bit for bit), a reduction over ranks
 // accumulates acc = fma(q, scale, acc) in rank order.
 //
 // Bit identity between the host and the device rests on using only correctly
-// rounded IEEE operations (division, multiplication, fma, rint, floor) that
+// rounded IEEE operations (division, multiplication, addition, fma, floor) that
 // the compilers may not reshape: device code calls the _rn intrinsics (never
 // contracted), host code writes every multiply-add as an explicit fma and is
 // built without -ffast-math. absmax is taken on the raw bits, so NaN ordering
@@ -101,13 +104,6 @@ DSX_INLINE float fma_rn(float a, float b, float c) {
   return std::fma(a, b, c);
 #endif
 }
-DSX_INLINE float rint_rn(float x) {
-#if defined(__CUDA_ARCH__)
-  return rintf(x);
-#else
-  return std::nearbyint(x);  // default rounding mode: to nearest, ties to even
-#endif
-}
 DSX_INLINE float floor_f(float x) {
 #if defined(__CUDA_ARCH__)
   return floorf(x);
@@ -126,8 +122,14 @@ DSX_INLINE float scale_from_absmax_bits(uint32_t absmax_bits) {
 // zero scale of an all-zero / underflowing block and the NaN of a non-finite one).
 DSX_INLINE bool quantizes(float scale) { return scale > 0.0f; }
 
+// r clamped to [-127, 127] (r is never NaN here: it is a quotient of finite
+// values by a positive finite scale). On the device two FMNMX instructions.
 DSX_INLINE float clamp_q(float r) {
+#if defined(__CUDA_ARCH__)
+  return fmaxf(fminf(r, kQMax), -kQMax);
+#else
   return r < -kQMax ? -kQMax : (r > kQMax ? kQMax : r);
+#endif
 }
 
 // Uniform in [0, 1) from the top 24 bits of a random word (exact in float).
@@ -135,10 +137,49 @@ DSX_INLINE float uniform_from_word(uint32_t word) {
   return mul_rn(static_cast<float>(word >> 8), kTwoPowMinus24);
 }
 
-// q (as an integral float in [-127, 127]) of y with round-to-nearest-even.
+// q codes. The int8 q of a quotient v is carried as the float
+// t = q + 1.5 * 2^23, which is exact for |q| <= 2^22: the low byte of t's bits
+// is q in two's complement (code_byte), and t - 1.5 * 2^23 is q as a float,
+// +0 for q = 0, never -0 (code_value). Adding 1.5 * 2^23 rounds v to the float
+// grid there, whose spacing is 1: to nearest even that is rint(v), toward -inf
+// it is floor(v). On the device this replaces rint (FRND) and the float-to-int
+// conversion (F2I), both quarter-rate instructions, by one FADD, and packing is
+// a byte permute. The error-feedback residual y - q * scale uses code_value, so
+// a zero q never carries a sign: y = -0 keeps residual -0 on both paths.
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
+
+DSX_INLINE float code_value(float t) { return sub_rn(t, kRoundMagic); }
+DSX_INLINE int8_t code_byte(float t) {
+  return static_cast<int8_t>(static_cast<uint8_t>(float_to_bits(t) & 0xffu));
+}
+
+// The code of rint(clamp_q(v)) (round to nearest, ties to even).
+DSX_INLINE float rne_code(float v) { return add_rn(clamp_q(v), kRoundMagic); }
+
+// The code of floor(v), for |v| <= 127.
+DSX_INLINE float floor_code(float v) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rd(v, kRoundMagic);
+#else
+  return add_rn(floor_f(v), kRoundMagic);
+#endif
+}
+
+// The code of v = y / scale rounded stochastically with the random word `word`:
+// with vc = clamp_q(v), f = floor(vc) and u uniform in [0, 1) from the top 24
+// bits of the word, q = f + (u < vc - f). (vc - f is exact.) Clamping before
+// rounding gives what clamping after it would: the bounds are integers.
+DSX_INLINE float sr_code(float v, uint32_t word) {
+  const float vc = clamp_q(v);
+  const float t = floor_code(vc);
+  const float frac = sub_rn(vc, code_value(t));
+  return uniform_from_word(word) < frac ? add_rn(t, 1.0f) : t;
+}
+
+// q (as an integral float in [-127, 127], +0 for zero) of y with round-to-nearest-even.
 DSX_INLINE float quantize_rne(float y, float scale) {
   if (!quantizes(scale)) return 0.0f;
-  return clamp_q(rint_rn(div_rn(y, scale)));
+  return code_value(rne_code(div_rn(y, scale)));
 }
 
 // Round-to-nearest-even q without a division per element. A block divides
@@ -150,11 +191,11 @@ DSX_INLINE float quantize_rne(float y, float scale) {
 // |y| <= 127.5 s, the quotient cannot overflow, and wherever rint could round
 // it either way (|y / s| >= 0.5) nothing underflows, so rint gives the same q
 // as quantize_rne. Below 0.5 both give 0, and the residual y - q s is y either
-// way. (Stochastic rounding keeps the division: a quotient that underflows
-// matters to it.) The tests compare this with quantize_rne bit for bit. The
-// CUDA quantize kernel uses it when DEEPSEEK_EXT_QUANT_RNE_RECIPROCAL=1 (an
-// experiment until a GPU run measures it); on the CPU it was slower than the
-// vector division and is not used.
+// way. (Stochastic rounding sees tiny quotients: it uses div_exact_by below.)
+// The tests compare both with the division bit for bit. The CUDA quantize
+// kernel divides this way by default (DEEPSEEK_EXT_QUANT_DIVISION=1 selects
+// the division per element, to measure the difference); on the CPU this was
+// 20-30% slower than the vector division and is not used.
 struct ScaleDivisor {
   float scale;
   float inv;  // RN(1 / scale)
@@ -178,18 +219,32 @@ DSX_INLINE float div_by(float y, ScaleDivisor d) {
   return e == 0.0f ? q0 : fma_rn(e, d.inv, q0);
 }
 
-DSX_INLINE float quantize_rne_by(float y, ScaleDivisor d) {
-  return clamp_q(rint_rn(div_by(y, d)));
+// Below 2^-100 (y or the quotient) div_by's steps may underflow.
+constexpr uint32_t kExactQuotientMinBits = (127u - 100u) << 23;  // 2^-100
+
+// The correctly rounded y / d.scale for every y, with one multiplication and
+// two fmas where nothing can underflow and the division elsewhere (y or y / s
+// below 2^-100: rare in gradients, a branch on the device). Needs
+// rne_by_reciprocal(d.scale). Stochastic rounding uses it: unlike
+// round-to-nearest it sees the tiny quotients.
+DSX_INLINE float div_exact_by(float y, ScaleDivisor d) {
+  const float q0 = mul_rn(y, d.inv);
+  if (y != 0.0f && !(magnitude_bits(q0) >= kExactQuotientMinBits && magnitude_bits(y) >= kExactQuotientMinBits)) {
+    return div_rn(y, d.scale);
+  }
+  const float e = fma_rn(-q0, d.scale, y);
+  return e == 0.0f ? q0 : fma_rn(e, d.inv, q0);
 }
 
-// q (as an integral float in [-127, 127]) of y rounded stochastically with
-// the random word `word`.
+DSX_INLINE float quantize_rne_by(float y, ScaleDivisor d) {
+  return code_value(rne_code(div_by(y, d)));
+}
+
+// q (as an integral float in [-127, 127], +0 for zero) of y rounded
+// stochastically with the random word `word`.
 DSX_INLINE float quantize_sr(float y, float scale, uint32_t word) {
   if (!quantizes(scale)) return 0.0f;
-  const float v = div_rn(y, scale);
-  const float f = floor_f(v);
-  const float frac = sub_rn(v, f);  // exact
-  return clamp_q(uniform_from_word(word) < frac ? add_rn(f, 1.0f) : f);
+  return code_value(sr_code(div_rn(y, scale), word));
 }
 
 DSX_INLINE float dequantize(float q, float scale) { return mul_rn(q, scale); }

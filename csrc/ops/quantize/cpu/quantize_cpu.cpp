@@ -412,7 +412,7 @@ void quantize_kernel(const scalar_t* x, res_t* res, int8_t* q, float* scales, in
 
       // Pass 2 (from L1): q, and the residual.
       const FVec sv(scale);
-      const FVec lo(-int8q::kQMax), hi(int8q::kQMax), one(1.0f);
+      const FVec lo(-int8q::kQMax), hi(int8q::kQMax), one(1.0f), zero(0.0f);
       const uint64_t g0 = args.offset + static_cast<uint64_t>(e0);  // index of element 0
       const uint32_t* u_words = nullptr;
       if (args.stochastic) {
@@ -434,7 +434,8 @@ void quantize_kernel(const scalar_t* x, res_t* res, int8_t* q, float* scales, in
           } else {
             qv = v.round();
           }
-          r[k] = at::vec::clamp(qv, lo, hi);
+          // + 0: q = 0 is +0, never -0 (int8_quant.h: the residual uses the int8's value).
+          r[k] = at::vec::clamp(qv, lo, hi) + zero;
           if constexpr (kEF) {
             const FVec e = residual8(yv, r[k], sv);
             if constexpr (std::is_same_v<res_t, float>) {
