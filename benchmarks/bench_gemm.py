@@ -13,6 +13,7 @@ Weight-gradient shapes use a transposed view for `a`, as a Linear backward does.
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ CPU_CASES = [  # (name, M, N, K, transposed a)
 ]
 # On the GPU every case passes `a` as a transposed view: the layout of a Linear
 # weight gradient, and the one the fused sm90 and sm80 kernels are instantiated for.
+SWIZZLE = "DEEPSEEK_EXT_GEMM_SWIZZLE"
+SWIZZLES = (2, 4, 8)
 GPU_CASES = [
     ("4096^3, a = A^T view", 4096, 4096, 4096, True),
     ("8192^3, a = A^T view", 8192, 8192, 8192, True),
@@ -75,8 +78,29 @@ def main(argv=None):
             def ours():
                 return deepseek_ext.ops.matmul_unscale_check(a, b, inv, found, out_dtype=out_dtype)
 
-            t_mm, t_unfused, t_ours = compare_seconds([matmul_alone, unfused, ours], dev, args.rounds,
-                                                      args.min_run_time)
+            fns = [matmul_alone, unfused, ours]
+            # On CUDA, for a float32 output: cuBLAS's float32-output GEMM alone (what a
+            # fused kernel as fast as cuBLAS would take), and at the two large shapes the
+            # fused kernel with the tile scheduler's swizzle at 2, 4 and 8
+            # (DEEPSEEK_EXT_GEMM_SWIZZLE, read at every call; 1 is the default).
+            extra_cols = dev == "cuda" and fp32_out
+            swizzles = SWIZZLES if extra_cols and not name.startswith("4096") else []
+            if extra_cols:
+                fns.append(lambda: torch.mm(a, b, out_dtype=torch.float32))
+
+            def swizzled(sw):
+                def run():
+                    os.environ[SWIZZLE] = str(sw)
+                    try:
+                        return ours()
+                    finally:
+                        os.environ.pop(SWIZZLE, None)
+                return run
+            fns += [swizzled(sw) for sw in swizzles]
+            ts = compare_seconds(fns, dev, args.rounds, args.min_run_time)
+            t_mm, t_unfused, t_ours = ts[:3]
+            t_mm32 = ts[3] if extra_cols else None
+            t_sw = dict(zip(swizzles, ts[4:]))
             flops = 2.0 * M * N * K
             # The route it really took, from the fused kernels' call counters.
             before = (deepseek_ext._C.matmul_unscale_check_fused_sm90_calls(),
@@ -89,12 +113,18 @@ def main(argv=None):
             row = [name, f"{str(dtype)[6:]} -> {str(out_dtype or dtype)[6:]}", route, f"{flops / t_mm / 1e12:.3f}",
                    f"{flops / t_unfused / 1e12:.3f}", f"{flops / t_ours / 1e12:.3f}", f"{t_ours / t_mm:.3f}",
                    f"{t_unfused / t_ours:.3f}"]
+            if dev == "cuda":
+                row.append(f"{flops / t_mm32 / 1e12:.3f}" if t_mm32 else "-")
+                row += [f"{flops / t_sw[sw] / 1e12:.3f}" if sw in t_sw else "-" for sw in SWIZZLES]
             rows.append(row)
             data.append(dict(case=name, M=M, N=N, K=K, dtype=str(dtype), out_dtype=str(out_dtype or dtype),
-                             route=route, matmul_s=t_mm, unfused_s=t_unfused, ours_s=t_ours))
+                             route=route, matmul_s=t_mm, unfused_s=t_unfused, ours_s=t_ours,
+                             mm_fp32_out_s=t_mm32, ours_swizzle_s={str(k): v for k, v in t_sw.items()}))
             assert found.item() == 0.0
     cols = ["shape", "dtype", "route", "matmul TFLOP/s", "unfused TFLOP/s", "ours TFLOP/s", "ours time / matmul time",
             "speedup vs unfused"]
+    if dev == "cuda":
+        cols += ["cuBLAS fp32-out TFLOP/s"] + [f"ours swizzle {sw} TFLOP/s" for sw in SWIZZLES]
     text = header("matmul_unscale_check vs torch.matmul and the unfused matmul + scale + check", dev)
     text += f"- built with the CUTLASS sm90 kernel: {getattr(deepseek_ext._C, 'with_cutlass_sm90', False)}\n"
     text += f"- built with the CUTLASS sm80 kernel: {getattr(deepseek_ext._C, 'with_cutlass_sm80', False)}"
@@ -111,7 +141,12 @@ def main(argv=None):
     text += (f"- times: median over {args.rounds} alternating rounds; 'matmul' is torch.matmul in the input dtype "
              "(no scaling, no check); 'unfused' is matmul (fp32 output when asked) + "
              "torch._amp_foreach_non_finite_check_and_unscale_ (bfloat16 output on CUDA: the eager "
-             "_foreach_norm(inf) + isfinite + _foreach_mul_, as torch's kernel rejects it)\n\n")
+             "_foreach_norm(inf) + isfinite + _foreach_mul_, as torch's kernel rejects it)\n")
+    if dev == "cuda":
+        text += ("- 'cuBLAS fp32-out' is torch.mm(a, b, out_dtype=torch.float32) alone (float32 outputs only); "
+                 f"'ours swizzle N' sets {SWIZZLE}=N (the CUTLASS tile scheduler's max_swizzle_size; "
+                 "the default is 1) before each call, 8192^3 and wgrad only\n")
+    text += "\n"
     text += markdown_table(cols, rows)
     print(text)
     print(f"written to {write_results('gemm', dev, text, data, args.out)}")

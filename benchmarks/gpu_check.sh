@@ -21,7 +21,9 @@
 #                      $OUT: what a killed run had finished is still in it.
 #   GPU_CHECK_TESTS    pytest selection (default "-m cuda tests/python": the CUDA tests).
 #   GPU_CHECK_STEPS    what runs after the build, in order (default: tests, the GPU
-#                      benchmarks, then demo_smoke), e.g. "tests bench_gemm".
+#                      benchmarks, gemm_kernels (cuBLAS's and our GEMM kernels by
+#                      name), demo_smoke, then ncu_gemm (the same launches under
+#                      Nsight Compute, where it can read counters)), e.g. "tests bench_gemm".
 #                      bench_gemm_sm90_variants (other CUTLASS configurations of the
 #                      fused GEMM, its own extension) runs only when named.
 set -uo pipefail
@@ -34,7 +36,7 @@ TESTS=${GPU_CHECK_TESTS:--m cuda tests/python}
 # Default order: what the open issues still need measured first, in case the budget runs out.
 # bench_gemm_sm90_variants is not in the default any more: its 2026-11-28 run settled
 # the question it asked (no configuration beat the library's); name it to run it.
-STEPS=${GPU_CHECK_STEPS:-tests bench_quant bench_unscale bench_shared_attention bench_gemm bench_sparse_ffn bench_scaler demo_smoke}
+STEPS=${GPU_CHECK_STEPS:-tests bench_quant bench_gemm gemm_kernels bench_unscale bench_shared_attention bench_sparse_ffn bench_scaler demo_smoke ncu_gemm}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 declare -A status
@@ -102,6 +104,17 @@ if [[ ${status[build]} == ok* ]]; then
         step tests 180 pytest.log $PY -m pytest "${pytest_args[@]}" $TESTS ;;
       demo_smoke)
         step demo_smoke 90 demo_smoke.log $PY -m deepseek_ext.demo --smoke --device cuda ;;
+      gemm_kernels)
+        # cuBLAS's and our kernel names and times at 8192^3 (torch.profiler).
+        step gemm_kernels 60 gemm_kernels.log $PY benchmarks/gpu/gemm_kernels.py ;;
+      ncu_gemm)
+        # The same float16 launches under Nsight Compute (hardware counters; the
+        # lent machine's runtime decides whether ncu can read them).
+        if ! command -v ncu > /dev/null; then status[$name]="not run (no ncu)"; order+=("$name"); continue; fi
+        step ncu_gemm 120 ncu_gemm.log ncu --clock-control none -k 'regex:nvjet|gemm|Gemm|xmma' -c 3 \
+          --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
+          --section WarpStateStats --section MemoryWorkloadAnalysis \
+          $PY benchmarks/gpu/gemm_kernels.py --no-profiler ;;
       bench_*)
         # The GPU benchmarks (bench_comm needs network namespaces and several hosts;
         # bench_data and bench_progressive measure the CPU-side pipeline and schedule).
@@ -110,9 +123,9 @@ if [[ ${status[build]} == ok* ]]; then
         extra=() limit=90
         case $name in
           bench_unscale) extra=(--rounds 3 --min-run-time 0.1) ;;
-          # 16M and 256M: 1M is launch-bound. With the *_recip rows about 75 s per dtype on an H200.
+          # 16M and 256M: 1M is launch-bound. With the *_div rows about 75 s per dtype on an H200 (estimate).
           bench_quant) extra=(--rounds 3 --min-run-time 0.1 --sizes 16M,256M) limit=200 ;;
-          bench_gemm) extra=(--rounds 3 --min-run-time 0.2) ;;
+          bench_gemm) extra=(--rounds 3 --min-run-time 0.2) limit=120 ;;
           bench_sparse_ffn) extra=(--rounds 3 --min-run-time 0.2 --profile 0.3) ;;
           bench_scaler) extra=(--rounds 3) ;;
           bench_shared_attention) extra=(--parts tables --rounds 3 --small-rounds 3) limit=120 ;;

@@ -14,6 +14,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <cstdlib>
+
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
@@ -77,6 +79,17 @@ namespace sm90 {
 
 using namespace cutlass::epilogue::fusion;
 
+// The persistent tile scheduler's swizzle (CUTLASS max_swizzle_size: 1, 2, 4
+// or 8 neighbouring output tiles visited together, which changes how much of A
+// and B the CTAs of one wave share in L2). 1, the library's default, unless
+// DEEPSEEK_EXT_GEMM_SWIZZLE says 2, 4 or 8 (read at every call): an experiment
+// that bench_gemm's swizzle columns time. Results do not depend on it.
+inline int scheduler_swizzle() {
+  const char* v = std::getenv("DEEPSEEK_EXT_GEMM_SWIZZLE");
+  const int s = v == nullptr ? 1 : std::atoi(v);
+  return (s == 2 || s == 4 || s == 8) ? s : 1;
+}
+
 // KernelSchedule, EpilogueSchedule and TileScheduler default to what the
 // library instantiates; benchmarks/gpu/ times other choices against them.
 template <class ElementAB, class TileShape, class ClusterShape,
@@ -133,6 +146,7 @@ struct FusedWgradGemm {
          reinterpret_cast<const ElementAB*>(b.const_data_ptr()), stride_b},
         {{}, nullptr, stride_d, out.data_ptr<float>(), stride_d},
         hw};
+    args.scheduler.max_swizzle_size = scheduler_swizzle();
     // EVT arguments: {child..., node}. Reduction(child = multiplies(broadcast, acc)).
     args.epilogue.thread = {
         {
