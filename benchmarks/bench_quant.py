@@ -143,8 +143,8 @@ def main(argv=None):
             }
             if dev == "cuda":
                 # kernels/quantize_int8.cu divides through one reciprocal per
-                # thread; DIVISION=1 (read at every call) makes it divide every
-                # value instead. The *_div rows time that, for comparison; every
+                # thread in round-to-nearest quantize; DIVISION=1 (read at every
+                # call) makes it divide every value instead. The *_div rows time that, for comparison; every
                 # quantize row sets the variable before each call.
                 def switched(flag, fn):
                     def run():
@@ -152,13 +152,12 @@ def main(argv=None):
                         return fn()
                     return run
                 for name, fn in (("quantize", lambda: ops.quantize_int8(x, bs)),
-                                 ("quantize_sr", lambda: ops.quantize_int8(x, bs, True, 1, 0)),
                                  ("quantize_ef", lambda: ops.quantize_int8_ef_(x, residual, bs))):
                     rest = cases[name][1:]
                     cases[name] = (switched("0", fn),) + rest
                     cases[name + "_div"] = (switched("1", fn),) + rest
-                cases = {k: cases[k] for k in ("quantize", "quantize_div", "quantize_sr", "quantize_sr_div",
-                                               "quantize_ef", "quantize_ef_div", "dequantize", "dequant_reduce")}
+                cases = {k: cases[k] for k in ("quantize", "quantize_div", "quantize_sr", "quantize_ef",
+                                               "quantize_ef_div", "dequantize", "dequant_reduce")}
             # The eager compositions compute the same values (RNE paths):
             assert torch.equal(eager_quantize(x, bs)[0], q)
             torch.testing.assert_close(eager_dequantize(q, scales, bs, dtype), ops.dequantize_int8(q, scales, bs, dtype))

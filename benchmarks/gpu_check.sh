@@ -108,10 +108,11 @@ if [[ ${status[build]} == ok* ]]; then
         # cuBLAS's and our kernel names and times at 8192^3 (torch.profiler).
         step gemm_kernels 60 gemm_kernels.log $PY benchmarks/gpu/gemm_kernels.py ;;
       ncu_gemm)
-        # The same float16 launches under Nsight Compute (hardware counters; the
-        # lent machine's runtime decides whether ncu can read them).
+        # cuBLAS's float16 -> float32 kernel and ours (CUTLASS device_kernel) under
+        # Nsight Compute (hardware counters; the lent machine's runtime decides
+        # whether ncu can read them: it did on 2026-11-28 19:35).
         if ! command -v ncu > /dev/null; then status[$name]="not run (no ncu)"; order+=("$name"); continue; fi
-        step ncu_gemm 120 ncu_gemm.log ncu --clock-control none -k 'regex:nvjet|gemm|Gemm|xmma' -c 3 \
+        step ncu_gemm 120 ncu_gemm.log ncu --clock-control none -k 'regex:nvjet_sm90_hss|device_kernel' -c 2 \
           --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
           --section WarpStateStats --section MemoryWorkloadAnalysis \
           $PY benchmarks/gpu/gemm_kernels.py --no-profiler ;;

@@ -81,13 +81,16 @@ using namespace cutlass::epilogue::fusion;
 
 // The persistent tile scheduler's swizzle (CUTLASS max_swizzle_size: 1, 2, 4
 // or 8 neighbouring output tiles visited together, which changes how much of A
-// and B the CTAs of one wave share in L2). 1, the library's default, unless
-// DEEPSEEK_EXT_GEMM_SWIZZLE says 2, 4 or 8 (read at every call): an experiment
-// that bench_gemm's swizzle columns time. Results do not depend on it.
+// and B the CTAs of one wave share in L2). 8: on the H200 (2026-11-28 19:35)
+// it was the fastest of 1, 2, 4 and 8 at 8192^3 (+3.3% float16, +2.5%
+// bfloat16 over CUTLASS's default 1) and at the (16384x4096)^T (16384x4096)
+// weight gradient (+0.9% / +0.7%). DEEPSEEK_EXT_GEMM_SWIZZLE=1, 2 or 4 (read
+// at every call) overrides it, for bench_gemm's swizzle columns. Results do
+// not depend on it.
 inline int scheduler_swizzle() {
   const char* v = std::getenv("DEEPSEEK_EXT_GEMM_SWIZZLE");
-  const int s = v == nullptr ? 1 : std::atoi(v);
-  return (s == 2 || s == 4 || s == 8) ? s : 1;
+  const int s = v == nullptr ? 8 : std::atoi(v);
+  return (s == 1 || s == 2 || s == 4) ? s : 8;
 }
 
 // KernelSchedule, EpilogueSchedule and TileScheduler default to what the

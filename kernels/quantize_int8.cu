@@ -11,15 +11,18 @@
 // per warp and block, two barriers), so with the default 256 the warps run
 // independently. q (16 bytes per thread) and the new residual are written
 // once. Stochastic rounding draws 4 or 5 Philox counter blocks per thread.
-// Per element the kernel does no division and no quarter-rate instruction:
-// the quotient comes from one correctly rounded reciprocal per thread and two
-// fmas (int8q::div_by; div_exact_by for stochastic rounding), and rint / floor
-// and the int8 conversion are one FADD of 1.5 * 2^23 (int8q::rne_code,
-// sr_code), whose low byte is q, packed with byte permutes. On the H200 the
-// previous version (a correctly rounded division, FRND and F2I per element,
-// barriers for every block size) ran float32 at 73% of copy bandwidth and
-// bfloat16 at 49%, the same element rate for both: bound by instructions per
-// element. DEEPSEEK_EXT_QUANT_DIVISION=1 brings the division back, to measure.
+// Per element, round-to-nearest quantize does no division and no
+// quarter-rate instruction: the quotient comes from one correctly rounded
+// reciprocal per thread and two fmas (int8q::div_by), and rint and the int8
+// conversion are one FADD of 1.5 * 2^23 (int8q::rne_code), whose low byte is
+// q, packed with byte permutes. Stochastic rounding (its own kernel) rounds the
+// same way (int8q::sr_code: floor is an FADD rounding down) but keeps the
+// division per value: it is bound by its Philox arithmetic, and the
+// reciprocal route measured slower there. On the H200 the previous version (a
+// correctly rounded division, FRND and F2I per element, barriers for every
+// block size) ran float32 at 73% of copy bandwidth and bfloat16 at 49%, the
+// same element rate for both: bound by instructions per element.
+// DEEPSEEK_EXT_QUANT_DIVISION=1 brings the division back, to measure.
 // dequantize_reduce_int8 and dequantize_int8 (W = 1) have one kernel each,
 // chosen by what the H200 measured (256M elements, float32 out):
 //   * W > 1: each thread owns 16 consecutive elements, one 16-byte q load and
@@ -70,6 +73,9 @@ constexpr int kPerThread = 16;
 constexpr int kTileElems = kThreads * kPerThread;  // 4096 = the largest block_size
 constexpr int kMaxBlocksPerTile = kTileElems / int8q::kBlockMultiple;
 constexpr int kWarpElems = 32 * kPerThread;
+// Round-to-nearest quantize: at least 5 resident blocks (48 registers a thread)
+// instead of the 4 that its 50-56 registers allow; more loads in flight.
+constexpr int kQuantMinBlocks = 5;
 static_assert(kTileElems == int8q::kMaxBlockSize, "a tile holds at least one block");
 
 template <typename T>
@@ -138,11 +144,9 @@ __device__ __forceinline__ void store16(T* p, int64_t valid, bool vec_ok, const 
 }
 
 // q codes (int8q::rne_code) of 16 values of a block with scale `scale` > 0.
-// kReciprocal: divide through one reciprocal (int8q::div_by / div_exact_by,
-// needs int8q::rne_by_reciprocal(scale)), else by a division per value. Both
-// give the correctly rounded quotient wherever the rounding can see it, so the
-// codes are the same. kShift: the first element's Philox word is word kShift
-// of counter block `first` (stochastic only: 4 or 5 blocks for 16 values).
+// kReciprocal: divide through one reciprocal (int8q::div_by, needs
+// int8q::rne_by_reciprocal(scale)), else by a division per value; the codes
+// are the same.
 template <bool kReciprocal>
 __device__ __forceinline__ void rne_codes16(const float (&y)[16], float scale, float (&t)[16]) {
   const int8q::ScaleDivisor d = kReciprocal ? int8q::scale_divisor(scale) : int8q::ScaleDivisor{scale, 0.0f};
@@ -152,7 +156,12 @@ __device__ __forceinline__ void rne_codes16(const float (&y)[16], float scale, f
   }
 }
 
-template <bool kReciprocal, int kShift>
+// Stochastic codes (int8q::sr_code) of 16 values; the first one's Philox word
+// is word kShift of counter block `first` (4 or 5 blocks for 16 values). The
+// quotient is a division per value: the reciprocal route, with the branch to
+// a division that tiny quotients need here, measured slower on the H200
+// (53% / 31% of copy bandwidth against 59% / 36%).
+template <int kShift>
 __device__ __forceinline__ void sr_codes16(const float (&y)[16], float scale, uint64_t seed,
                                            uint64_t first, float (&t)[16]) {
   constexpr int kBlocks = kShift == 0 ? 4 : 5;
@@ -163,23 +172,18 @@ __device__ __forceinline__ void sr_codes16(const float (&y)[16], float scale, ui
 #pragma unroll
     for (int j = 0; j < 4; ++j) w[4 * b + j] = o.w[j];
   }
-  const int8q::ScaleDivisor d = kReciprocal ? int8q::scale_divisor(scale) : int8q::ScaleDivisor{scale, 0.0f};
 #pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    const float v = kReciprocal ? int8q::div_exact_by(y[i], d) : int8q::div_rn(y[i], scale);
-    t[i] = int8q::sr_code(v, w[kShift + i]);
-  }
+  for (int i = 0; i < kPerThread; ++i) t[i] = int8q::sr_code(int8q::div_rn(y[i], scale), w[kShift + i]);
 }
 
-template <bool kReciprocal>
 __device__ __forceinline__ void sr_codes16(const float (&y)[16], float scale, uint64_t seed,
                                            uint64_t g0, float (&t)[16]) {
   const uint64_t first = g0 >> 2;
   switch (static_cast<int>(g0 & 3)) {
-    case 0: sr_codes16<kReciprocal, 0>(y, scale, seed, first, t); break;
-    case 1: sr_codes16<kReciprocal, 1>(y, scale, seed, first, t); break;
-    case 2: sr_codes16<kReciprocal, 2>(y, scale, seed, first, t); break;
-    default: sr_codes16<kReciprocal, 3>(y, scale, seed, first, t); break;
+    case 0: sr_codes16<0>(y, scale, seed, first, t); break;
+    case 1: sr_codes16<1>(y, scale, seed, first, t); break;
+    case 2: sr_codes16<2>(y, scale, seed, first, t); break;
+    default: sr_codes16<3>(y, scale, seed, first, t); break;
   }
 }
 
@@ -198,11 +202,13 @@ struct QuantParams {
   bool stochastic;
   uint64_t seed;
   uint64_t offset;
-  bool division;  // DEEPSEEK_EXT_QUANT_DIVISION=1, see division_forced()
+  bool division;  // DEEPSEEK_EXT_QUANT_DIVISION=1 (round to nearest), see division_forced()
 };
 
-template <typename scalar_t, typename res_t, bool kEF>
-__global__ void __launch_bounds__(kThreads)
+// kSR: stochastic rounding, its own kernel so that the round-to-nearest one
+// does not carry its registers (Philox words).
+template <typename scalar_t, typename res_t, bool kEF, bool kSR>
+__global__ void __launch_bounds__(kThreads, kSR || kEF ? 1 : kQuantMinBlocks)
     quantize_int8_kernel(const scalar_t* __restrict__ x, res_t* __restrict__ res,
                          int8_t* __restrict__ q, float* __restrict__ scales, QuantParams p) {
   __shared__ uint32_t amax_s[kMaxBlocksPerTile];
@@ -257,18 +263,12 @@ __global__ void __launch_bounds__(kThreads)
 
   // q codes (int8q::rne_code): q is the low byte, code_value(t) its float value.
   float t[kPerThread];
-  const bool reciprocal = !p.division && int8q::rne_by_reciprocal(scale);
   if (!int8q::quantizes(scale)) {
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) t[i] = int8q::kRoundMagic;  // q = 0
-  } else if (p.stochastic) {
-    const uint64_t g0 = p.offset + static_cast<uint64_t>(e0);
-    if (reciprocal) {
-      sr_codes16<true>(y, scale, p.seed, g0, t);
-    } else {
-      sr_codes16<false>(y, scale, p.seed, g0, t);
-    }
-  } else if (reciprocal) {
+  } else if constexpr (kSR) {
+    sr_codes16(y, scale, p.seed, p.offset + static_cast<uint64_t>(e0), t);
+  } else if (!p.division && int8q::rne_by_reciprocal(scale)) {
     rne_codes16<true>(y, scale, t);
   } else {
     rne_codes16<false>(y, scale, t);
@@ -302,9 +302,9 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // DEEPSEEK_EXT_QUANT_DIVISION=1 (read at every call) makes quantize divide
 // every value by its block's scale (__fdiv_rn: a reciprocal, fused
 // multiply-adds, a range check and a branch to a slow path) instead of going
-// through one reciprocal per thread (int8q::div_by / div_exact_by). The results
-// are the same; the switch exists to measure the difference (bench_quant's
-// *_div rows).
+// through one reciprocal per thread (int8q::div_by), in round-to-nearest
+// quantize (stochastic rounding always divides). The results are the same; the
+// switch exists to measure the difference (bench_quant's *_div rows).
 bool division_forced() {
   const char* v = std::getenv("DEEPSEEK_EXT_QUANT_DIVISION");
   return v != nullptr && v[0] == '1' && v[1] == '\0';
@@ -318,8 +318,10 @@ void launch_quantize(const at::Tensor& x, const at::Tensor& residual, at::Tensor
   p.vec_ok = aligned16(xp) && (!kEF || aligned16(rp));
   const int64_t nblocks = num_quant_blocks(p.n, p.block_size);
   const int64_t tiles = (nblocks + p.blocks_per_tile - 1) / p.blocks_per_tile;
-  quantize_int8_kernel<scalar_t, res_t, kEF><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
-      xp, rp, q.mutable_data_ptr<int8_t>(), scales.mutable_data_ptr<float>(), p);
+  const auto kernel = p.stochastic ? quantize_int8_kernel<scalar_t, res_t, kEF, true>
+                                   : quantize_int8_kernel<scalar_t, res_t, kEF, false>;
+  kernel<<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(xp, rp, q.mutable_data_ptr<int8_t>(),
+                                                                scales.mutable_data_ptr<float>(), p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

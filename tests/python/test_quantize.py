@@ -614,8 +614,9 @@ def test_cuda_matches_cpu_bitwise(dtype, stochastic, n, block_size, offset):
 @pytest.mark.parametrize("stochastic", [False, True], ids=["rne", "sr"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_quantize_division_paths_match_cpu_bitwise(dtype, stochastic, division, monkeypatch):
-    """The CUDA kernel divides through one reciprocal per thread by default and
-    by a division per value with DEEPSEEK_EXT_QUANT_DIVISION=1: both keep q,
+    """The CUDA kernel's round-to-nearest divides through one reciprocal per
+    thread by default and by a division per value with
+    DEEPSEEK_EXT_QUANT_DIVISION=1 (stochastic rounding always divides): all keep q,
     scales and the residual equal to the CPU's, for blocks across the whole
     exponent range (also outside 2^-90..2^90, where the kernel always divides),
     zeros of both signs, subnormals, tiny quotients and near-ties."""

@@ -191,7 +191,7 @@ DSX_INLINE float quantize_rne(float y, float scale) {
 // |y| <= 127.5 s, the quotient cannot overflow, and wherever rint could round
 // it either way (|y / s| >= 0.5) nothing underflows, so rint gives the same q
 // as quantize_rne. Below 0.5 both give 0, and the residual y - q s is y either
-// way. (Stochastic rounding sees tiny quotients: it uses div_exact_by below.)
+// way. (Stochastic rounding sees tiny quotients; it keeps the division.)
 // The tests compare both with the division bit for bit. The CUDA quantize
 // kernel divides this way by default (DEEPSEEK_EXT_QUANT_DIVISION=1 selects
 // the division per element, to measure the difference); on the CPU this was
@@ -215,23 +215,6 @@ DSX_INLINE bool rne_by_reciprocal(float scale) {
 
 DSX_INLINE float div_by(float y, ScaleDivisor d) {
   const float q0 = mul_rn(y, d.inv);
-  const float e = fma_rn(-q0, d.scale, y);
-  return e == 0.0f ? q0 : fma_rn(e, d.inv, q0);
-}
-
-// Below 2^-100 (y or the quotient) div_by's steps may underflow.
-constexpr uint32_t kExactQuotientMinBits = (127u - 100u) << 23;  // 2^-100
-
-// The correctly rounded y / d.scale for every y, with one multiplication and
-// two fmas where nothing can underflow and the division elsewhere (y or y / s
-// below 2^-100: rare in gradients, a branch on the device). Needs
-// rne_by_reciprocal(d.scale). Stochastic rounding uses it: unlike
-// round-to-nearest it sees the tiny quotients.
-DSX_INLINE float div_exact_by(float y, ScaleDivisor d) {
-  const float q0 = mul_rn(y, d.inv);
-  if (y != 0.0f && !(magnitude_bits(q0) >= kExactQuotientMinBits && magnitude_bits(y) >= kExactQuotientMinBits)) {
-    return div_rn(y, d.scale);
-  }
   const float e = fma_rn(-q0, d.scale, y);
   return e == 0.0f ? q0 : fma_rn(e, d.inv, q0);
 }
