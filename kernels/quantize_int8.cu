@@ -21,13 +21,15 @@
 // reciprocal route measured slower there. On the H200 the previous version (a
 // correctly rounded division, FRND and F2I per element, barriers for every
 // block size) ran float32 at 73% of copy bandwidth and bfloat16 at 49%, the
-// same element rate for both: bound by instructions per element.
-// DEEPSEEK_EXT_QUANT_DIVISION=1 brings the division back, to measure.
+// same element rate for both: bound by instructions per element. This one
+// (2026-11-28 19:47, 256M elements): 99% / 75%, bfloat16 helped by a fifth
+// resident block (kQuantMinBlocks); stochastic 55% / 34%, error feedback
+// 81% / 92%. DEEPSEEK_EXT_QUANT_DIVISION=1 brings the division back, to measure.
 // dequantize_reduce_int8 and dequantize_int8 (W = 1) have one kernel each,
 // chosen by what the H200 measured (256M elements, float32 out):
 //   * W > 1: each thread owns 16 consecutive elements, one 16-byte q load and
 //     one scale load per rank, accumulated in registers; 80% of copy bandwidth
-//     at W = 8. (Its stores are four 16-byte stores at a 64-byte lane stride,
+//     at W = 8 (84% / 86%, float32 / bfloat16 out, in the 19:47 sm_90a run). (Its stores are four 16-byte stores at a 64-byte lane stride,
 //     which matters little when the output is 1/W of the input.)
 //   * W = 1: that layout wrote its 4x larger output at 44%. Here each thread
 //     owns 8 groups of 4 elements (warp-contiguous 4-byte q loads and 16/8-byte
@@ -36,13 +38,13 @@
 //     3 blocks per SM (it had 125 registers, 2 blocks), and on sm_90 one
 //     thread asks the L2 for the block's next tile ahead of its loads
 //     (cp.async.bulk.prefetch: no registers, no wait; a hint, results do not
-//     depend on it): 90% (float32 out), 84% (bfloat16 out).
+//     depend on it): 90% (float32 out), 84% (bfloat16 out); 89% / 93% at 19:47.
 //   The W = 1 layout with a prefetch of all ranks ran W = 8 at 66% / 58%
 //   (37% / 31% before the shift and the register bound), below the W > 1
 //   kernel's 80%. The same prefetch in quantize (a tile about 8 MB ahead)
 //   changed nothing measurable (73% -> 71%, 49% -> 51%) and made bfloat16
-//   error feedback slower (77% -> 68%), so quantize has none: its limit is not
-//   the bytes in flight.
+//   error feedback slower (77% -> 68%), so quantize has none: its limit then
+//   was instructions per element.
 //
 // All math is detail/int8_quant.h (the _rn intrinsics: nothing contracted), so
 // the results equal the CPU kernels' bit for bit. No host synchronisation.
