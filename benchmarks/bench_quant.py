@@ -45,6 +45,7 @@ ops = deepseek_ext.ops
 # ---- the same computations in torch eager ops (sizes are multiples of block_size)
 
 DIVISION = "DEEPSEEK_EXT_QUANT_DIVISION"
+WIDE = "DEEPSEEK_EXT_QUANT_WIDE"
 _CONSTS = {}
 
 
@@ -156,8 +157,20 @@ def main(argv=None):
                     rest = cases[name][1:]
                     cases[name] = (switched("0", fn),) + rest
                     cases[name + "_div"] = (switched("1", fn),) + rest
-                cases = {k: cases[k] for k in ("quantize", "quantize_div", "quantize_sr", "quantize_ef",
-                                               "quantize_ef_div", "dequantize", "dequant_reduce")}
+                order = ["quantize", "quantize_div", "quantize_sr", "quantize_ef", "quantize_ef_div",
+                         "dequantize", "dequant_reduce"]
+                if b == 2:
+                    # WIDE=1: 32 elements a thread for 16-bit round-to-nearest input (an experiment).
+                    def wide():
+                        os.environ[DIVISION] = "0"
+                        os.environ[WIDE] = "1"
+                        try:
+                            return ops.quantize_int8(x, bs)
+                        finally:
+                            os.environ.pop(WIDE, None)
+                    cases["quantize_wide"] = (wide,) + cases["quantize"][1:]
+                    order.insert(2, "quantize_wide")
+                cases = {k: cases[k] for k in order}
             # The eager compositions compute the same values (RNE paths):
             assert torch.equal(eager_quantize(x, bs)[0], q)
             torch.testing.assert_close(eager_dequantize(q, scales, bs, dtype), ops.dequantize_int8(q, scales, bs, dtype))
@@ -212,7 +225,9 @@ def main(argv=None):
     if dev == "cuda":
         text += (f"- *_div rows: {DIVISION}=1, the kernel divides every value by its block's scale "
                  "(__fdiv_rn) instead of using one reciprocal per thread (same results); "
-                 "every quantize row sets the variable before each call\n")
+                 "every quantize row sets the variable before each call\n"
+                 f"- quantize_wide rows (16-bit input): {WIDE}=1, 32 elements a thread kept as 16-bit values "
+                 "(an experiment, same results)\n")
     if bnb_note:
         text += f"- {bnb_note}\n"
     text += "\n" + markdown_table(cols, rows)

@@ -25,6 +25,8 @@
 // (2026-11-28 19:47, 256M elements): 99% / 75%, bfloat16 helped by a fifth
 // resident block (kQuantMinBlocks); stochastic 55% / 34%, error feedback
 // 81% / 92%. DEEPSEEK_EXT_QUANT_DIVISION=1 brings the division back, to measure.
+// DEEPSEEK_EXT_QUANT_WIDE=1 runs 16-bit round-to-nearest input 32 elements a
+// thread (quantize_int8_wide16_kernel): an experiment, not yet run on a GPU.
 // dequantize_reduce_int8 and dequantize_int8 (W = 1) have one kernel each,
 // chosen by what the H200 measured (256M elements, float32 out):
 //   * W > 1: each thread owns 16 consecutive elements, one 16-byte q load and
@@ -301,6 +303,108 @@ __global__ void __launch_bounds__(kThreads, kSR || kEF ? 1 : kQuantMinBlocks)
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
+// The wide experiment (DEEPSEEK_EXT_QUANT_WIDE=1, see wide_enabled()):
+// round-to-nearest quantize of 16-bit input without error feedback, 32
+// elements a thread kept as raw 16-bit values (16 registers), so that a thread
+// has 64 bytes of loads in flight, as with float32 input. absmax is taken on
+// the 16-bit magnitudes (their order is that of the float magnitudes: the
+// conversion is exact and monotonic, and inf/NaN stay above every finite
+// value); each value is converted to float only to be quantised. Needs a block
+// size that divides a warp's 32 * 32 = 1024 elements. Same q and scales as
+// quantize_int8_kernel (the CUDA tests compare both with the CPU bit for bit).
+constexpr int kWidePer = 32;
+constexpr int64_t kWideTile = int64_t{kThreads} * kWidePer;
+
+template <typename scalar_t>
+__device__ __forceinline__ float half_to_float(uint32_t bits16) {
+  return static_cast<float>(scalar_t(static_cast<uint16_t>(bits16), scalar_t::from_bits()));
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, 5)
+    quantize_int8_wide16_kernel(const scalar_t* __restrict__ x, int8_t* __restrict__ q,
+                                float* __restrict__ scales, QuantParams p) {
+  static_assert(sizeof(scalar_t) == 2, "16-bit input");
+  const int local = threadIdx.x * kWidePer;
+  const int64_t e0 = static_cast<int64_t>(blockIdx.x) * kWideTile + local;
+  const bool active = e0 < p.n;
+  const int64_t valid = active ? min(static_cast<int64_t>(kWidePer), p.n - e0) : 0;
+  const int lb = active ? local / p.block_size : -1;  // quantisation block within the tile
+
+  // raw[k]: elements 2k (low half) and 2k + 1 (high half); 0 past `valid`.
+  uint32_t raw[kWidePer / 2];
+  if (p.vec_ok && valid == kWidePer) {
+#pragma unroll
+    for (int k = 0; k < kWidePer / 8; ++k) {
+      const uint4 v = reinterpret_cast<const uint4*>(x + e0)[k];
+      raw[4 * k] = v.x;
+      raw[4 * k + 1] = v.y;
+      raw[4 * k + 2] = v.z;
+      raw[4 * k + 3] = v.w;
+    }
+  } else {
+    const auto* xb = reinterpret_cast<const uint16_t*>(x);
+#pragma unroll
+    for (int k = 0; k < kWidePer / 2; ++k) {
+      const uint32_t lo = 2 * k < valid ? xb[e0 + 2 * k] : 0u;
+      const uint32_t hi = 2 * k + 1 < valid ? xb[e0 + 2 * k + 1] : 0u;
+      raw[k] = lo | (hi << 16);
+    }
+  }
+  uint32_t m2 = 0;
+#pragma unroll
+  for (int k = 0; k < kWidePer / 2; ++k) m2 = __vmaxu2(m2, raw[k] & 0x7fff7fffu);
+  uint32_t mag = int8q::magnitude_bits(half_to_float<scalar_t>(max(m2 & 0xffffu, m2 >> 16)));
+  const unsigned peers = __match_any_sync(0xffffffffu, lb);
+  mag = __reduce_max_sync(peers, mag);
+  if (!active) return;
+
+  const float scale = int8q::scale_from_absmax_bits(mag);
+  if (local % p.block_size == 0) {
+    scales[static_cast<int64_t>(blockIdx.x) * (kWideTile / p.block_size) + lb] = scale;
+  }
+  // Codes (int8q::rne_code) packed four to a word as they are made.
+  uint32_t packed[kWidePer / 4];
+  if (!int8q::quantizes(scale)) {
+#pragma unroll
+    for (int k = 0; k < kWidePer / 4; ++k) packed[k] = 0u;
+  } else {
+    const bool reciprocal = !p.division && int8q::rne_by_reciprocal(scale);
+    const int8q::ScaleDivisor d = int8q::scale_divisor(scale);
+#pragma unroll
+    for (int k = 0; k < kWidePer / 4; ++k) {
+      float c[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t word = raw[2 * k + j / 2];
+        const float y = half_to_float<scalar_t>(j % 2 == 0 ? (word & 0xffffu) : (word >> 16));
+        c[j] = int8q::rne_code(reciprocal ? int8q::div_by(y, d) : int8q::div_rn(y, scale));
+      }
+      packed[k] = pack4(c[0], c[1], c[2], c[3]);
+    }
+  }
+  if (valid == kWidePer) {  // q + e0 is 32-byte aligned: fresh tensor, e0 % 32 == 0
+    reinterpret_cast<uint4*>(q + e0)[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    reinterpret_cast<uint4*>(q + e0)[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kWidePer; ++i) {  // constant indices: packed stays in registers
+      if (i < valid) q[e0 + i] = static_cast<int8_t>((packed[i / 4] >> (8 * (i % 4))) & 0xffu);
+    }
+  }
+}
+
+// DEEPSEEK_EXT_QUANT_WIDE=1 (read at every call) runs quantize_int8_wide16_kernel
+// where it applies: an experiment for the next GPU check (bench_quant's
+// quantize_wide rows). On the H200 bfloat16 quantize gained 11 points of copy
+// bandwidth (64% -> 75%) from a fifth resident block, i.e. from more loads in
+// flight; this doubles the bytes each thread has in flight.
+bool wide_enabled() {
+  const char* v = std::getenv("DEEPSEEK_EXT_QUANT_WIDE");
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
+}
+
+
 // DEEPSEEK_EXT_QUANT_DIVISION=1 (read at every call) makes quantize divide
 // every value by its block's scale (__fdiv_rn: a reciprocal, fused
 // multiply-adds, a range check and a branch to a slow path) instead of going
@@ -320,6 +424,15 @@ void launch_quantize(const at::Tensor& x, const at::Tensor& residual, at::Tensor
   p.vec_ok = aligned16(xp) && (!kEF || aligned16(rp));
   const int64_t nblocks = num_quant_blocks(p.n, p.block_size);
   const int64_t tiles = (nblocks + p.blocks_per_tile - 1) / p.blocks_per_tile;
+  if constexpr (sizeof(scalar_t) == 2 && !kEF) {
+    if (!p.stochastic && (32 * kWidePer) % p.block_size == 0 && wide_enabled()) {
+      const auto grid = static_cast<unsigned>((p.n + kWideTile - 1) / kWideTile);
+      quantize_int8_wide16_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+          xp, q.mutable_data_ptr<int8_t>(), scales.mutable_data_ptr<float>(), p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
   const auto kernel = p.stochastic ? quantize_int8_kernel<scalar_t, res_t, kEF, true>
                                    : quantize_int8_kernel<scalar_t, res_t, kEF, false>;
   kernel<<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(xp, rp, q.mutable_data_ptr<int8_t>(),
