@@ -212,7 +212,8 @@ def quantize_int8_ef_(
 
     Quantises ``y = x + residual`` (in float32) like :func:`quantize_int8` and
     writes the part that was not sent, ``y - q * scale`` (one rounding), back
-    into ``residual``. A bfloat16 ``residual`` stores that value rounded to
+    into ``residual``; where ``q`` is 0 that is ``y`` itself, bit for bit (a
+    ``-0.0`` stays ``-0.0``). A bfloat16 ``residual`` stores that value rounded to
     bfloat16. A block holding inf/NaN leaves its residual unchanged (its scale
     is NaN, so the bad gradient is still visible downstream).
 
