@@ -62,7 +62,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& x, int64_t bl
 
 // Error feedback: quantises y = x + residual and stores residual = y - q * scale
 // (one rounding; in residual's dtype, float32 or bfloat16) in the same pass.
-// A non-finite block leaves its residual unchanged. Returns (q, scales) of y.
+// Where q is 0 the new residual is y bit for bit (-0 included). A non-finite
+// block leaves its residual unchanged. Returns (q, scales) of y.
 std::tuple<at::Tensor, at::Tensor> quantize_int8_ef_(const at::Tensor& x,
                                                      const at::Tensor& residual,
                                                      int64_t block_size = 256,
