@@ -80,9 +80,9 @@ def main(argv=None):
 
             fns = [matmul_alone, unfused, ours]
             # On CUDA, for a float32 output: cuBLAS's float32-output GEMM alone (what a
-            # fused kernel as fast as cuBLAS would take), and at the two large shapes the
-            # fused kernel with the tile scheduler's swizzle at 1 (CUTLASS's default),
-            # 2 and 4 (DEEPSEEK_EXT_GEMM_SWIZZLE, read at every call; ours is 8).
+            # fused kernel as fast as cuBLAS would take), and the fused kernel with the
+            # tile scheduler's swizzle at 1 (CUTLASS's default), 2 and 4
+            # (DEEPSEEK_EXT_GEMM_SWIZZLE, read at every call; ours is 8).
             extra_cols = dev == "cuda" and fp32_out
             swizzles = SWIZZLES if extra_cols else []
             if extra_cols:

@@ -145,8 +145,9 @@ def main(argv=None):
             if dev == "cuda":
                 # kernels/quantize_int8.cu divides through one reciprocal per
                 # thread in round-to-nearest quantize; DIVISION=1 (read at every
-                # call) makes it divide every value instead. The *_div rows time that, for comparison; every
-                # quantize row sets the variable before each call.
+                # call) makes it divide every value instead. The *_div rows time
+                # that, for comparison; every quantize row sets the variable
+                # before each call.
                 def switched(flag, fn):
                     def run():
                         os.environ[DIVISION] = flag
