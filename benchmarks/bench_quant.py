@@ -146,7 +146,7 @@ def main(argv=None):
                 # kernels/quantize_int8.cu divides through one reciprocal per
                 # thread in round-to-nearest quantize; DIVISION=1 (read at every
                 # call) makes it divide every value instead. The *_div rows time
-                # that, for comparison; every quantize row sets the variable
+                # that, for comparison; every round-to-nearest quantize row sets it
                 # before each call.
                 def switched(flag, fn):
                     def run():
@@ -226,7 +226,8 @@ def main(argv=None):
     if dev == "cuda":
         text += (f"- *_div rows: {DIVISION}=1, the kernel divides every value by its block's scale "
                  "(__fdiv_rn) instead of using one reciprocal per thread (same results); "
-                 "every quantize row sets the variable before each call\n"
+                 "every round-to-nearest quantize row sets the variable before each call "
+                 "(stochastic rounding always divides)\n"
                  f"- quantize_wide rows (16-bit input): {WIDE}=1, 32 elements a thread kept as 16-bit values "
                  "(an experiment, same results)\n")
     if bnb_note:

@@ -311,7 +311,7 @@ TEST(Int8Math, CodesRoundLikeRintAndFloorAndHoldTheInt8) {
     const float f = std::floor(vc);
     const float frac = vc - f;  // exact
     const uint32_t at = static_cast<uint32_t>(std::ldexp(static_cast<double>(frac), 24));  // floor(frac * 2^24)
-    const uint32_t words[] = {(at << 8) | 0xffu, at == 0 ? 0u : ((at - 1) << 8), ((at + 1) << 8) & ~0u,
+    const uint32_t words[] = {(at << 8) | 0xffu, at == 0 ? 0u : ((at - 1) << 8), (at + 1) << 8,
                               static_cast<uint32_t>(gen())};
     for (const uint32_t w : words) {
       const float u = static_cast<float>(w >> 8) * 5.9604644775390625e-08f;
