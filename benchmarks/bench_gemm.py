@@ -4,9 +4,15 @@ For each shape (M, N, K) and dtype, in one run:
   * torch.matmul(a, b)                                  -- the GEMM alone, no scaling, no check
   * unfused: out = torch.matmul(a, b) (fp32 out when asked) then
     torch._amp_foreach_non_finite_check_and_unscale_([out], found, inv)  -- torch's best scale + check
+  * three ops: the same matmul, out.mul_(inv), then found_inf from torch.isfinite(out)
+    -- the issue's "matmul + mul + check" written as separate torch ops
     (for a bfloat16 output on CUDA, which that kernel rejects, the eager composition
     benchmarks.common.torch_unscale_check_)
   * ours: deepseek_ext.ops.matmul_unscale_check(a, b, inv, found, out_dtype)
+On the CPU, for float16/bfloat16 inputs, both baselines are also timed by the
+float32 route a user would take there (torch's 16-bit CPU GEMM is slow):
+a.float() @ b.float(), converted to the output dtype, then the same check; the
+ratios are against the faster route.
 Weight-gradient shapes use a transposed view for `a`, as a Linear backward does.
 
     python benchmarks/bench_gemm.py [--device cpu|cuda] [--out DIR]
@@ -28,6 +34,9 @@ CPU_CASES = [  # (name, M, N, K, transposed a)
     ("square 1024", 1024, 1024, 1024, False),
     ("square 2048", 2048, 2048, 2048, False),
     ("wgrad (4096x1024)^T (4096x1024)", 1024, 1024, 4096, True),
+    # A micro-batch of 256 tokens: a large output for few FLOPs, where the
+    # pass over the output that fusion saves matters most.
+    ("wgrad (256x4096)^T (256x4096)", 4096, 4096, 256, True),
 ]
 # On the GPU every case passes `a` as a transposed view: the layout of a Linear
 # weight gradient, and the one the fused sm90 and sm80 kernels are instantiated for.
@@ -78,7 +87,26 @@ def main(argv=None):
             def ours():
                 return deepseek_ext.ops.matmul_unscale_check(a, b, inv, found, out_dtype=out_dtype)
 
-            fns = [matmul_alone, unfused, ours]
+            def three_ops():
+                out = torch.mm(a, b, out_dtype=torch.float32) if (fp32_out and dev == "cuda") else torch.matmul(a, b)
+                if fp32_out and out.dtype != torch.float32:
+                    out = out.float()
+                out.mul_(inv)
+                torch.maximum(found, (~torch.isfinite(out)).any().to(found.dtype), out=found)
+                return out
+
+            def matmul_fp32_route():
+                return torch.matmul(a.float(), b.float()).to(out_dtype or dtype)
+
+            def unfused_fp32_route():
+                out = matmul_fp32_route()
+                torch_unscale_check_([out], found, inv)
+                return out
+
+            fns = [matmul_alone, unfused, ours, three_ops]
+            fp32_route = dev == "cpu" and dtype != torch.float32
+            if fp32_route:
+                fns += [matmul_fp32_route, unfused_fp32_route]
             # On CUDA, for a float32 output: cuBLAS's float32-output GEMM alone (what a
             # fused kernel as fast as cuBLAS would take), and the fused kernel with the
             # tile scheduler's swizzle at 1 (CUTLASS's default), 2 and 4
@@ -98,31 +126,42 @@ def main(argv=None):
                 return run
             fns += [swizzled(sw) for sw in swizzles]
             ts = compare_seconds(fns, dev, args.rounds, args.min_run_time)
-            t_mm, t_unfused, t_ours = ts[:3]
-            t_mm32 = ts[3] if extra_cols else None
-            t_sw = dict(zip(swizzles, ts[4:]))
+            t_mm, t_unfused, t_ours, t_three = ts[:4]
+            t_mm_route, t_unfused_route = (ts[4], ts[5]) if fp32_route else (None, None)
+            t_mm32 = ts[4] if extra_cols else None
+            t_sw = dict(zip(swizzles, ts[5:]))
+            # The strongest baselines: the faster route of each.
+            t_mm_best = min(t_mm, t_mm_route or t_mm)
+            t_unfused_best = min(t_unfused, t_unfused_route or t_unfused)
             flops = 2.0 * M * N * K
             # The route it really took, from the fused kernels' call counters.
-            before = (deepseek_ext._C.matmul_unscale_check_fused_sm90_calls(),
-                      deepseek_ext._C.matmul_unscale_check_fused_sm80_calls())
+            counters = (deepseek_ext._C.matmul_unscale_check_fused_sm90_calls,
+                        deepseek_ext._C.matmul_unscale_check_fused_sm80_calls,
+                        deepseek_ext._C.matmul_unscale_check_cpu_checks_from_inputs)
+            before = [c() for c in counters]
             ours()
-            after = (deepseek_ext._C.matmul_unscale_check_fused_sm90_calls(),
-                     deepseek_ext._C.matmul_unscale_check_fused_sm80_calls())
-            route = "fused sm90" if after[0] > before[0] else "fused sm80" if after[1] > before[1] else \
-                ("cuBLAS + epilogue" if dev == "cuda" else "BLAS panels + epilogue")
+            took = [c() > n for c, n in zip(counters, before)]
+            route = "fused sm90" if took[0] else "fused sm80" if took[1] else "BLAS + check of the inputs" if took[2] \
+                else ("cuBLAS + epilogue" if dev == "cuda" else "BLAS panels + epilogue")
             row = [name, f"{str(dtype)[6:]} -> {str(out_dtype or dtype)[6:]}", route, f"{flops / t_mm / 1e12:.3f}",
-                   f"{flops / t_unfused / 1e12:.3f}", f"{flops / t_ours / 1e12:.3f}", f"{t_ours / t_mm:.3f}",
-                   f"{t_unfused / t_ours:.3f}"]
+                   f"{flops / t_unfused / 1e12:.3f}"]
+            if dev == "cpu":
+                row += [f"{flops / t / 1e12:.3f}" if t else "-" for t in (t_mm_route, t_unfused_route)]
+            row += [f"{flops / t_ours / 1e12:.3f}", f"{t_ours / t_mm_best:.3f}", f"{t_unfused_best / t_ours:.3f}",
+                    f"{t_three / t_ours:.3f}"]
             if dev == "cuda":
                 row.append(f"{flops / t_mm32 / 1e12:.3f}" if t_mm32 else "-")
                 row += [f"{flops / t_sw[sw] / 1e12:.3f}" if sw in t_sw else "-" for sw in SWIZZLES]
             rows.append(row)
             data.append(dict(case=name, M=M, N=N, K=K, dtype=str(dtype), out_dtype=str(out_dtype or dtype),
                              route=route, matmul_s=t_mm, unfused_s=t_unfused, ours_s=t_ours,
+                             matmul_fp32_route_s=t_mm_route, unfused_fp32_route_s=t_unfused_route, three_ops_s=t_three,
                              mm_fp32_out_s=t_mm32, ours_swizzle_s={str(k): v for k, v in t_sw.items()}))
             assert found.item() == 0.0
-    cols = ["shape", "dtype", "route", "matmul TFLOP/s", "unfused TFLOP/s", "ours TFLOP/s", "ours time / matmul time",
-            "speedup vs unfused"]
+    cols = ["shape", "dtype", "route", "matmul TFLOP/s", "unfused TFLOP/s"]
+    if dev == "cpu":
+        cols += ["matmul via fp32 TFLOP/s", "unfused via fp32 TFLOP/s"]
+    cols += ["ours TFLOP/s", "ours time / matmul time", "speedup vs unfused", "speedup vs three ops"]
     if dev == "cuda":
         cols += ["cuBLAS fp32-out TFLOP/s"] + [f"ours swizzle {sw} TFLOP/s" for sw in SWIZZLES]
     text = header("matmul_unscale_check vs torch.matmul and the unfused matmul + scale + check", dev)
@@ -142,6 +181,11 @@ def main(argv=None):
              "(no scaling, no check); 'unfused' is matmul (fp32 output when asked) + "
              "torch._amp_foreach_non_finite_check_and_unscale_ (bfloat16 output on CUDA: the eager "
              "_foreach_norm(inf) + isfinite + _foreach_mul_, as torch's kernel rejects it)\n")
+    text += ("- 'three ops': the same matmul, then out.mul_(inv_scale), then found_inf from torch.isfinite(out) "
+             "(the issue's 'matmul + mul + check' as separate ops; 'unfused' above is the stronger baseline)\n")
+    if dev == "cpu":
+        text += ("- 'via fp32' (16-bit inputs): torch.matmul(a.float(), b.float()).to(output dtype), then the same "
+                 "check for 'unfused'; the last two columns compare ours with the faster route of each baseline\n")
     if dev == "cuda":
         text += ("- 'cuBLAS fp32-out' is torch.mm(a, b, out_dtype=torch.float32) alone (float32 outputs only); "
                  f"'ours swizzle N' sets {SWIZZLE}=N (the CUTLASS tile scheduler's max_swizzle_size; "

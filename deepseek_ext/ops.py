@@ -93,6 +93,10 @@ def matmul_unscale_check(
 
     Returns:
         ``[M, N]`` tensor of ``out_dtype``.
+
+    On the CPU ``inv_scale`` is read on the host (no device there) and is the
+    BLAS's alpha, so a scale that is not a power of two may round differently
+    from the CUDA kernels, which multiply the float32 sums.
     """
     return torch.ops.deepseek_ext.matmul_unscale_check.default(a, b, inv_scale, found_inf, out_dtype=out_dtype)
 

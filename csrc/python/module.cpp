@@ -18,6 +18,12 @@
 #define DSX_WITH_CUTLASS_SM80 0
 #endif
 
+namespace deepseek_ext {
+namespace ops {
+int64_t matmul_unscale_check_cpu_checks_from_inputs();  // matmul_unscale_check/cpu/
+}  // namespace ops
+}  // namespace deepseek_ext
+
 #if DSX_WITH_CUDA
 namespace deepseek_ext {
 namespace ops {
@@ -41,6 +47,9 @@ PYBIND11_MODULE(_C, m) {
     return int64_t{0};
 #endif
   }, "How many matmul_unscale_check calls took the fused sm90 CUTLASS kernel in this process.");
+  m.def("matmul_unscale_check_cpu_checks_from_inputs", &deepseek_ext::ops::matmul_unscale_check_cpu_checks_from_inputs,
+        "How many CPU matmul_unscale_check calls in this process decided found_inf from the inputs "
+        "(float32 output, a and b smaller than it, no overflow possible) instead of reading the output.");
   m.attr("with_cutlass_sm80") = static_cast<bool>(DSX_WITH_CUTLASS_SM80);
   m.def("matmul_unscale_check_fused_sm80_calls", [] {
 #if DSX_WITH_CUDA

@@ -61,6 +61,100 @@ def test_planted_nonfinite_is_flagged(device, value):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_float32_output_flag_with_few_rows_of_k(device):
+    # M*K + K*N < M*N: for a float32 output the CPU decides the flag from the
+    # inputs when their largest magnitudes rule an overflow out, and reads the
+    # output otherwise (an overflow is possible, or a is not one dense block).
+    # Either way the flag must be the output's.
+    gen = torch.Generator().manual_seed(5)
+    inf, nan = float("inf"), float("nan")
+    for dtype in dtypes_for(device):
+        def mats():
+            return (torch.randn(64, 4, generator=gen).to(dtype).to(device),
+                    torch.randn(4, 48, generator=gen).to(dtype).to(device))
+
+        cases = [mats()]
+        a, b = mats(); b[2, 47] = nan; cases.append((a, b))
+        a, b = mats(); a[63, 0] = -inf; cases.append((a, b))
+        a, b = mats(); a[0, 3] = inf; b[3] = 0; cases.append((a, b))  # inf * 0 = NaN
+        if dtype != torch.float16:  # float16 inputs cannot overflow a float32 sum of 4 products
+            a, b = mats(); a[5, 1] = 1e30; b[1, 7] = 1e30; cases.append((a, b))  # 1e60: overflows
+            a, b = mats(); a[5, 1] = 1e30; b[1] = 0; b[2, 3] = 1e30; cases.append((a, b))  # large, finite
+        for a, b in cases:
+            strided = torch.zeros(64, 8, dtype=dtype, device=device)[:, ::2]
+            strided.copy_(a)  # not one dense block of memory
+            for a_view in (a, a.t().contiguous().t(), strided):
+                found = torch.zeros(1, device=device)
+                before = deepseek_ext._C.matmul_unscale_check_cpu_checks_from_inputs()
+                out = deepseek_ext.ops.matmul_unscale_check(a_view, b, torch.ones(1, device=device), found,
+                                                            out_dtype=torch.float32)
+                from_inputs = deepseek_ext._C.matmul_unscale_check_cpu_checks_from_inputs() > before
+                want = (~torch.isfinite(out)).any().item()
+                assert found.item() == float(want), (dtype, a_view.stride())
+                if device == "cpu":  # the input route is taken exactly when it can decide
+                    dense = a_view.is_contiguous() or a_view.t().is_contiguous()
+                    finite = bool(torch.isfinite(a).all() and torch.isfinite(b).all())
+                    no_overflow = finite and a.abs().max().item() * b.abs().max().item() < 1e36
+                    assert from_inputs == (dense and (not finite or no_overflow)), (dtype, a_view.stride())
+                ref = reference(a.cpu(), b.cpu(), 1.0)
+                assert torch.equal(torch.isfinite(out.cpu()), torch.isfinite(ref.float()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_output_flag_with_few_rows_of_k_and_extreme_scales(device):
+    # The same shapes under scales that can hide or make an overflow: a NaN
+    # scale, and a tiny one under which the unscaled float32 sum overflows
+    # (1e60) while the scaled value would not. A BLAS that applies alpha last
+    # gives inf there, one that scales a first does not; the flag must follow
+    # what the output holds.
+    for dtype in [d for d in dtypes_for(device) if d != torch.float16]:
+        a = torch.ones(64, 4, dtype=dtype, device=device)
+        b = torch.ones(4, 48, dtype=dtype, device=device)
+        a[5, 1], b[1, 7] = 1e30, 1e30
+        for inv in (float("nan"), 2.0**-100, 2.0**-16):
+            found = torch.zeros(1, device=device)
+            out = deepseek_ext.ops.matmul_unscale_check(a, b, torch.full((1,), inv, device=device), found,
+                                                        out_dtype=torch.float32)
+            assert found.item() == float((~torch.isfinite(out)).any().item()), (dtype, inv)
+        found = torch.zeros(1, device=device)
+        out = deepseek_ext.ops.matmul_unscale_check(a[:, :2], b[:2], torch.full((1,), float("nan"), device=device),
+                                                    found, out_dtype=torch.float32)
+        assert found.item() == 1.0 and torch.isnan(out).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scale_that_is_not_a_power_of_two(device):
+    gen = torch.Generator().manual_seed(3)
+    for dtype in dtypes_for(device):
+        a = torch.randn(70, 50, generator=gen).to(dtype).to(device)
+        b = torch.randn(50, 40, generator=gen).to(dtype).to(device)
+        found = torch.zeros(1, device=device)
+        out = deepseek_ext.ops.matmul_unscale_check(a, b, torch.full((1,), 0.3, device=device), found,
+                                                    out_dtype=torch.float32)
+        assert rel_err(out.cpu(), reference(a.cpu(), b.cpu(), torch.tensor(0.3).item())) < TOL[torch.float32]
+        assert found.item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_or_infinite_inv_scale_follows_ieee(device):
+    # out = (a @ b) * inv_scale as IEEE arithmetic says: a zero scale does not
+    # hide an inf in the inputs (inf * 0 = NaN), and an infinite one overflows.
+    for dtype in dtypes_for(device):
+        a = torch.ones(16, 8, dtype=dtype, device=device)
+        b = torch.ones(8, 12, dtype=dtype, device=device)
+        zero, inf = torch.zeros(1, device=device), torch.full((1,), float("inf"), device=device)
+        found = torch.zeros(1, device=device)
+        out = deepseek_ext.ops.matmul_unscale_check(a, b, zero, found)
+        assert found.item() == 0.0 and (out == 0).all()
+        out = deepseek_ext.ops.matmul_unscale_check(a, b, inf, found)
+        assert found.item() == 1.0 and torch.isinf(out).all()
+        a[3, 5] = float("inf")
+        found.zero_()
+        out = deepseek_ext.ops.matmul_unscale_check(a, b, zero, found)
+        assert found.item() == 1.0 and torch.isnan(out[3]).all() and (out[:3] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_overflow_in_float16_output_is_flagged(device):
     # 300 * 300 * 4 = 360000 > 65504: finite in float32, inf in float16.
     a = torch.full((8, 4), 300.0, dtype=torch.float16, device=device)

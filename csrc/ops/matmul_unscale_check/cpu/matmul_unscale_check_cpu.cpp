@@ -1,12 +1,22 @@
-// matmul_unscale_check on the CPU: the GEMM through ATen's BLAS in row panels,
-// each panel scaled, converted and checked while it is still in cache.
+// matmul_unscale_check on the CPU: the GEMM through ATen's BLAS, its check
+// done by the cheapest pass that is exact.
 //
 // Inputs are multiplied in float32 (float16/bfloat16 products are exact in
-// float32, so this is FP32 accumulation). For each panel of rows, at::mm_out
-// (multi-threaded BLAS) writes the float32 panel; then, in parallel over the
-// panel, every value is multiplied by inv_scale, converted to out_dtype and
-// its *converted* bits checked for inf/NaN (detail/float_bits.h), so a value
-// that overflows float16 only in the conversion is caught too.
+// float32, so this is FP32 accumulation). inv_scale is the GEMM's alpha:
+// at::addmm_out (multi-threaded BLAS, beta = 0) writes inv_scale * (a @ b) in
+// float32. Then, in parallel:
+//   * 16-bit output, in row panels while each is still in cache: every value
+//     is converted to out_dtype and its *converted* bits checked
+//     (detail/float_bits.h), so a value that overflows float16 only in the
+//     conversion is caught too.
+//   * float32 output: the output is non-finite somewhere exactly when an input
+//     is (inf * 0 is NaN, inf - inf is NaN) or the sum overflows float32. When
+//     a and b together are smaller than the output (few rows of K: a
+//     micro-batch's weight gradient) and a bound from their largest
+//     magnitudes rules the overflow out, reading them decides; otherwise the
+//     output is read once, in panels, without being written.
+// The unfused sequence (matmul, then a scale-and-check pass) reads and writes
+// the whole output once more.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -16,7 +26,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
+#include <iterator>
+#include <limits>
 #include <optional>
 #include <type_traits>
 
@@ -35,52 +48,134 @@ using at::vec::Vectorized;
 constexpr int64_t kPanelBytes = int64_t{16} << 20;
 constexpr int64_t kEpilogueGrain = int64_t{1} << 15;
 
-// out[i] = out_t(acc[i] * s) for i in [0, n); returns true if any out[i] is
-// inf/NaN. acc and out may be the same array when out_t is float.
+template <typename T>
+using bits_of_t = typename bits::format_of_t<T>::bits_type;
+
+// |v| as the magnitude bits of each lane, in a signed integer of v's width.
+template <typename T>
+auto magnitude_bits_vec(const Vectorized<T>& v) {
+  using ibits_t = std::make_signed_t<bits_of_t<T>>;
+  return at::vec::cast<ibits_t>(v) &
+         Vectorized<ibits_t>(static_cast<ibits_t>(bits::format_of_t<T>::kMagnitudeMask));
+}
+
+template <typename T>
+bits_of_t<T> max_lane(const Vectorized<std::make_signed_t<bits_of_t<T>>>& v) {
+  std::make_signed_t<bits_of_t<T>> lanes[Vectorized<std::make_signed_t<bits_of_t<T>>>::size()];
+  v.store(lanes);
+  return static_cast<bits_of_t<T>>(*std::max_element(std::begin(lanes), std::end(lanes)));
+}
+
+// The largest magnitude bits in x[0, n): read only, 0 for n == 0. Magnitude
+// bits order like magnitudes, and every inf/NaN is at least kInfBits.
+template <typename T>
+bits_of_t<T> max_magnitude_bits(const T* x, int64_t n) {
+  using ibits_t = std::make_signed_t<bits_of_t<T>>;
+  using Vec = Vectorized<T>;
+  Vectorized<ibits_t> m0(0), m1(0);  // two chains keep more loads in flight
+  int64_t i = 0;
+  for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
+    m0 = at::vec::maximum(m0, magnitude_bits_vec(Vec::loadu(x + i)));
+    m1 = at::vec::maximum(m1, magnitude_bits_vec(Vec::loadu(x + i + Vec::size())));
+  }
+  bits_of_t<T> m = max_lane<T>(at::vec::maximum(m0, m1));
+  for (; i < n; ++i) {
+    bits_of_t<T> b;
+    std::memcpy(&b, x + i, sizeof b);
+    m = std::max(m, bits::magnitude_bits<bits::format_of_t<T>>(b));
+  }
+  return m;
+}
+
+template <typename T>
+bits_of_t<T> parallel_max_magnitude_bits(const T* x, int64_t n) {
+  return at::parallel_reduce(
+      0, n, kEpilogueGrain, bits_of_t<T>{0},
+      [&](int64_t begin, int64_t end, bits_of_t<T> m) {
+        return std::max(m, max_magnitude_bits(x + begin, end - begin));
+      },
+      [](bits_of_t<T> x0, bits_of_t<T> x1) { return std::max(x0, x1); });
+}
+
+// out[i] = out_t(acc[i]) for i in [0, n), a 16-bit out_t; returns true if any
+// converted value is inf/NaN.
 template <typename out_t>
-bool scale_convert_check(const float* acc, out_t* out, int64_t n, float s) {
-  using Format = bits::format_of_t<out_t>;
-  using ibits_t = std::make_signed_t<typename Format::bits_type>;
+bool convert_check(const float* acc, out_t* out, int64_t n) {
+  using ibits_t = std::make_signed_t<bits_of_t<out_t>>;
   using OVec = Vectorized<out_t>;
-  using IVec = Vectorized<ibits_t>;
   using FVec = Vectorized<float>;
-  const IVec mask(static_cast<ibits_t>(Format::kMagnitudeMask));
-  const FVec sv(s);
-  IVec max_bits(0);
+  Vectorized<ibits_t> max_bits(0);
   int64_t i = 0;
   for (; i + OVec::size() <= n; i += OVec::size()) {
-    OVec o;
-    if constexpr (std::is_same_v<out_t, float>) {
-      o = FVec::loadu(acc + i) * sv;
-    } else {
-      o = at::vec::convert_from_float<out_t>(FVec::loadu(acc + i) * sv,
-                                             FVec::loadu(acc + i + FVec::size()) * sv);
-    }
+    const OVec o = at::vec::convert_from_float<out_t>(FVec::loadu(acc + i), FVec::loadu(acc + i + FVec::size()));
     o.store(out + i);
-    max_bits = at::vec::maximum(max_bits, at::vec::cast<ibits_t>(o) & mask);
+    max_bits = at::vec::maximum(max_bits, magnitude_bits_vec(o));
   }
-  ibits_t lanes[IVec::size()];
-  max_bits.store(lanes);
-  ibits_t m = *std::max_element(lanes, lanes + IVec::size());
-  for (; i < n; ++i) {
-    out[i] = static_cast<out_t>(acc[i] * s);
-    typename Format::bits_type b;
-    std::memcpy(&b, &out[i], sizeof b);
-    m = std::max(m, static_cast<ibits_t>(bits::magnitude_bits<Format>(b)));
-  }
-  return bits::max_magnitude_is_nonfinite<Format>(static_cast<typename Format::bits_type>(m));
+  const int64_t tail = i;
+  for (; i < n; ++i) out[i] = static_cast<out_t>(acc[i]);
+  const bits_of_t<out_t> m = std::max(max_lane<out_t>(max_bits), max_magnitude_bits(out + tail, n - tail));
+  return bits::max_magnitude_is_nonfinite<bits::format_of_t<out_t>>(m);
 }
 
 template <typename out_t>
-bool parallel_epilogue(const float* acc, out_t* out, int64_t n, float s) {
+bool parallel_convert_check(const float* acc, out_t* out, int64_t n) {
   std::atomic<bool> bad{false};
   at::parallel_for(0, n, kEpilogueGrain, [&](int64_t begin, int64_t end) {
-    if (scale_convert_check<out_t>(acc + begin, out + begin, end - begin, s)) {
+    if (convert_check<out_t>(acc + begin, out + begin, end - begin)) {
       bad.store(true, std::memory_order_relaxed);
     }
   });
   return bad.load();
 }
+
+bool parallel_check(const float* x, int64_t n) {
+  return bits::max_magnitude_is_nonfinite<bits::Fp32Format>(parallel_max_magnitude_bits(x, n));
+}
+
+// max |t|, +inf when t holds an inf or NaN; nullopt when t does not cover one
+// dense block of memory (then it cannot be read as a flat array).
+template <typename T>
+double absmax_from_bits(bits_of_t<T> m) {
+  if (bits::max_magnitude_is_nonfinite<bits::format_of_t<T>>(m)) return std::numeric_limits<double>::infinity();
+  T v;
+  std::memcpy(&v, &m, sizeof v);
+  return static_cast<double>(static_cast<float>(v));
+}
+
+std::optional<double> dense_absmax(const at::Tensor& t) {
+  if (!t.is_non_overlapping_and_dense()) return std::nullopt;
+  const int64_t n = t.numel();
+  switch (t.scalar_type()) {
+    case at::kFloat: return absmax_from_bits<float>(parallel_max_magnitude_bits(t.const_data_ptr<float>(), n));
+    case at::kHalf:
+      return absmax_from_bits<c10::Half>(parallel_max_magnitude_bits(t.const_data_ptr<c10::Half>(), n));
+    case at::kBFloat16:
+      return absmax_from_bits<c10::BFloat16>(parallel_max_magnitude_bits(t.const_data_ptr<c10::BFloat16>(), n));
+    default: TORCH_INTERNAL_ASSERT(false, "unexpected dtype ", t.scalar_type());
+  }
+}
+
+// Whether s * (a @ b), computed in float32 with K terms a sum, has an inf or
+// NaN, decided from a and b alone; nullopt when they cannot decide it. Every
+// partial sum is at most K * max|a| * max|b| * (1 + 2 K u) (u = 2^-24, for
+// K u <= 1/4), in any order of summation. The BLAS may apply alpha to a first
+// or to the sums last, so the bound takes max(1, |s|) times that; alpha adds
+// at most two roundings, and a bound below FLT_MAX / 4 leaves a wide margin.
+std::optional<bool> nonfinite_from_inputs(const at::Tensor& a, const at::Tensor& b, float s, int64_t K) {
+  const double u = std::ldexp(1.0, -24);
+  if (!std::isfinite(s) || static_cast<double>(K) * u > 0.25) return std::nullopt;  // the output decides
+  const std::optional<double> amax = dense_absmax(a);
+  if (!amax) return std::nullopt;
+  if (std::isinf(*amax)) return true;
+  const std::optional<double> bmax = dense_absmax(b);
+  if (!bmax) return std::nullopt;
+  if (std::isinf(*bmax)) return true;
+  const double bound = std::max(1.0, std::fabs(static_cast<double>(s))) * K * *amax * *bmax * (1.0 + 2.0 * K * u);
+  if (bound < std::numeric_limits<float>::max() / 4) return false;
+  return std::nullopt;
+}
+
+std::atomic<int64_t> checks_from_inputs{0};
 
 at::Tensor matmul_unscale_check_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_scale,
                                     const at::Tensor& found_inf, std::optional<at::ScalarType> out_dtype) {
@@ -92,27 +187,43 @@ at::Tensor matmul_unscale_check_cpu(const at::Tensor& a, const at::Tensor& b, co
   if (K == 0) return out.zero_();  // an empty sum: zeros, all finite
 
   const float s = *inv_scale.const_data_ptr<float>();
+  // beta = 0: the old contents of the output are never read (BLAS semantics).
+  // A BLAS may skip a and b when alpha is 0, which would hide their inf/NaN,
+  // so a scale that is not a normal float is applied after the GEMM.
+  const bool alpha_in_gemm = std::isnormal(s);
   const at::Tensor b32 = b.scalar_type() == at::kFloat ? b : b.to(at::kFloat);
-  const int64_t rows = std::clamp<int64_t>(kPanelBytes / (N * int64_t{sizeof(float)}), 1, M);
-  at::Tensor scratch;  // float32 panel when the output is 16-bit
-  if (out_t != at::kFloat) scratch = at::empty({rows, N}, a.options().dtype(at::kFloat));
+  const auto gemm = [&](at::Tensor& acc, const at::Tensor& a_rows) {
+    at::addmm_out(acc, acc, a_rows.scalar_type() == at::kFloat ? a_rows : a_rows.to(at::kFloat), b32,
+                  /*beta=*/0, /*alpha=*/alpha_in_gemm ? s : 1.0f);
+    if (!alpha_in_gemm) acc.mul_(s);
+  };
 
+  const std::optional<bool> decided = out_t == at::kFloat && M * K + K * N < M * N
+                                          ? nonfinite_from_inputs(a, b, s, K)
+                                          : std::nullopt;
   bool bad = false;
-  for (int64_t r = 0; r < M; r += rows) {
-    const int64_t h = std::min(rows, M - r);
-    at::Tensor a_panel = a.narrow(0, r, h);
-    if (a_panel.scalar_type() != at::kFloat) a_panel = a_panel.to(at::kFloat);
-    at::Tensor out_panel = out.narrow(0, r, h);  // rows of a contiguous matrix: contiguous
-    at::Tensor acc = out_t == at::kFloat ? out_panel : scratch.narrow(0, 0, h);
-    at::mm_out(acc, a_panel, b32);
-    const float* acc_ptr = acc.const_data_ptr<float>();
-    switch (out_t) {
-      case at::kFloat: bad |= parallel_epilogue(acc_ptr, out_panel.data_ptr<float>(), h * N, s); break;
-      case at::kHalf: bad |= parallel_epilogue(acc_ptr, out_panel.data_ptr<c10::Half>(), h * N, s); break;
-      case at::kBFloat16:
-        bad |= parallel_epilogue(acc_ptr, out_panel.data_ptr<c10::BFloat16>(), h * N, s);
-        break;
-      default: TORCH_INTERNAL_ASSERT(false, "unexpected out dtype ", out_t);
+  if (decided) {
+    checks_from_inputs.fetch_add(1, std::memory_order_relaxed);
+    gemm(out, a);
+    bad = *decided;
+  } else {
+    const int64_t rows = std::clamp<int64_t>(kPanelBytes / (N * int64_t{sizeof(float)}), 1, M);
+    at::Tensor scratch;  // float32 panel when the output is 16-bit
+    if (out_t != at::kFloat) scratch = at::empty({rows, N}, a.options().dtype(at::kFloat));
+    for (int64_t r = 0; r < M; r += rows) {
+      const int64_t h = std::min(rows, M - r);
+      at::Tensor out_panel = out.narrow(0, r, h);  // rows of a contiguous matrix: contiguous
+      at::Tensor acc = out_t == at::kFloat ? out_panel : scratch.narrow(0, 0, h);
+      gemm(acc, a.narrow(0, r, h));
+      const float* acc_ptr = acc.const_data_ptr<float>();
+      switch (out_t) {
+        case at::kFloat: bad |= parallel_check(acc_ptr, h * N); break;
+        case at::kHalf: bad |= parallel_convert_check(acc_ptr, out_panel.data_ptr<c10::Half>(), h * N); break;
+        case at::kBFloat16:
+          bad |= parallel_convert_check(acc_ptr, out_panel.data_ptr<c10::BFloat16>(), h * N);
+          break;
+        default: TORCH_INTERNAL_ASSERT(false, "unexpected out dtype ", out_t);
+      }
     }
   }
   if (bad) found_inf.fill_(1.0f);
@@ -120,6 +231,9 @@ at::Tensor matmul_unscale_check_cpu(const at::Tensor& a, const at::Tensor& b, co
 }
 
 }  // namespace
+
+int64_t matmul_unscale_check_cpu_checks_from_inputs() { return checks_from_inputs.load(); }
+
 }  // namespace ops
 }  // namespace deepseek_ext
 
