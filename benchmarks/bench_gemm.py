@@ -55,9 +55,11 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--min-run-time", type=float, default=0.5)
+    p.add_argument("--cases", default=None, help="run only the cases whose name contains this text")
     args = p.parse_args(argv)
     dev = args.device
     cases = GPU_CASES if dev == "cuda" else CPU_CASES
+    cases = [c for c in cases if args.cases is None or args.cases in c[0]]
     dtypes = [(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, None)]
     if dev == "cpu":
         # torch's float16 matmul on CPU is not a fair baseline (4.8 s for 1024^3 here, 100x float32).

@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 import deepseek_ext  # noqa: E402
 from benchmarks.common import compare_seconds, header, markdown_table, torch_unscale_check_, write_results  # noqa: E402
 
-VARIANTS = ["pingpong_64x256_2x1", "pingpong_128x128_2x1", "coop_256x128_1x2", "coop_128x256_2x1_streamk"]
+VARIANTS = ["pingpong_64x256_2x1", "pingpong_128x128_2x1", "coop_256x128_1x2", "coop_128x256_2x1_streamk",
+            "coop_128x256_1x2", "coop_128x256_2x2"]
 CASES = [  # (name, M, N, K): a = A^T view of a [K, M] tensor, b = [K, N], as in a Linear weight gradient
     ("4096^3", 4096, 4096, 4096),
     ("8192^3", 8192, 8192, 8192),
