@@ -93,6 +93,18 @@ inline int scheduler_swizzle() {
   return (s == 1 || s == 2 || s == 4) ? s : 8;
 }
 
+// The persistent tile scheduler's raster order: CUTLASS's heuristic (walk
+// along N unless the output has more tiles along N than along M) unless
+// DEEPSEEK_EXT_GEMM_RASTER=m or n (read at every call) forces one, for
+// bench_gemm's raster column. Results do not depend on it.
+template <class Options>
+Options scheduler_raster() {
+  const char* v = std::getenv("DEEPSEEK_EXT_GEMM_RASTER");
+  if (v != nullptr && (v[0] == 'm' || v[0] == 'M')) return Options::AlongM;
+  if (v != nullptr && (v[0] == 'n' || v[0] == 'N')) return Options::AlongN;
+  return Options::Heuristic;
+}
+
 // KernelSchedule, EpilogueSchedule and TileScheduler default to what the
 // library instantiates; benchmarks/gpu/ times other choices against them.
 template <class ElementAB, class TileShape, class ClusterShape,
@@ -150,6 +162,7 @@ struct FusedWgradGemm {
         {{}, nullptr, stride_d, out.data_ptr<float>(), stride_d},
         hw};
     args.scheduler.max_swizzle_size = scheduler_swizzle();
+    args.scheduler.raster_order = scheduler_raster<decltype(args.scheduler.raster_order)>();
     // EVT arguments: {child..., node}. Reduction(child = multiplies(broadcast, acc)).
     args.epilogue.thread = {
         {
