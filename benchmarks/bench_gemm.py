@@ -4,21 +4,31 @@ For each shape (M, N, K) and dtype, in one run:
   * torch.matmul(a, b)                                  -- the GEMM alone, no scaling, no check
   * unfused: out = torch.matmul(a, b) (fp32 out when asked) then
     torch._amp_foreach_non_finite_check_and_unscale_([out], found, inv)  -- torch's best scale + check
-  * three ops: the same matmul, out.mul_(inv), then found_inf from torch.isfinite(out)
-    -- the issue's "matmul + mul + check" written as separate torch ops
     (for a bfloat16 output on CUDA, which that kernel rejects, the eager composition
     benchmarks.common.torch_unscale_check_)
+  * three ops: the matmul, out.mul_(inv), then found_inf from torch.isfinite(out)
+    -- the issue's "matmul + mul + check" written as separate torch ops
   * ours: deepseek_ext.ops.matmul_unscale_check(a, b, inv, found, out_dtype)
-On the CPU, for float16/bfloat16 inputs, both baselines are also timed by the
+On the CPU, for float16/bfloat16 inputs, the baselines are also timed by the
 float32 route a user would take there (torch's 16-bit CPU GEMM is slow):
 a.float() @ b.float(), converted to the output dtype, then the same check; the
-ratios are against the faster route.
+ratios are against the faster route, and the three ops take the float32 route.
+float16 takes only the float32 route (torch's float16 CPU GEMM takes seconds).
 Weight-gradient shapes use a transposed view for `a`, as a Linear backward does.
 
-    python benchmarks/bench_gemm.py [--device cpu|cuda] [--out DIR]
+    python benchmarks/bench_gemm.py [--device cpu|cuda] [--out DIR] [--reuse-memory]
+
+--reuse-memory (CPU, glibc): serve every allocation from the heap and never
+return freed memory to the kernel, so a fresh output reuses pages that are
+already mapped, as a training loop's caching allocator would. By default glibc
+maps each allocation above 32 MiB afresh, and page-faulting a fresh 64 MiB
+output costs about as much as a third of the micro-batch GEMM here, paid by
+ours and the baselines alike but not evenly from run to run. Results go to
+gemm_reuse_cpu.md.
 """
 
 import argparse
+import ctypes
 import os
 import sys
 import time
@@ -52,6 +62,15 @@ GPU_CASES = [
 ]
 
 
+def reuse_freed_memory():
+    """glibc mallopt: M_MMAP_THRESHOLD and M_TRIM_THRESHOLD to 1 GiB, before the
+    benchmark allocates its tensors."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30)):
+        raise SystemExit("--reuse-memory: glibc's mallopt refused the thresholds")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -59,14 +78,19 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--min-run-time", type=float, default=0.5)
     p.add_argument("--cases", default=None, help="run only the cases whose name contains this text")
+    p.add_argument("--reuse-memory", action="store_true", help="CPU: keep freed memory mapped (see above)")
     args = p.parse_args(argv)
     dev = args.device
+    if args.reuse_memory:
+        if dev != "cpu":
+            raise SystemExit("--reuse-memory is for the CPU (the CUDA caching allocator already reuses memory)")
+        reuse_freed_memory()
     cases = GPU_CASES if dev == "cuda" else CPU_CASES
     cases = [c for c in cases if args.cases is None or args.cases in c[0]]
     dtypes = [(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, None)]
     if dev == "cpu":
-        # torch's float16 matmul on CPU is not a fair baseline (4.8 s for 1024^3 here, 100x float32).
-        dtypes = [(torch.float32, None), (torch.bfloat16, torch.float32), (torch.bfloat16, None)]
+        dtypes = [(torch.float32, None), (torch.float16, torch.float32), (torch.float16, None),
+                  (torch.bfloat16, torch.float32), (torch.bfloat16, None)]
 
     rows, data = [], []
     for name, M, N, K, transposed in cases:
@@ -79,46 +103,55 @@ def main(argv=None):
             found = torch.zeros(1, device=dev)
             fp32_out = out_dtype == torch.float32 and dtype != torch.float32
 
-            def matmul_alone():
-                return torch.matmul(a, b)
+            # The GEMM's product by each route: torch.matmul in the input dtype
+            # ('native'; float32 output through cuBLAS's out_dtype on CUDA), and on
+            # the CPU for 16-bit inputs the float32 route a user would take there.
+            def native():
+                if fp32_out and dev == "cuda":
+                    return torch.mm(a, b, out_dtype=torch.float32)
+                out = torch.matmul(a, b)
+                return out.float() if fp32_out else out
 
-            def unfused():
-                out = torch.mm(a, b, out_dtype=torch.float32) if (fp32_out and dev == "cuda") else torch.matmul(a, b)
-                if fp32_out and out.dtype != torch.float32:
-                    out = out.float()
-                torch_unscale_check_([out], found, inv)
-                return out
+            def via_fp32():
+                return torch.matmul(a.float(), b.float()).to(out_dtype or dtype)
+
+            def unfused_by(product):
+                def run():
+                    out = product()
+                    torch_unscale_check_([out], found, inv)
+                    return out
+                return run
+
+            def three_ops_by(product):
+                def run():
+                    out = product()
+                    out.mul_(inv)
+                    torch.maximum(found, (~torch.isfinite(out)).any().to(found.dtype), out=found)
+                    return out
+                return run
 
             def ours():
                 return deepseek_ext.ops.matmul_unscale_check(a, b, inv, found, out_dtype=out_dtype)
 
-            def three_ops():
-                out = torch.mm(a, b, out_dtype=torch.float32) if (fp32_out and dev == "cuda") else torch.matmul(a, b)
-                if fp32_out and out.dtype != torch.float32:
-                    out = out.float()
-                out.mul_(inv)
-                torch.maximum(found, (~torch.isfinite(out)).any().to(found.dtype), out=found)
-                return out
-
-            def matmul_fp32_route():
-                return torch.matmul(a.float(), b.float()).to(out_dtype or dtype)
-
-            def unfused_fp32_route():
-                out = matmul_fp32_route()
-                torch_unscale_check_([out], found, inv)
-                return out
-
-            fns = [matmul_alone, unfused, ours, three_ops]
-            fp32_route = dev == "cpu" and dtype != torch.float32
-            if fp32_route:
-                fns += [matmul_fp32_route, unfused_fp32_route]
-            # On CUDA, for a float32 output: cuBLAS's float32-output GEMM alone (what a
-            # fused kernel as fast as cuBLAS would take), and the fused kernel with
-            # each of KNOBS.
+            # torch's float16 GEMM on this CPU takes seconds (the header says how long):
+            # not a baseline worth timing, so float16 rows use the float32 route only.
+            routes = {"native": native}
+            if dev == "cpu" and dtype != torch.float32:
+                routes = {"via fp32": via_fp32} if dtype == torch.float16 else {"native": native, "via fp32": via_fp32}
+            # The three ops run by the route a user would take: float32 on the CPU for 16-bit inputs.
+            three_ops = three_ops_by(routes.get("via fp32", native))
+            named = {"ours": ours, "three ops": three_ops}
+            for label, product in routes.items():
+                named[f"matmul {label}"] = product
+                named[f"unfused {label}"] = unfused_by(product)
+            # On CUDA, for a float32 output: cuBLAS's float32-output GEMM alone is
+            # 'matmul native'; 'matmul' there is torch.matmul in the input dtype (its
+            # usual output), and the fused kernel runs with each of KNOBS too.
             extra_cols = dev == "cuda" and fp32_out
             knobs = KNOBS if extra_cols else []
             if extra_cols:
-                fns.append(lambda: torch.mm(a, b, out_dtype=torch.float32))
+                named["matmul native"] = lambda: torch.matmul(a, b)
+                named["cuBLAS fp32-out"] = native
 
             def with_env(var, value):
                 def run():
@@ -128,15 +161,13 @@ def main(argv=None):
                     finally:
                         os.environ.pop(var, None)
                 return run
-            fns += [with_env(var, value) for _, var, value in knobs]
-            ts = compare_seconds(fns, dev, args.rounds, args.min_run_time)
-            t_mm, t_unfused, t_ours, t_three = ts[:4]
-            t_mm_route, t_unfused_route = (ts[4], ts[5]) if fp32_route else (None, None)
-            t_mm32 = ts[4] if extra_cols else None
-            t_knob = {label: t for (label, _, _), t in zip(knobs, ts[5:])}
+            for label, var, value in knobs:
+                named[f"ours, {label}"] = with_env(var, value)
+            t = dict(zip(named, compare_seconds(list(named.values()), dev, args.rounds, args.min_run_time)))
+            t_ours, t_three = t["ours"], t["three ops"]
             # The strongest baselines: the faster route of each.
-            t_mm_best = min(t_mm, t_mm_route or t_mm)
-            t_unfused_best = min(t_unfused, t_unfused_route or t_unfused)
+            t_mm_best = min(v for k, v in t.items() if k.startswith("matmul "))
+            t_unfused_best = min(v for k, v in t.items() if k.startswith("unfused "))
             flops = 2.0 * M * N * K
             # The route it really took, from the fused kernels' call counters.
             counters = (deepseek_ext._C.matmul_unscale_check_fused_sm90_calls,
@@ -147,20 +178,21 @@ def main(argv=None):
             took = [c() > n for c, n in zip(counters, before)]
             route = "fused sm90" if took[0] else "fused sm80" if took[1] else "BLAS + check of the inputs" if took[2] \
                 else ("cuBLAS + epilogue" if dev == "cuda" else "BLAS panels + epilogue")
-            row = [name, f"{str(dtype)[6:]} -> {str(out_dtype or dtype)[6:]}", route, f"{flops / t_mm / 1e12:.3f}",
-                   f"{flops / t_unfused / 1e12:.3f}"]
+
+            def tflops(key):
+                return f"{flops / t[key] / 1e12:.3f}" if key in t else "-"
+
+            row = [name, f"{str(dtype)[6:]} -> {str(out_dtype or dtype)[6:]}", route, tflops("matmul native"),
+                   tflops("unfused native")]
             if dev == "cpu":
-                row += [f"{flops / t / 1e12:.3f}" if t else "-" for t in (t_mm_route, t_unfused_route)]
-            row += [f"{flops / t_ours / 1e12:.3f}", f"{t_ours / t_mm_best:.3f}", f"{t_unfused_best / t_ours:.3f}",
+                row += [tflops("matmul via fp32"), tflops("unfused via fp32")]
+            row += [tflops("ours"), f"{t_ours / t_mm_best:.3f}", f"{t_unfused_best / t_ours:.3f}",
                     f"{t_three / t_ours:.3f}"]
             if dev == "cuda":
-                row.append(f"{flops / t_mm32 / 1e12:.3f}" if t_mm32 else "-")
-                row += [f"{flops / t_knob[label] / 1e12:.3f}" if label in t_knob else "-" for label, _, _ in KNOBS]
+                row += [tflops("cuBLAS fp32-out")] + [tflops(f"ours, {label}") for label, _, _ in KNOBS]
             rows.append(row)
             data.append(dict(case=name, M=M, N=N, K=K, dtype=str(dtype), out_dtype=str(out_dtype or dtype),
-                             route=route, matmul_s=t_mm, unfused_s=t_unfused, ours_s=t_ours,
-                             matmul_fp32_route_s=t_mm_route, unfused_fp32_route_s=t_unfused_route, three_ops_s=t_three,
-                             mm_fp32_out_s=t_mm32, ours_with_s=t_knob))
+                             route=route, seconds=t))
             assert found.item() == 0.0
     cols = ["shape", "dtype", "route", "matmul TFLOP/s", "unfused TFLOP/s"]
     if dev == "cpu":
@@ -179,14 +211,15 @@ def main(argv=None):
         t0 = time.perf_counter()
         torch.matmul(h, h)
         t_half = time.perf_counter() - t0
-        text += (f"- float16 is left out on CPU: one torch.matmul in float16 at 1024^3 took {t_half:.2f} s here "
-                 "(not a baseline worth beating)\n")
+        text += (f"- float16 rows time only the float32 route: one torch.matmul in float16 at 1024^3 took "
+                 f"{t_half:.2f} s here (not a baseline worth timing)\n")
     text += (f"- times: median over {args.rounds} alternating rounds; 'matmul' is torch.matmul in the input dtype "
              "(no scaling, no check); 'unfused' is matmul (fp32 output when asked) + "
              "torch._amp_foreach_non_finite_check_and_unscale_ (bfloat16 output on CUDA: the eager "
              "_foreach_norm(inf) + isfinite + _foreach_mul_, as torch's kernel rejects it)\n")
-    text += ("- 'three ops': the same matmul, then out.mul_(inv_scale), then found_inf from torch.isfinite(out) "
-             "(the issue's 'matmul + mul + check' as separate ops; 'unfused' above is the stronger baseline)\n")
+    text += ("- 'three ops': the matmul (on the CPU, for 16-bit inputs, by the float32 route), then "
+             "out.mul_(inv_scale), then found_inf from torch.isfinite(out) (the issue's 'matmul + mul + check' as "
+             "separate ops; 'unfused' above is the stronger baseline)\n")
     if dev == "cpu":
         text += ("- 'via fp32' (16-bit inputs): torch.matmul(a.float(), b.float()).to(output dtype), then the same "
                  "check for 'unfused'; the last two columns compare ours with the faster route of each baseline\n")
@@ -195,10 +228,13 @@ def main(argv=None):
                  "'ours, X' runs our kernel with one tile-scheduler setting changed before each call: "
                  + "; ".join(f"{label}: {var}={value}" for label, var, value in KNOBS)
                  + " ('ours' runs swizzle 8 and CUTLASS's raster heuristic)\n")
+    if args.reuse_memory:
+        text += ("- --reuse-memory: glibc's mmap and trim thresholds at 1 GiB, so fresh tensors reuse pages "
+                 "that are already mapped (no page faults after the first call)\n")
     text += "\n"
     text += markdown_table(cols, rows)
     print(text)
-    print(f"written to {write_results('gemm', dev, text, data, args.out)}")
+    print(f"written to {write_results('gemm_reuse' if args.reuse_memory else 'gemm', dev, text, data, args.out)}")
 
 
 if __name__ == "__main__":
