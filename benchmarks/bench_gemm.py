@@ -144,9 +144,9 @@ def main(argv=None):
             for label, product in routes.items():
                 named[f"matmul {label}"] = product
                 named[f"unfused {label}"] = unfused_by(product)
-            # On CUDA, for a float32 output: cuBLAS's float32-output GEMM alone is
-            # 'matmul native'; 'matmul' there is torch.matmul in the input dtype (its
-            # usual output), and the fused kernel runs with each of KNOBS too.
+            # On CUDA, for a float32 output: 'matmul native' stays torch.matmul in the
+            # input dtype (its usual output), cuBLAS's float32-output GEMM alone gets a
+            # column of its own, and the fused kernel also runs with each of KNOBS.
             extra_cols = dev == "cuda" and fp32_out
             knobs = KNOBS if extra_cols else []
             if extra_cols:
