@@ -20,12 +20,13 @@
 #   GPU_CHECK_ARCHIVE  a .tar.gz path refreshed after every step with all of
 #                      $OUT: what a killed run had finished is still in it.
 #   GPU_CHECK_TESTS    pytest selection (default "-m cuda tests/python": the CUDA tests).
-#   GPU_CHECK_STEPS    what runs after the build, in order (default: tests, the GPU
-#                      benchmarks, gemm_kernels (cuBLAS's and our GEMM kernels by
-#                      name), demo_smoke, then ncu_gemm (the same launches under
-#                      Nsight Compute, where it can read counters)), e.g. "tests bench_gemm".
+#   GPU_CHECK_STEPS    what runs after the build, in order, e.g. "tests bench_gemm"
+#                      (default: tests, bench_quant, bench_gemm, ncu_gemm (the GEMM
+#                      launches under Nsight Compute, where it can read counters),
+#                      gemm_kernels (cuBLAS's and our GEMM kernels by name),
 #                      bench_gemm_sm90_variants (other CUTLASS configurations of the
-#                      fused GEMM, its own extension) runs only when named.
+#                      fused GEMM, its own extension, built in the background), then
+#                      the other GPU benchmarks and demo_smoke).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -33,10 +34,10 @@ OUT=${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M)}
 BUDGET=${GPU_CHECK_BUDGET:-0}
 ARCHIVE=${GPU_CHECK_ARCHIVE:-}
 TESTS=${GPU_CHECK_TESTS:--m cuda tests/python}
-# Default order: what the open issues still need measured first, in case the budget runs out.
-# bench_gemm_sm90_variants is not in the default any more: its 2026-11-28 run settled
-# the question it asked (no configuration beat the library's); name it to run it.
-STEPS=${GPU_CHECK_STEPS:-tests bench_quant bench_gemm gemm_kernels bench_unscale bench_shared_attention bench_sparse_ffn bench_scaler demo_smoke ncu_gemm}
+# Default order: what the open issues still need measured first, in case the budget runs
+# out (benchmarks/gpu_notes.md, "Next GPU session"). The last five steps measure code that
+# has not changed since their last GPU tables (2026-11-28).
+STEPS=${GPU_CHECK_STEPS:-tests bench_quant bench_gemm ncu_gemm gemm_kernels bench_gemm_sm90_variants bench_unscale bench_shared_attention bench_sparse_ffn bench_scaler demo_smoke}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 declare -A status
