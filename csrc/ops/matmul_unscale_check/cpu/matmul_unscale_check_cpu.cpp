@@ -33,6 +33,8 @@
 #include <optional>
 #include <type_traits>
 
+#include "common/cpu_alloc.h"
+#include "common/cpu_float_bits.h"
 #include "deepseek_ext/detail/float_formats.h"
 #include "matmul_unscale_check/matmul_unscale_check.h"
 
@@ -47,45 +49,6 @@ using at::vec::Vectorized;
 // panels stay large enough that the BLAS's repacking of b per call is noise.
 constexpr int64_t kPanelBytes = int64_t{16} << 20;
 constexpr int64_t kEpilogueGrain = int64_t{1} << 15;
-
-template <typename T>
-using bits_of_t = typename bits::format_of_t<T>::bits_type;
-
-// |v| as the magnitude bits of each lane, in a signed integer of v's width.
-template <typename T>
-auto magnitude_bits_vec(const Vectorized<T>& v) {
-  using ibits_t = std::make_signed_t<bits_of_t<T>>;
-  return at::vec::cast<ibits_t>(v) &
-         Vectorized<ibits_t>(static_cast<ibits_t>(bits::format_of_t<T>::kMagnitudeMask));
-}
-
-template <typename T>
-bits_of_t<T> max_lane(const Vectorized<std::make_signed_t<bits_of_t<T>>>& v) {
-  std::make_signed_t<bits_of_t<T>> lanes[Vectorized<std::make_signed_t<bits_of_t<T>>>::size()];
-  v.store(lanes);
-  return static_cast<bits_of_t<T>>(*std::max_element(std::begin(lanes), std::end(lanes)));
-}
-
-// The largest magnitude bits in x[0, n): read only, 0 for n == 0. Magnitude
-// bits order like magnitudes, and every inf/NaN is at least kInfBits.
-template <typename T>
-bits_of_t<T> max_magnitude_bits(const T* x, int64_t n) {
-  using ibits_t = std::make_signed_t<bits_of_t<T>>;
-  using Vec = Vectorized<T>;
-  Vectorized<ibits_t> m0(0), m1(0);  // two chains keep more loads in flight
-  int64_t i = 0;
-  for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
-    m0 = at::vec::maximum(m0, magnitude_bits_vec(Vec::loadu(x + i)));
-    m1 = at::vec::maximum(m1, magnitude_bits_vec(Vec::loadu(x + i + Vec::size())));
-  }
-  bits_of_t<T> m = max_lane<T>(at::vec::maximum(m0, m1));
-  for (; i < n; ++i) {
-    bits_of_t<T> b;
-    std::memcpy(&b, x + i, sizeof b);
-    m = std::max(m, bits::magnitude_bits<bits::format_of_t<T>>(b));
-  }
-  return m;
-}
 
 template <typename T>
 bits_of_t<T> parallel_max_magnitude_bits(const T* x, int64_t n) {
@@ -182,7 +145,7 @@ at::Tensor matmul_unscale_check_cpu(const at::Tensor& a, const at::Tensor& b, co
   const at::ScalarType out_t = check_matmul_unscale_check_inputs(a, b, inv_scale, found_inf, out_dtype,
                                                                  c10::DeviceType::CPU);
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-  at::Tensor out = at::empty({M, N}, a.options().dtype(out_t));
+  at::Tensor out = empty_for_write({M, N}, a.options().dtype(out_t));
   if (M == 0 || N == 0) return out;
   if (K == 0) return out.zero_();  // an empty sum: zeros, all finite
 
@@ -209,7 +172,7 @@ at::Tensor matmul_unscale_check_cpu(const at::Tensor& a, const at::Tensor& b, co
   } else {
     const int64_t rows = std::clamp<int64_t>(kPanelBytes / (N * int64_t{sizeof(float)}), 1, M);
     at::Tensor scratch;  // float32 panel when the output is 16-bit
-    if (out_t != at::kFloat) scratch = at::empty({rows, N}, a.options().dtype(at::kFloat));
+    if (out_t != at::kFloat) scratch = empty_for_write({rows, N}, a.options().dtype(at::kFloat));
     for (int64_t r = 0; r < M; r += rows) {
       const int64_t h = std::min(rows, M - r);
       at::Tensor out_panel = out.narrow(0, r, h);  // rows of a contiguous matrix: contiguous

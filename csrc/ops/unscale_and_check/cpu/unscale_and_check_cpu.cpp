@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_float_bits.h"
 #include "deepseek_ext/detail/float_formats.h"
 #include "unscale_and_check/unscale_and_check.h"
 
@@ -39,9 +40,10 @@ struct WorkItem {
   at::ScalarType dtype;
 };
 
-// Largest magnitude bits of data[0, n) (see detail/float_bits.h), and, when
-// kWrite, data[i] *= s in float arithmetic, in the same pass over memory.
-template <typename scalar_t, bool kWrite>
+// data[i] *= s in float arithmetic and the largest magnitude bits of data[0, n)
+// before scaling (see detail/float_bits.h), in one pass over memory; true if
+// any value is inf/NaN. (The check alone is max_magnitude_bits.)
+template <typename scalar_t>
 bool check_and_scale(scalar_t* data, int64_t n, float s) {
   using Format = bits::format_of_t<scalar_t>;
   // Magnitude bits are < 2^31 (fp32) or < 2^15 (16-bit), so a signed max works.
@@ -57,13 +59,11 @@ bool check_and_scale(scalar_t* data, int64_t n, float s) {
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const Vec v = Vec::loadu(data + i);
     acc = at::vec::maximum(acc, at::vec::cast<ibits_t>(v) & mask);
-    if constexpr (kWrite) {
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        (v * sv).store(data + i);
-      } else {
-        auto [lo, hi] = at::vec::convert_to_float<scalar_t>(v);
-        at::vec::convert_from_float<scalar_t>(lo * sv, hi * sv).store(data + i);
-      }
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      (v * sv).store(data + i);
+    } else {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(v);
+      at::vec::convert_from_float<scalar_t>(lo * sv, hi * sv).store(data + i);
     }
   }
   ibits_t lanes[IVec::size()];
@@ -73,7 +73,7 @@ bool check_and_scale(scalar_t* data, int64_t n, float s) {
   const auto* bits = reinterpret_cast<const ibits_t*>(data);
   for (; i < n; ++i) {
     m = std::max(m, static_cast<ibits_t>(bits[i] & static_cast<ibits_t>(Format::kMagnitudeMask)));
-    if constexpr (kWrite) data[i] = static_cast<scalar_t>(static_cast<float>(data[i]) * s);
+    data[i] = static_cast<scalar_t>(static_cast<float>(data[i]) * s);
   }
   return bits::max_magnitude_is_nonfinite<Format>(static_cast<typename Format::bits_type>(m));
 }
@@ -82,8 +82,8 @@ template <typename scalar_t>
 bool process_item(const WorkItem& item, float inv_scale, bool write) {
   auto* p = static_cast<scalar_t*>(item.data) + item.begin;
   const int64_t n = item.end - item.begin;
-  return write ? check_and_scale<scalar_t, true>(p, n, inv_scale)
-               : check_and_scale<scalar_t, false>(p, n, inv_scale);
+  if (write) return check_and_scale(p, n, inv_scale);
+  return bits::max_magnitude_is_nonfinite<bits::format_of_t<scalar_t>>(max_magnitude_bits(p, n));
 }
 
 void unscale_and_check_cpu(at::TensorList grads, const at::Tensor& found_inf,
