@@ -227,7 +227,7 @@ def main(argv=None):
         text += (f"- *_div rows: {DIVISION}=1, the kernel divides every value by its block's scale "
                  "(__fdiv_rn) instead of using one reciprocal per thread (same results); "
                  "every round-to-nearest quantize row sets the variable before each call "
-                 "(stochastic rounding always divides)\n"
+                 "(stochastic rounding multiplies by the reciprocal either way: int8q::sr_quotient)\n"
                  f"- quantize_wide rows (16-bit input): {WIDE}=1, 32 elements a thread kept as 16-bit values "
                  "(an experiment, same results)\n")
     if bnb_note:

@@ -189,8 +189,10 @@ def quantize_int8(
     Args:
         x: float32, float16 or bfloat16 tensor, any shape and strides.
         block_size: elements per block, a positive multiple of 32 up to 4096.
-        stochastic: round stochastically (unbiased: E[q * scale] = x) instead of
-            to nearest-even. The random words come from Philox4x32-10 keyed by
+        stochastic: round stochastically instead of to nearest-even: q is
+            floor(v) or floor(v) + 1 for v = x * RN(1 / scale), with
+            E[q] = v (to 2^-23 of a step), so E[q * scale] = x to float32
+            rounding. The random words come from Philox4x32-10 keyed by
             ``seed`` at counter ``offset + i`` for element ``i``, so CPU and CUDA
             give bit-identical results; use a fresh ``offset`` (or ``seed``) per
             call to draw fresh numbers.

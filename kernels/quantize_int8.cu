@@ -16,9 +16,16 @@
 // reciprocal per thread and two fmas (int8q::div_by), and rint and the int8
 // conversion are one FADD of 1.5 * 2^23 (int8q::rne_code), whose low byte is
 // q, packed with byte permutes. Stochastic rounding (its own kernel) rounds the
-// same way (int8q::sr_code: floor is an FADD rounding down) but keeps the
-// division per value: it is bound by its Philox arithmetic, and the
-// reciprocal route measured slower there. On the H200 the previous version (a
+// same way (int8q::sr_code: floor is an FADD rounding down). Until 2026-12-05
+// it kept the correctly rounded division per value (55% / 34% of copy
+// bandwidth, float32 / bfloat16, below); it now rounds y * RN(1 / scale)
+// (int8q::sr_quotient, one FMUL), decides u < frac with an fma rounding up and
+// an integer compare instead of converting the random word to float (a
+// quarter-rate I2F), draws its Philox blocks one at a time, and is bounded to
+// 4 resident blocks for 16-bit input (3 otherwise, and with error feedback).
+// A thread's work is 35 sm_90a instructions per value instead of 49
+// (benchmarks/gpu/sass/count.sh, a static count; Philox4x32-10 is 14 of
+// them); not yet run on a GPU. On the H200 the previous version (a
 // correctly rounded division, FRND and F2I per element, barriers for every
 // block size) ran float32 at 73% of copy bandwidth and bfloat16 at 49%, the
 // same element rate for both: bound by instructions per element. This one
@@ -80,6 +87,17 @@ constexpr int kWarpElems = 32 * kPerThread;
 // Round-to-nearest quantize: at least 5 resident blocks (48 registers a thread)
 // instead of the 4 that its 50-56 registers allow; more loads in flight.
 constexpr int kQuantMinBlocks = 5;
+// Stochastic rounding: 16-bit input at least 4 resident blocks (64 registers a
+// thread, no spills) instead of the 2 that its 88 registers would allow;
+// float32 input and error feedback 3 (80 registers; at 64 they spill).
+constexpr int kSr16MinBlocks = 4;
+constexpr int kSrMinBlocks = 3;
+
+template <typename scalar_t, bool kEF, bool kSR>
+constexpr int quant_min_blocks() {
+  if (!kSR) return kEF ? 1 : kQuantMinBlocks;
+  return sizeof(scalar_t) == 2 && !kEF ? kSr16MinBlocks : kSrMinBlocks;
+}
 static_assert(kTileElems == int8q::kMaxBlockSize, "a tile holds at least one block");
 
 template <typename T>
@@ -162,32 +180,33 @@ __device__ __forceinline__ void rne_codes16(const float (&y)[16], float scale, f
 
 // Stochastic codes (int8q::sr_code) of 16 values; the first one's Philox word
 // is word kShift of counter block `first` (4 or 5 blocks for 16 values). The
-// quotient is a division per value: the reciprocal route, with the branch to
-// a division that tiny quotients need here, measured slower on the H200
-// (53% / 31% of copy bandwidth against 59% / 36%).
-template <int kShift>
-__device__ __forceinline__ void sr_codes16(const float (&y)[16], float scale, uint64_t seed,
+// quotient is int8q::sr_quotient: one multiplication per value (kReciprocal),
+// or a division per value for the rare scales outside [2^-90, 2^90].
+template <int kShift, bool kReciprocal>
+__device__ __forceinline__ void sr_codes16(const float (&y)[16], int8q::ScaleDivisor d, uint64_t seed,
                                            uint64_t first, float (&t)[16]) {
+  // Counter block by counter block, so that at most two blocks' words are live.
   constexpr int kBlocks = kShift == 0 ? 4 : 5;
-  uint32_t w[4 * kBlocks];
 #pragma unroll
   for (int b = 0; b < kBlocks; ++b) {
     const philox::Words o = philox::philox_block(seed, first + b);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) w[4 * b + j] = o.w[j];
+    for (int j = 0; j < 4; ++j) {
+      const int i = 4 * b + j - kShift;  // the value that draws word j of block b
+      if (i >= 0 && i < kPerThread) t[i] = int8q::sr_code(int8q::sr_quotient(y[i], d, kReciprocal), o.w[j]);
+    }
   }
-#pragma unroll
-  for (int i = 0; i < kPerThread; ++i) t[i] = int8q::sr_code(int8q::div_rn(y[i], scale), w[kShift + i]);
 }
 
-__device__ __forceinline__ void sr_codes16(const float (&y)[16], float scale, uint64_t seed,
+template <bool kReciprocal>
+__device__ __forceinline__ void sr_codes16(const float (&y)[16], int8q::ScaleDivisor d, uint64_t seed,
                                            uint64_t g0, float (&t)[16]) {
   const uint64_t first = g0 >> 2;
   switch (static_cast<int>(g0 & 3)) {
-    case 0: sr_codes16<0>(y, scale, seed, first, t); break;
-    case 1: sr_codes16<1>(y, scale, seed, first, t); break;
-    case 2: sr_codes16<2>(y, scale, seed, first, t); break;
-    default: sr_codes16<3>(y, scale, seed, first, t); break;
+    case 0: sr_codes16<0, kReciprocal>(y, d, seed, first, t); break;
+    case 1: sr_codes16<1, kReciprocal>(y, d, seed, first, t); break;
+    case 2: sr_codes16<2, kReciprocal>(y, d, seed, first, t); break;
+    default: sr_codes16<3, kReciprocal>(y, d, seed, first, t); break;
   }
 }
 
@@ -212,7 +231,7 @@ struct QuantParams {
 // kSR: stochastic rounding, its own kernel so that the round-to-nearest one
 // does not carry its registers (Philox words).
 template <typename scalar_t, typename res_t, bool kEF, bool kSR>
-__global__ void __launch_bounds__(kThreads, kSR || kEF ? 1 : kQuantMinBlocks)
+__global__ void __launch_bounds__(kThreads, quant_min_blocks<scalar_t, kEF, kSR>())
     quantize_int8_kernel(const scalar_t* __restrict__ x, res_t* __restrict__ res,
                          int8_t* __restrict__ q, float* __restrict__ scales, QuantParams p) {
   __shared__ uint32_t amax_s[kMaxBlocksPerTile];
@@ -271,7 +290,12 @@ __global__ void __launch_bounds__(kThreads, kSR || kEF ? 1 : kQuantMinBlocks)
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) t[i] = int8q::kRoundMagic;  // q = 0
   } else if constexpr (kSR) {
-    sr_codes16(y, scale, p.seed, p.offset + static_cast<uint64_t>(e0), t);
+    const uint64_t g0 = p.offset + static_cast<uint64_t>(e0);
+    if (int8q::sr_by_reciprocal(scale)) {
+      sr_codes16<true>(y, int8q::scale_divisor(scale), p.seed, g0, t);
+    } else {
+      sr_codes16<false>(y, int8q::ScaleDivisor{scale, 0.0f}, p.seed, g0, t);
+    }
   } else if (!p.division && int8q::rne_by_reciprocal(scale)) {
     rne_codes16<true>(y, scale, t);
   } else {
@@ -409,7 +433,8 @@ bool wide_enabled() {
 // every value by its block's scale (__fdiv_rn: a reciprocal, fused
 // multiply-adds, a range check and a branch to a slow path) instead of going
 // through one reciprocal per thread (int8q::div_by), in round-to-nearest
-// quantize (stochastic rounding always divides). The results are the same; the
+// quantize (stochastic rounding has its own quotient, int8q::sr_quotient,
+// either way). The results are the same; the
 // switch exists to measure the difference (bench_quant's *_div rows).
 bool division_forced() {
   const char* v = std::getenv("DEEPSEEK_EXT_QUANT_DIVISION");

@@ -8,6 +8,7 @@
 
 #include "test_util.h"
 
+#include <cfenv>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -287,6 +288,22 @@ TEST(Int8Math, DivisionByReciprocalEqualsDivision) {
 // low byte is the int8 q and code_value its float value, +0 for zero. The
 // stochastic code is checked with words at, just below and just above the
 // threshold u = v - floor(v), and random ones.
+int64_t ru_differs_from_rn = 0;  // evidence that the rounding mode took effect
+
+// An fma the compiler can neither fold nor move across the rounding-mode change.
+__attribute__((noinline, noipa)) float fma_opaque(float a, float b, float c) { return std::fma(a, b, c); }
+
+// RU(frac * 2^23 + 2^23) as the device computes it (__fmaf_ru), here with the
+// FPU rounding upward for the one fma.
+float device_ceil_sum(float frac) {
+  const int mode = std::fegetround();
+  std::fesetround(FE_UPWARD);
+  const float sum = fma_opaque(frac, int8q::kTwoPow23, int8q::kTwoPow23);
+  std::fesetround(mode);
+  ru_differs_from_rn += sum != fma_opaque(frac, int8q::kTwoPow23, int8q::kTwoPow23);
+  return sum;
+}
+
 TEST(Int8Math, CodesRoundLikeRintAndFloorAndHoldTheInt8) {
   auto clamp_ref = [](float r) { return r < -127.0f ? -127.0f : (r > 127.0f ? 127.0f : r); };
   std::vector<float> vs = {0.0f, -0.0f, 1e-30f, -1e-30f, from_bits(1u), -from_bits(1u),
@@ -300,6 +317,11 @@ TEST(Int8Math, CodesRoundLikeRintAndFloorAndHoldTheInt8) {
   std::mt19937_64 gen(7);
   std::uniform_real_distribution<float> dist(-140.0f, 140.0f);
   for (int k = 0; k < 100000; ++k) vs.push_back(dist(gen));
+  // Quotients below 1 in magnitude: frac has bits below 2^-23 (and for
+  // negative ones is rounded), where the device's upward rounding matters.
+  std::uniform_real_distribution<float> small(-1.0f, 1.0f);
+  for (int k = 0; k < 50000; ++k) vs.push_back(small(gen));
+  for (int k = 0; k < 10000; ++k) vs.push_back(std::ldexp(small(gen), -(k % 140)));
   int64_t ups = 0, downs = 0;
   for (const float v : vs) {
     const float want = clamp_ref(std::nearbyint(v)) + 0.0f;  // + 0: -0 becomes +0
@@ -309,19 +331,23 @@ TEST(Int8Math, CodesRoundLikeRintAndFloorAndHoldTheInt8) {
 
     const float vc = clamp_ref(v);
     const float f = std::floor(vc);
-    const float frac = vc - f;  // exact
-    const uint32_t at = static_cast<uint32_t>(std::ldexp(static_cast<double>(frac), 24));  // floor(frac * 2^24)
-    const uint32_t words[] = {(at << 8) | 0xffu, at == 0 ? 0u : ((at - 1) << 8), (at + 1) << 8,
-                              static_cast<uint32_t>(gen())};
+    const float frac = vc - f;  // exact but for vc in (-1, 0)
+    const uint32_t at = static_cast<uint32_t>(std::ldexp(static_cast<double>(frac), 23));  // floor(frac * 2^23)
+    // Words whose top 23 bits k sit at and next to the threshold (low bits set or not).
+    const uint32_t words[] = {(at << 9) | 0x1ffu, at == 0 ? 0u : ((at - 1) << 9), (at + 1) << 9,
+                              at == 0 ? 0x1ffu : ((at - 1) << 9) | 0x1ffu, static_cast<uint32_t>(gen())};
     for (const uint32_t w : words) {
-      const float u = static_cast<float>(w >> 8) * 5.9604644775390625e-08f;
+      const float u = static_cast<float>(w >> 9) * 1.1920928955078125e-07f;  // k * 2^-23
       const float q_ref = (u < frac ? f + 1.0f : f) + 0.0f;
       const float ts = int8q::sr_code(v, w);
       ASSERT_EQ(bits(int8q::code_value(ts)), bits(q_ref)) << "v=" << v << " w=" << w;
+      // The device's form of the same decision (int8q::sr_code under __CUDA_ARCH__).
+      ASSERT_EQ(int8q::rounds_up_by_bits(w, device_ceil_sum(frac)), u < frac) << "v=" << v << " w=" << w;
       ASSERT_EQ(int8q::code_byte(ts), static_cast<int8_t>(q_ref)) << "v=" << v << " w=" << w;
       (q_ref > f ? ups : downs) += 1;
     }
   }
+  EXPECT_GT(ru_differs_from_rn, 20000);
   EXPECT_GT(ups, 100000);  // both outcomes are exercised
   EXPECT_GT(downs, 100000);
   // A zero q carries no sign, so the residual of y = -0 is -0 (y itself).

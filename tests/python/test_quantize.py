@@ -68,14 +68,17 @@ def quantize_ref(x, block_size=256, stochastic=False, seed=0, offset=0, residual
     scales = torch.where(nonfinite, torch.full_like(scales, float("nan")), scales)
     ok = (scales > 0).unsqueeze(1)
     safe = torch.where(ok, scales.unsqueeze(1), torch.ones_like(scales).unsqueeze(1))
-    v = yb / safe
     if stochastic:
+        # y * RN(1 / scale), one multiplication, for 2^-90 <= scale <= 2^90; y / scale outside.
+        inv = torch.ones_like(safe) / safe
+        by_reciprocal = (safe >= 2.0**-90) & (safe <= 2.0**90)
+        v = torch.where(by_reciprocal, yb * inv, yb / safe)
         idx = torch.arange(nb * block_size, dtype=torch.int64, device=x.device) + offset
-        u = (philox_words(seed, idx) >> 8).float().view(nb, block_size) * 2.0**-24
+        u = (philox_words(seed, idx) >> 9).float().view(nb, block_size) * 2.0**-23
         f = torch.floor(v)
         r = f + (u < v - f).float()
     else:
-        r = torch.round(v)  # half to even
+        r = torch.round(yb / safe)  # half to even
     r = torch.where(ok, r.clamp(-127, 127), torch.zeros_like(r))
     q = r.reshape(-1)[:n].to(torch.int8).view(x.shape)
     new_res = None
@@ -112,6 +115,22 @@ def rand(n, dtype, device, seed=0, scale=1.0):
     return x.to(dtype).to(device)
 
 
+def exponent_range_input(n, bs, dtype, gen):
+    """Blocks across the whole float32 exponent range (scales inside and outside
+    2^-90..2^90), zeros of both signs, subnormals, tiny quotients and near-ties."""
+    nb = (n + bs - 1) // bs
+    exps = torch.randint(-135, 125, (nb,), generator=gen).float()
+    x = torch.randn(n, generator=gen) * torch.pow(2.0, exps).repeat_interleave(bs)[:n]
+    x[:bs] = 0.0
+    x[1:bs:2] = -0.0
+    x[bs:2 * bs] = torch.randn(bs, generator=gen) * 2.0**-140  # subnormals
+    x[2 * bs:3 * bs] = torch.arange(bs, dtype=torch.float32) - 127.5  # absmax 127.5: many near-ties
+    x[3 * bs:4 * bs] = torch.randn(bs, generator=gen) * 2.0**-110  # quotients below 2^-100 ...
+    x[3 * bs] = 1.0  # ... next to a large absmax
+    x[4 * bs:5 * bs:3] = -0.0  # signed zeros inside a normal block
+    return x.to(dtype)
+
+
 SIZES = [0, 1, 31, 32, 255, 256, 1000, 4096 + 7, 70001]
 BLOCKS = [32, 96, 256, 4096]
 
@@ -142,6 +161,73 @@ def test_stochastic_matches_reference(device, dtype, n, block_size, seed, offset
     q_ref, s_ref, _ = quantize_ref(x, block_size, True, seed, offset)
     assert_bitwise(q, q_ref)
     assert_bitwise(s, s_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stochastic", [False, True], ids=["rne", "sr"])
+def test_matches_reference_across_exponent_range(device, dtype, stochastic):
+    """Blocks whose scales lie outside 2^-90..2^90 (where stochastic rounding
+    divides instead of multiplying by the reciprocal), subnormals, signed zeros
+    and near-ties: q, scales and the residual equal the reference bit for bit."""
+    n, bs = 200_003, 256
+    gen = torch.Generator().manual_seed(12)
+    x = exponent_range_input(n, bs, dtype, gen).to(device)
+    if dtype != torch.float16:  # float16 has no such scales (its range is inf / 0 there)
+        s_ref_all = quantize_ref(x, bs)[1]
+        assert ((s_ref_all > 0) & (s_ref_all < 2.0**-90)).any() and (s_ref_all > 2.0**90).any()
+    q, s = ops.quantize_int8(x, bs, stochastic, 5, 3)
+    q_ref, s_ref, _ = quantize_ref(x, bs, stochastic, 5, 3)
+    assert_bitwise(q, q_ref)
+    assert_bitwise(s, s_ref)
+    r = (torch.randn(n, generator=gen) * 1e-3).to(device)
+    r[bs:4 * bs] = 0.0
+    q_ref, s_ref, r_ref = quantize_ref(x, bs, stochastic, 5, 3, residual=r)
+    q, s = ops.quantize_int8_ef_(x, r, bs, stochastic, 5, 3)
+    assert_bitwise(q, q_ref)
+    assert_bitwise(s, s_ref)
+    assert_bitwise(r, r_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [0, 3])
+def test_stochastic_quotient_is_y_times_reciprocal(device, offset):
+    """Stochastic rounding rounds v = RN(y * RN(1 / scale)), not RN(y / scale)
+    (int8q::sr_quotient). Random inputs can hardly tell the two apart (they
+    differ by an ulp, which moves q only when u falls in between), so each y
+    here is chosen, from the element's own Philox word, so that v sits exactly
+    on u (q = 0) or one float above it (q = 1), and where possible so that
+    RN(y / scale) is another float: a kernel that divides gets a different q."""
+    bs, nb, seed = 256, 64, 21
+    n = bs * nb
+    idx = torch.arange(n, dtype=torch.int64) + offset
+    u = (philox_words(seed, idx) >> 9).float() * 2.0**-23
+    scale = torch.tensor(3.0) / torch.tensor(127.0)  # float32, as the kernels compute it
+    inv = torch.tensor(1.0) / scale
+    up = torch.arange(n) % 2 == 1
+    target = torch.where(up, torch.nextafter(u, torch.tensor(2.0)), u)  # v: on u, or just above
+    y0 = (target.double() * scale.double()).float()
+    best = torch.full((n,), float("nan"))
+    found_div_differs = torch.zeros(n, dtype=torch.bool)
+    for d in (0, 1, -1, 2, -2, 3, -3):
+        y = (y0.view(torch.int32) + d).view(torch.float32)
+        mul_ok = (y * inv == target) & (target > 0)
+        div_differs = mul_ok & (y / scale != target)
+        take = div_differs & ~found_div_differs
+        best = torch.where(take | (mul_ok & torch.isnan(best)), y, best)
+        found_div_differs |= take
+    usable = ~torch.isnan(best)
+    usable[::bs] = False
+    x = torch.where(usable, best, torch.zeros(()))
+    x[::bs] = 3.0  # each block's absmax: scale = RN(3 / 127)
+    assert usable.sum() > n // 2 and found_div_differs[usable].float().mean() > 0.2
+    q, s = ops.quantize_int8(x.to(device), bs, True, seed, offset)
+    assert torch.equal(s.cpu(), scale.expand(nb))
+    want = torch.where(up, torch.ones(n), torch.zeros(n)).to(torch.int8)
+    want[::bs] = 127
+    assert torch.equal(q.cpu()[usable], want[usable])
+    assert torch.equal(q.cpu()[::bs], want[::bs])
+    assert torch.equal(quantize_ref(x, bs, True, seed, offset)[0], q.cpu())
 
 
 def test_philox_reference_known_answers():
@@ -648,26 +734,17 @@ def test_cuda_wide_quantize_matches_cpu_bitwise(dtype, n, block_size, aligned, m
 def test_cuda_quantize_division_paths_match_cpu_bitwise(dtype, stochastic, mode, monkeypatch):
     """The CUDA kernel's round-to-nearest divides through one reciprocal per
     thread by default and by a division per value with
-    DEEPSEEK_EXT_QUANT_DIVISION=1 (stochastic rounding always divides);
+    DEEPSEEK_EXT_QUANT_DIVISION=1 (stochastic rounding multiplies by the
+    reciprocal, int8q::sr_quotient, whatever the switch);
     DEEPSEEK_EXT_QUANT_WIDE=1 runs 16-bit round-to-nearest input 32 elements a
     thread. All keep q, scales and the residual equal to the CPU's, for blocks
     across the whole exponent range (also outside 2^-90..2^90, where the kernel
-    always divides), zeros of both signs, subnormals, tiny quotients and near-ties."""
+    always divides, stochastic rounding too), zeros of both signs, subnormals, tiny quotients and near-ties."""
     for k, v in CUDA_QUANT_MODES[mode].items():
         monkeypatch.setenv(k, v)
     n, bs = 1_000_003, 256
-    nb = (n + bs - 1) // bs
     gen = torch.Generator().manual_seed(11)
-    exps = torch.randint(-135, 125, (nb,), generator=gen).float()
-    x = torch.randn(n, generator=gen) * torch.pow(2.0, exps).repeat_interleave(bs)[:n]
-    x[:bs] = 0.0
-    x[1:bs:2] = -0.0
-    x[bs:2 * bs] = torch.randn(bs, generator=gen) * 2.0**-140  # subnormals
-    x[2 * bs:3 * bs] = torch.arange(bs, dtype=torch.float32) - 127.5  # absmax 127.5: many near-ties
-    x[3 * bs:4 * bs] = torch.randn(bs, generator=gen) * 2.0**-110  # quotients below 2^-100 ...
-    x[3 * bs] = 1.0  # ... next to a large absmax
-    x[4 * bs:5 * bs:3] = -0.0  # signed zeros inside a normal block
-    x = x.to(dtype)
+    x = exponent_range_input(n, bs, dtype, gen)
     kw = dict(stochastic=stochastic, seed=5, offset=3)
     q_c, s_c = ops.quantize_int8(x, bs, **kw)
     q_g, s_g = ops.quantize_int8(x.cuda(), bs, **kw)

@@ -50,7 +50,8 @@ void update_scale_(const at::Tensor& scale, const at::Tensor& growth_tracker,
 // float32 scale = absmax / 127 and int8 values q = round(x / scale). A block of
 // zeros has scale 0; a block holding inf or NaN has scale NaN (and q 0), so
 // that dequantising it gives NaN. Rounding is to nearest (ties to even), or,
-// with `stochastic`, unbiased stochastic rounding driven by Philox4x32-10 keyed
+// with `stochastic`, stochastic rounding of x * RN(1 / scale), unbiased to
+// float32 rounding, driven by Philox4x32-10 keyed
 // by `seed` at counter `offset + element index`: the CPU and CUDA kernels give
 // bit-identical q and scales. The math is in deepseek_ext/detail/int8_quant.h.
 

@@ -5,10 +5,15 @@
 // A block of values y gets scale = absmax(y) / 127 (float32) and
 // q = round(y / scale) in [-127, 127]:
 //   * round-to-nearest-even: q = rint(y / scale);
-//   * stochastic: with v = y / scale, f = floor(v) and u uniform in [0, 1)
-//     from the top 24 bits of one Philox word, q = f + (u < v - f).
-//     v - f is exact, so P(q = f + 1) = ceil((v - f) * 2^24) / 2^24: unbiased
-//     up to less than 2^-24 of a quantisation step.
+//   * stochastic: with v = RN(y * RN(1 / scale)) (one multiplication per
+//     value; y / scale for the rare scales outside [2^-90, 2^90]), f = floor(v)
+//     and u = k * 2^-23 from the top 23 bits k of one Philox word,
+//     q = f + (u < v - f). v - f is exact (but for v in (-1, 0): see
+//     sr_code), so P(q = f + 1) = ceil((v - f) * 2^23) / 2^23, and
+//     E[q] * scale = v * scale =
+//     y * (1 + d) with |d| < 2^-22 (the two roundings of v, when it is a
+//     normal float): unbiased to float32 precision, plus less than 2^-23 of
+//     a quantisation step.
 //   * a block of zeros has scale 0 and q 0; a block whose absmax underflows
 //     scale to 0 (|y| < 127 * 2^-149) is sent as zeros too;
 //   * a block holding inf or NaN has scale NaN and q 0, so that its
@@ -42,7 +47,6 @@ constexpr float kQMax = 127.0f;
 constexpr uint32_t kMagnitudeMask = 0x7fffffffu;
 constexpr uint32_t kInfBits = 0x7f800000u;
 constexpr uint32_t kQuietNaNBits = 0x7fc00000u;
-constexpr float kTwoPowMinus24 = 5.9604644775390625e-08f;  // 2^-24
 
 DSX_INLINE float bits_to_float(uint32_t b) {
 #if defined(__CUDA_ARCH__)
@@ -132,9 +136,13 @@ DSX_INLINE float clamp_q(float r) {
 #endif
 }
 
-// Uniform in [0, 1) from the top 24 bits of a random word (exact in float).
+// Uniform u = k * 2^-23 in [0, 1) from the top 23 bits k of a random word
+// (exact in float).
+constexpr int kUniformShift = 9;
+constexpr float kTwoPow23 = 8388608.0f;
+constexpr float kTwoPowMinus23 = 1.1920928955078125e-07f;
 DSX_INLINE float uniform_from_word(uint32_t word) {
-  return mul_rn(static_cast<float>(word >> 8), kTwoPowMinus24);
+  return mul_rn(static_cast<float>(word >> kUniformShift), kTwoPowMinus23);
 }
 
 // q codes. The int8 q of a quotient v is carried as the float
@@ -165,15 +173,36 @@ DSX_INLINE float floor_code(float v) {
 #endif
 }
 
-// The code of v = y / scale rounded stochastically with the random word `word`:
-// with vc = clamp_q(v), f = floor(vc) and u uniform in [0, 1) from the top 24
-// bits of the word, q = f + (u < vc - f). (vc - f is exact.) Clamping before
+// The code of a quotient v (sr_quotient) rounded stochastically with the
+// random word `word`: with vc = clamp_q(v), f = floor(vc), frac = RN(vc - f)
+// and u uniform in [0, 1) from the word (uniform_from_word),
+// q = f + (u < frac). frac is exact except for vc in (-1, 0), where 1 + vc
+// can need more bits than a float has and is rounded once. Clamping before
 // rounding gives what clamping after it would: the bounds are integers.
+//
+// The device decides u < frac without converting k to float (a quarter-rate
+// instruction): RU(frac * 2^23 + 2^23) (one fma rounding up; the spacing of
+// floats on [2^23, 2^24] is 1) is 2^23 + ceil(frac * 2^23), the float 2^23 + k
+// has the bits 0x4b000000 + k, positive floats order as their bits, and for an
+// integer k, k < ceil(frac * 2^23) exactly when k * 2^-23 < frac.
+constexpr uint32_t kTwoPow23Bits = 0x4b000000u;
+
+// Given sum = RU(frac * 2^23 + 2^23), whether u < frac. (The C++ tests
+// evaluate this form on the host, rounding upward, against the host's.)
+DSX_INLINE bool rounds_up_by_bits(uint32_t word, float sum) {
+  return (word >> kUniformShift) + kTwoPow23Bits < float_to_bits(sum);
+}
+
 DSX_INLINE float sr_code(float v, uint32_t word) {
   const float vc = clamp_q(v);
   const float t = floor_code(vc);
   const float frac = sub_rn(vc, code_value(t));
-  return uniform_from_word(word) < frac ? add_rn(t, 1.0f) : t;
+#if defined(__CUDA_ARCH__)
+  const bool up = rounds_up_by_bits(word, __fmaf_ru(frac, kTwoPow23, kTwoPow23));
+#else
+  const bool up = uniform_from_word(word) < frac;
+#endif
+  return up ? add_rn(t, 1.0f) : t;
 }
 
 // q (as an integral float in [-127, 127], +0 for zero) of y with round-to-nearest-even.
@@ -223,11 +252,26 @@ DSX_INLINE float quantize_rne_by(float y, ScaleDivisor d) {
   return code_value(rne_code(div_by(y, d)));
 }
 
+// The quotient that stochastic rounding rounds: y * RN(1 / scale), one
+// multiplication, where sr_by_reciprocal(scale) (2^-90 <= scale <= 2^90: the
+// reciprocal is a normal float far from overflow; every block of values
+// between about 2^-83 and 2^97 in magnitude), else the correctly rounded
+// y / scale. Not the correctly rounded quotient: it differs from y / scale by
+// less than 2^-22 relative, and the rounding's expectation is this value (see
+// the top of this file), so the error is float32 rounding, not a bias of the
+// quantiser. It replaced the division per value (2026-12-05) because
+// stochastic rounding on the GPU is bound by instructions per value.
+DSX_INLINE bool sr_by_reciprocal(float scale) { return rne_by_reciprocal(scale); }
+
+DSX_INLINE float sr_quotient(float y, ScaleDivisor d, bool by_reciprocal) {
+  return by_reciprocal ? mul_rn(y, d.inv) : div_rn(y, d.scale);
+}
+
 // q (as an integral float in [-127, 127], +0 for zero) of y rounded
 // stochastically with the random word `word`.
 DSX_INLINE float quantize_sr(float y, float scale, uint32_t word) {
   if (!quantizes(scale)) return 0.0f;
-  return code_value(sr_code(div_rn(y, scale), word));
+  return code_value(sr_code(sr_quotient(y, scale_divisor(scale), sr_by_reciprocal(scale)), word));
 }
 
 DSX_INLINE float dequantize(float q, float scale) { return mul_rn(q, scale); }

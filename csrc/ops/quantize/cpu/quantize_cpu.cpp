@@ -104,8 +104,9 @@ inline FVec load_q8(const int8_t* src) {
 // Uniforms of 8 random words (int8q::uniform_from_word, lane by lane).
 inline FVec uniform8(const uint32_t* w) {
 #if defined(CPU_CAPABILITY_AVX2)
-  const __m256i top = _mm256_srli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), 8);
-  return FVec(_mm256_mul_ps(_mm256_cvtepi32_ps(top), _mm256_set1_ps(int8q::kTwoPowMinus24)));
+  const __m256i top = _mm256_srli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)),
+                                        int8q::kUniformShift);
+  return FVec(_mm256_mul_ps(_mm256_cvtepi32_ps(top), _mm256_set1_ps(int8q::kTwoPowMinus23)));
 #else
   float tmp[8];
   for (int i = 0; i < 8; ++i) tmp[i] = int8q::uniform_from_word(w[i]);
@@ -412,6 +413,10 @@ void quantize_kernel(const scalar_t* x, res_t* res, int8_t* q, float* scales, in
 
       // Pass 2 (from L1): q, and the residual.
       const FVec sv(scale);
+      // Stochastic rounding's quotient (int8q::sr_quotient): y * RN(1 / scale)
+      // in the usual range of scales, y / scale outside it.
+      const bool sr_mul = args.stochastic && int8q::sr_by_reciprocal(scale);
+      const FVec inv(int8q::scale_divisor(scale).inv);
       const FVec lo(-int8q::kQMax), hi(int8q::kQMax), one(1.0f), zero(0.0f);
       const uint64_t g0 = args.offset + static_cast<uint64_t>(e0);  // index of element 0
       const uint32_t* u_words = nullptr;
@@ -425,7 +430,7 @@ void quantize_kernel(const scalar_t* x, res_t* res, int8_t* q, float* scales, in
         FVec r[4];
         for (int k = 0; k < 4; ++k) {
           const FVec yv = FVec::loadu(y + i + 8 * k);
-          const FVec v = yv / sv;
+          const FVec v = sr_mul ? yv * inv : yv / sv;
           FVec qv;
           if (args.stochastic) {
             const FVec f = v.floor();
