@@ -38,7 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepseek_ext  # noqa: E402
-from benchmarks.common import compare_seconds, header, markdown_table, torch_unscale_check_, write_results  # noqa: E402
+from benchmarks.common import (compare_rounds, header, markdown_table, median, torch_unscale_check_,  # noqa: E402
+                               write_results)
 
 CPU_CASES = [  # (name, M, N, K, transposed a)
     ("square 1024", 1024, 1024, 1024, False),
@@ -163,11 +164,22 @@ def main(argv=None):
                 return run
             for label, var, value in knobs:
                 named[f"ours, {label}"] = with_env(var, value)
-            t = dict(zip(named, compare_seconds(list(named.values()), dev, args.rounds, args.min_run_time)))
-            t_ours, t_three = t["ours"], t["three ops"]
-            # The strongest baselines: the faster route of each.
-            t_mm_best = min(v for k, v in t.items() if k.startswith("matmul "))
-            t_unfused_best = min(v for k, v in t.items() if k.startswith("unfused "))
+            per_round = dict(zip(named, compare_rounds(list(named.values()), dev, args.rounds, args.min_run_time)))
+            t = {k: median(v) for k, v in per_round.items()}
+            mm_keys = [k for k in t if k.startswith("matmul ")]
+            unfused_keys = [k for k in t if k.startswith("unfused ")]
+
+            def paired(num_keys, den_keys):
+                """Per round, the time of the faster of num_keys over the faster of den_keys
+                (the strongest baseline: the faster route of each), measured back to back:
+                the median and the range over the rounds."""
+                r = sorted(min(per_round[k][i] for k in num_keys) / min(per_round[k][i] for k in den_keys)
+                           for i in range(args.rounds))
+                return median(r), r[0], r[-1]
+
+            ours_vs_mm = paired(["ours"], mm_keys)
+            vs_unfused = paired(unfused_keys, ["ours"])
+            vs_three = paired(["three ops"], ["ours"])
             flops = 2.0 * M * N * K
             # The route it really took, from the fused kernels' call counters.
             counters = (deepseek_ext._C.matmul_unscale_check_fused_sm90_calls,
@@ -186,13 +198,15 @@ def main(argv=None):
                    tflops("unfused native")]
             if dev == "cpu":
                 row += [tflops("matmul via fp32"), tflops("unfused via fp32")]
-            row += [tflops("ours"), f"{t_ours / t_mm_best:.3f}", f"{t_unfused_best / t_ours:.3f}",
-                    f"{t_three / t_ours:.3f}"]
+            def ratio(r):
+                return f"{r[0]:.3f} ({r[1]:.3f}-{r[2]:.3f})"
+
+            row += [tflops("ours"), ratio(ours_vs_mm), ratio(vs_unfused), ratio(vs_three)]
             if dev == "cuda":
                 row += [tflops("cuBLAS fp32-out")] + [tflops(f"ours, {label}") for label, _, _ in KNOBS]
             rows.append(row)
             data.append(dict(case=name, M=M, N=N, K=K, dtype=str(dtype), out_dtype=str(out_dtype or dtype),
-                             route=route, seconds=t))
+                             route=route, seconds=t, seconds_per_round=per_round))
             assert found.item() == 0.0
     cols = ["shape", "dtype", "route", "matmul TFLOP/s", "unfused TFLOP/s"]
     if dev == "cpu":
@@ -213,7 +227,9 @@ def main(argv=None):
         t_half = time.perf_counter() - t0
         text += (f"- float16 rows time only the float32 route: one torch.matmul in float16 at 1024^3 took "
                  f"{t_half:.2f} s here (not a baseline worth timing)\n")
-    text += (f"- times: median over {args.rounds} alternating rounds; 'matmul' is torch.matmul in the input dtype "
+    text += (f"- times: median over {args.rounds} alternating rounds (TFLOP/s columns); the last three columns "
+             "are paired: per round, ours against the faster route of the baseline measured in the same round, "
+             "median (lowest-highest) over the rounds; 'matmul' is torch.matmul in the input dtype "
              "(no scaling, no check); 'unfused' is matmul (fp32 output when asked) + "
              "torch._amp_foreach_non_finite_check_and_unscale_ (bfloat16 output on CUDA: the eager "
              "_foreach_norm(inf) + isfinite + _foreach_mul_, as torch's kernel rejects it)\n")

@@ -45,14 +45,24 @@ def median_seconds(fn, device: str, min_run_time: float = 1.0) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def compare_seconds(fns, device: str, rounds: int = 5, min_run_time: float = 0.3):
-    """Median times of several functions measured in alternating rounds, so that
-    a slow spell of a shared machine hits all of them alike."""
+def compare_rounds(fns, device: str, rounds: int = 5, min_run_time: float = 0.3):
+    """Times of several functions measured in alternating rounds, so that a slow
+    spell of a shared machine hits all of them alike: per function, the list of
+    its per-round median times."""
     times = [[] for _ in fns]
     for _ in range(rounds):
         for k, fn in enumerate(fns):
             times[k].append(median_seconds(fn, device, min_run_time))
-    return [sorted(t)[len(t) // 2] for t in times]
+    return times
+
+
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+
+def compare_seconds(fns, device: str, rounds: int = 5, min_run_time: float = 0.3):
+    """Median times of several functions measured in alternating rounds (compare_rounds)."""
+    return [median(t) for t in compare_rounds(fns, device, rounds, min_run_time)]
 
 
 def torch_unscale_check_(tensors, found_inf, inv_scale):
