@@ -14,6 +14,7 @@ The source list is csrc/sources.txt, shared with CMakeLists.txt.
 """
 import importlib.util
 import os
+import sys
 import platform
 import shutil
 from pathlib import Path
@@ -84,7 +85,11 @@ if cpu_isa not in ("avx2", "generic"):
     raise SystemExit(f"DEEPSEEK_EXT_CPU_ISA must be 'avx2' or 'generic', got {cpu_isa!r}")
 # at::vec picks its AVX2 implementation from these macros (as ATen's own AVX2 kernels do).
 isa_flags = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"] if cpu_isa == "avx2" else []
-cxx_flags = (["-O0", "-g"] if debug else ["-O3"]) + ["-Wno-unknown-pragmas"] + isa_flags
+# at::parallel_for is inline in ATen's headers: without -fopenmp (_OPENMP undefined)
+# it runs every range on the calling thread. Linking -fopenmp names libgomp.so.1,
+# which resolves to the one torch has already loaded.
+openmp_flags = ["-fopenmp"] if sys.platform.startswith("linux") else []
+cxx_flags = (["-O0", "-g"] if debug else ["-O3"]) + ["-Wno-unknown-pragmas"] + openmp_flags + isa_flags
 nvcc_flags = (["-O0", "-G", "-g"] if debug else ["-O3", "-lineinfo", "-DNDEBUG"]) + [
     "--expt-relaxed-constexpr",
     "-Xcompiler=-fno-fast-math",
@@ -102,6 +107,7 @@ ext = Extension(
     + ([cutlass] if cutlass else []),
     define_macros=macros,
     extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    extra_link_args=openmp_flags,
 )
 
 # Recorded so that `import deepseek_ext` can refuse a torch it was not built for.

@@ -14,6 +14,9 @@ float32 route a user would take there (torch's 16-bit CPU GEMM is slow):
 a.float() @ b.float(), converted to the output dtype, then the same check; the
 ratios are against the faster route, and the three ops take the float32 route.
 float16 takes only the float32 route (torch's float16 CPU GEMM takes seconds).
+On a CPU with native bfloat16 GEMMs (AMX-BF16 or AVX512-BF16) our bfloat16
+rows take the brgemm route (see matmul_unscale_check_cpu.cpp), and the three
+ops take torch's bfloat16 matmul.
 Weight-gradient shapes use a transposed view for `a`, as a Linear backward does.
 
     python benchmarks/bench_gemm.py [--device cpu|cuda] [--out DIR] [--reuse-memory]
@@ -139,8 +142,10 @@ def main(argv=None):
             routes = {"native": native}
             if dev == "cpu" and dtype != torch.float32:
                 routes = {"via fp32": via_fp32} if dtype == torch.float16 else {"native": native, "via fp32": via_fp32}
-            # The three ops run by the route a user would take: float32 on the CPU for 16-bit inputs.
-            three_ops = three_ops_by(routes.get("via fp32", native))
+            # The three ops run by the route a user would take: float32 on the CPU for 16-bit
+            # inputs, except bfloat16 on a CPU with native bfloat16 GEMMs (AMX-BF16/AVX512-BF16).
+            bf16_native_cpu = dev == "cpu" and dtype == torch.bfloat16 and deepseek_ext._C.cpu_native_bf16_gemm()
+            three_ops = three_ops_by(native if bf16_native_cpu else routes.get("via fp32", native))
             named = {"ours": ours, "three ops": three_ops}
             for label, product in routes.items():
                 named[f"matmul {label}"] = product
@@ -189,7 +194,9 @@ def main(argv=None):
             ours()
             took = [c() > n for c, n in zip(counters, before)]
             route = "fused sm90" if took[0] else "fused sm80" if took[1] else "BLAS + check of the inputs" if took[2] \
-                else ("cuBLAS + epilogue" if dev == "cuda" else "BLAS panels + epilogue")
+                else ("cuBLAS + epilogue" if dev == "cuda" else
+                      ("bf16 brgemm tiles + epilogue" if fp32_out else "bf16 oneDNN panels + check") if bf16_native_cpu
+                      else "BLAS panels + epilogue")
 
             def tflops(key):
                 return f"{flops / t[key] / 1e12:.3f}" if key in t else "-"

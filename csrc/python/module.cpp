@@ -4,9 +4,13 @@
 // This file is the only Python-specific source: the C++ library built by
 // CMake is the same list of sources without it.
 
+#include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <vector>
 
 #ifndef DSX_WITH_CUDA
 #define DSX_WITH_CUDA 0
@@ -21,6 +25,7 @@
 namespace deepseek_ext {
 namespace ops {
 int64_t matmul_unscale_check_cpu_checks_from_inputs();  // matmul_unscale_check/cpu/
+bool native_bf16_gemm();                                 // matmul_unscale_check/cpu/
 }  // namespace ops
 }  // namespace deepseek_ext
 
@@ -50,6 +55,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("matmul_unscale_check_cpu_checks_from_inputs", &deepseek_ext::ops::matmul_unscale_check_cpu_checks_from_inputs,
         "How many CPU matmul_unscale_check calls in this process decided found_inf from the inputs "
         "(float32 output, a and b smaller than it, no overflow possible) instead of reading the output.");
+  m.def("parallel_for_threads", [](int64_t n) {
+    // How many distinct threads at::parallel_for uses here over n unit items:
+    // 1 if this library was built without OpenMP (ATen's parallel_for is inline).
+    std::vector<std::atomic<int>> seen(std::max(1, at::get_num_threads()));
+    at::parallel_for(0, n, 1, [&](int64_t, int64_t) { seen[at::get_thread_num()].store(1); });
+    int count = 0;
+    for (auto& s : seen) count += s.load();
+    return count;
+  }, "Threads at::parallel_for uses from this library's code for n unit items (a build check).");
+  m.def("cpu_native_bf16_gemm", &deepseek_ext::ops::native_bf16_gemm,
+        "Whether CPU matmul_unscale_check multiplies bfloat16 inputs natively (oneDNN on AMX-BF16 or "
+        "AVX512-BF16, and DEEPSEEK_EXT_CPU_BF16_GEMM is not 0) instead of through float32 copies.");
   m.attr("with_cutlass_sm80") = static_cast<bool>(DSX_WITH_CUTLASS_SM80);
   m.def("matmul_unscale_check_fused_sm80_calls", [] {
 #if DSX_WITH_CUDA

@@ -17,9 +17,22 @@
 //     output is read once, in panels, without being written.
 // The unfused sequence (matmul, then a scale-and-check pass) reads and writes
 // the whole output once more.
+//
+// On CPUs where oneDNN multiplies bfloat16 natively (AMX-BF16 or AVX512-BF16:
+// cpublas::could_pack), bfloat16 inputs skip the float32 copies. ATen has no
+// bfloat16 x bfloat16 -> float32 GEMM on the CPU, so the product runs tile by
+// tile through cpublas::brgemm (oneDNN's batch-reduce micro-kernel, float32
+// accumulation), and each 128 x 32 tile is scaled, converted to out_dtype and
+// checked while in cache: one pass, for either output dtype. b is packed once
+// into the kernel's layout; a transposed `a` is gathered once into rows.
+// AMX and AVX512-BF16 read bfloat16 subnormals as zero, as torch's own
+// bfloat16 matmul does on these CPUs. DEEPSEEK_EXT_CPU_BF16_GEMM=0 keeps the
+// float32 route (for comparisons).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
@@ -27,11 +40,17 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <iterator>
 #include <limits>
 #include <optional>
 #include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "common/cpu_alloc.h"
 #include "common/cpu_float_bits.h"
@@ -40,6 +59,9 @@
 
 namespace deepseek_ext {
 namespace ops {
+
+bool native_bf16_gemm();
+
 namespace {
 
 using at::vec::Vectorized;
@@ -140,6 +162,232 @@ std::optional<bool> nonfinite_from_inputs(const at::Tensor& a, const at::Tensor&
 
 std::atomic<int64_t> checks_from_inputs{0};
 
+// Output tile of the brgemm route: 128 rows by 32 columns (16 KiB of float32)
+// stays in L1/L2 between the micro-kernel and the epilogue. Chosen by timing
+// 32..256 x 32..64 tiles, with K blocked or not, at 1024^3..4096-deep shapes
+// on a 2-core AMX VM; 128 x 32 over the whole K was among the fastest everywhere.
+constexpr int64_t kTileM = 128;
+constexpr int64_t kTileN = 32;  // also the packed B's leading dimension: a multiple of 16
+constexpr int64_t kPackedPanelBytes = int64_t{1} << 20;
+
+// Tile j of b (K_even rows, columns n0 .. n0 + cols, any strides) in the
+// micro-kernel's bfloat16 layout (VNNI): pairs of rows interleaved,
+// packed[k / 2][n][k % 2] = b[k][n0 + n], with kTileN columns per pair, the
+// ones past `cols` zero.
+void pack_b_tile(const c10::BFloat16* b, int64_t sb0, int64_t sb1, int64_t K_even, int64_t cols,
+                 c10::BFloat16* packed) {
+  for (int64_t k = 0; k < K_even; k += 2) {
+    const c10::BFloat16* r0 = b + k * sb0;
+    const c10::BFloat16* r1 = r0 + sb0;
+    c10::BFloat16* dst = packed + k * kTileN;
+    int64_t n = 0;
+#if defined(__AVX2__)
+    if (sb1 == 1) {  // 16 columns of the two rows at a time
+      for (; n + 16 <= cols; n += 16) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + n));
+        const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + n));
+        const __m256i lo = _mm256_unpacklo_epi16(x, y);  // x0 y0 .. x3 y3 | x8 y8 .. x11 y11
+        const __m256i hi = _mm256_unpackhi_epi16(x, y);  // x4 y4 .. x7 y7 | x12 y12 .. x15 y15
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * n), _mm256_permute2x128_si256(lo, hi, 0x20));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * n + 16), _mm256_permute2x128_si256(lo, hi, 0x31));
+      }
+    }
+#endif
+    for (; n < cols; ++n) {
+      dst[2 * n] = r0[n * sb1];
+      dst[2 * n + 1] = r1[n * sb1];
+    }
+    std::fill(dst + 2 * cols, dst + 2 * kTileN, c10::BFloat16(0.0f));
+  }
+}
+
+#if defined(__AVX2__)
+// dst[j * ld_dst + i] = src[i * ld_src + j] for a 16 x 16 block of 16-bit values.
+void transpose_16x16(const c10::BFloat16* src, int64_t ld_src, c10::BFloat16* dst, int64_t ld_dst) {
+  __m256i row[16];
+  for (int i = 0; i < 16; ++i) row[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * ld_src));
+  // Pairs of rows interleaved: each 32-bit unit holds rows (2i, 2i + 1) of one
+  // column; lo: columns 0-3 | 8-11 (128-bit lanes), hi: columns 4-7 | 12-15.
+  __m256i lo[8], hi[8];
+  for (int i = 0; i < 8; ++i) {
+    lo[i] = _mm256_unpacklo_epi16(row[2 * i], row[2 * i + 1]);
+    hi[i] = _mm256_unpackhi_epi16(row[2 * i], row[2 * i + 1]);
+  }
+  const auto finish = [&](const __m256i* x, int col0) {
+    __m256i col[2][4];  // [rows 0-7 | 8-15][column col0 + c], lane 1 holding column col0 + c + 8
+    for (int g = 0; g < 2; ++g) {
+      const __m256i* p = x + 4 * g;
+      const __m256i a01lo = _mm256_unpacklo_epi32(p[0], p[1]), a01hi = _mm256_unpackhi_epi32(p[0], p[1]);
+      const __m256i a23lo = _mm256_unpacklo_epi32(p[2], p[3]), a23hi = _mm256_unpackhi_epi32(p[2], p[3]);
+      col[g][0] = _mm256_unpacklo_epi64(a01lo, a23lo);
+      col[g][1] = _mm256_unpackhi_epi64(a01lo, a23lo);
+      col[g][2] = _mm256_unpacklo_epi64(a01hi, a23hi);
+      col[g][3] = _mm256_unpackhi_epi64(a01hi, a23hi);
+    }
+    for (int c = 0; c < 4; ++c) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (col0 + c) * ld_dst),
+                          _mm256_permute2x128_si256(col[0][c], col[1][c], 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (col0 + c + 8) * ld_dst),
+                          _mm256_permute2x128_si256(col[0][c], col[1][c], 0x31));
+    }
+  };
+  finish(lo, 0);
+  finish(hi, 4);
+}
+#endif
+
+// rows x K_even of a (any strides) into dst, row-major with leading dimension
+// ld, reading along the smaller stride.
+void gather_a_rows(const c10::BFloat16* a, int64_t sa0, int64_t sa1, int64_t rows, int64_t K_even, int64_t ld,
+                   c10::BFloat16* dst) {
+  if (sa0 <= sa1) {  // a transposed view (a Linear's weight gradient): columns are contiguous
+    int64_t r_done = 0;
+#if defined(__AVX2__)
+    if (sa0 == 1) {  // 16 x 16 blocks, k by k along the contiguous columns
+      r_done = rows - rows % 16;
+      const int64_t k_blocks = K_even - K_even % 16;
+      for (int64_t k = 0; k < k_blocks; k += 16) {
+        for (int64_t r = 0; r < r_done; r += 16) transpose_16x16(a + r + k * sa1, sa1, dst + r * ld + k, ld);
+      }
+      for (int64_t k = k_blocks; k < K_even; ++k) {
+        for (int64_t r = 0; r < r_done; ++r) dst[r * ld + k] = a[r + k * sa1];
+      }
+    }
+#endif
+    for (int64_t k = 0; k < K_even; ++k) {
+      for (int64_t r = r_done; r < rows; ++r) dst[r * ld + k] = a[r * sa0 + k * sa1];
+    }
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t k = 0; k < K_even; ++k) dst[r * ld + k] = a[r * sa0 + k * sa1];
+    }
+  }
+}
+
+// For the rows of one tile: acc[r, :cols] = s * (acc[r, :cols] + a_last[r] *
+// b_last[:cols]) (acc = 0 first when `fresh`; no a_last term when K is even),
+// then dst[r, :cols] = out_t(acc[r, :cols]) for a 16-bit out_t (for float32,
+// dst is acc). Returns whether any result in out_t is inf/NaN.
+template <typename out_t>
+bool tile_epilogue(float* acc, int64_t ld_acc, out_t* dst, int64_t ld_dst, int64_t rows, int64_t cols, float s,
+                   bool fresh, const c10::BFloat16* a_last, int64_t a_last_stride, const float* b_last) {
+  using FVec = Vectorized<float>;
+  const FVec scale(s);
+  Vectorized<int32_t> max_bits(0);
+  bool bad = false;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = acc + r * ld_acc;
+    const FVec a_r(a_last != nullptr ? static_cast<float>(a_last[r * a_last_stride]) : 0.0f);
+    for (int64_t x = 0; x < cols; x += FVec::size()) {
+      const int count = static_cast<int>(std::min<int64_t>(FVec::size(), cols - x));
+      FVec v = fresh ? FVec(0.0f) : FVec::loadu(row + x, count);
+      if (a_last != nullptr) v = at::vec::fmadd(a_r, FVec::loadu(b_last + x, count), v);
+      v = v * scale;
+      v.store(row + x, count);
+      if constexpr (std::is_same_v<out_t, float>) {
+        max_bits = at::vec::maximum(max_bits, magnitude_bits_vec(v));  // lanes past count are 0
+      }
+    }
+    if constexpr (!std::is_same_v<out_t, float>) bad |= convert_check<out_t>(row, dst + r * ld_dst, cols);
+  }
+  if constexpr (std::is_same_v<out_t, float>) {
+    bad = bits::max_magnitude_is_nonfinite<bits::Fp32Format>(max_lane<float>(max_bits));
+  }
+  return bad;
+}
+
+// out (out_t, M x N, contiguous) = out_t(s * (a @ b)) for bfloat16 a (M x K)
+// and b (K x N) of any strides, K >= 1; returns whether any output value is
+// inf/NaN. b is packed once; a is read in place when its rows are contiguous,
+// else gathered once into rows.
+template <typename out_t>
+bool brgemm_bf16(const at::Tensor& a, const at::Tensor& b, float s, at::Tensor& out) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  // The packed layout holds pairs of rows of b; an odd last k is added in the
+  // epilogue as a rank-1 update (its products are exact in float32).
+  const int64_t K_even = K & ~int64_t{1};
+  const int64_t m_tiles = (M + kTileM - 1) / kTileM, n_tiles = (N + kTileN - 1) / kTileN;
+  const c10::BFloat16* a_ptr = a.const_data_ptr<c10::BFloat16>();
+  const c10::BFloat16* b_ptr = b.const_data_ptr<c10::BFloat16>();
+  const int64_t sa0 = a.stride(0), sa1 = a.stride(1), sb0 = b.stride(0), sb1 = b.stride(1);
+  const bool a_in_place = sa1 == 1 && sa0 >= K;
+
+  at::Tensor packed = at::empty({n_tiles, std::max<int64_t>(K_even, 1) * kTileN}, b.options());
+  c10::BFloat16* packed_ptr = packed.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      pack_b_tile(b_ptr + j * kTileN * sb1, sb0, sb1, K_even, std::min(kTileN, N - j * kTileN),
+                  packed_ptr + j * K_even * kTileN);
+    }
+  });
+  at::Tensor b_last;
+  if (K % 2 != 0) b_last = b.select(0, K - 1).to(at::kFloat).contiguous();
+  const float* b_last_ptr = K % 2 != 0 ? b_last.const_data_ptr<float>() : nullptr;
+
+  // a as row-major rows for the micro-kernel: in place when its rows are
+  // contiguous, else gathered once (a transposed view, as in a weight gradient).
+  const c10::BFloat16* a_rows = a_ptr;
+  int64_t lda = sa0;
+  at::Tensor a_gathered;
+  if (!a_in_place && K_even > 0) {
+    // Rows 64 bytes longer than K: with a power-of-two K the gather's writes,
+    // one per row, would otherwise all fall in the same L1 set.
+    lda = K_even + 32;
+    a_gathered = at::empty({M, lda}, a.options());
+    c10::BFloat16* dst = a_gathered.data_ptr<c10::BFloat16>();
+    at::parallel_for(0, m_tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        gather_a_rows(a_ptr + i * kTileM * sa0, sa0, sa1, std::min(kTileM, M - i * kTileM), K_even, lda,
+                      dst + i * kTileM * lda);
+      }
+    });
+    a_rows = dst;
+  }
+
+  // Work items: the column tiles in groups whose packed b fits in about
+  // kPackedPanelBytes (L2), each group against every row tile. A thread walks
+  // consecutive items: the row tiles of one group with its b panel in cache.
+  // The groups are made small enough that every thread gets one.
+  const int64_t tile_bytes = std::max<int64_t>(K_even, 1) * kTileN * int64_t{sizeof(c10::BFloat16)};
+  int64_t group = std::clamp<int64_t>(kPackedPanelBytes / tile_bytes, 1, n_tiles);
+  group = std::min(group, std::max<int64_t>(1, n_tiles / at::get_num_threads()));
+  const int64_t n_groups = (n_tiles + group - 1) / group;
+
+  out_t* out_ptr = out.data_ptr<out_t>();
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, n_groups * m_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc_tile(std::is_same_v<out_t, float> ? 0 : kTileM * kTileN);
+    bool tile_bad = false;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t g = item / m_tiles, i = item % m_tiles, m0 = i * kTileM;
+      const int64_t rows = std::min(kTileM, M - m0);
+      for (int64_t j = g * group; j < std::min(n_tiles, (g + 1) * group); ++j) {
+        const int64_t n0 = j * kTileN, cols = std::min(kTileN, N - n0);
+        float* acc;
+        int64_t ld_acc;
+        if constexpr (std::is_same_v<out_t, float>) {
+          acc = out_ptr + m0 * N + n0;
+          ld_acc = N;
+        } else {
+          acc = acc_tile.data();
+          ld_acc = kTileN;
+        }
+        if (K_even > 0) {
+          at::native::cpublas::brgemm(rows, cols, K_even, lda, /*ld_b=*/kTileN, ld_acc, /*add_C=*/false,
+                                      a_rows + m0 * lda, packed_ptr + j * K_even * kTileN, acc);
+        }
+        tile_bad |= tile_epilogue<out_t>(acc, ld_acc, out_ptr + m0 * N + n0, N, rows, cols, s,
+                                         /*fresh=*/K_even == 0,
+                                         b_last_ptr != nullptr ? a_ptr + m0 * sa0 + (K - 1) * sa1 : nullptr, sa0,
+                                         b_last_ptr != nullptr ? b_last_ptr + n0 : nullptr);
+      }
+    }
+    if (K_even > 0) at::native::cpublas::brgemm_release();
+    if (tile_bad) bad.store(true, std::memory_order_relaxed);
+  });
+  return bad.load();
+}
+
 at::Tensor matmul_unscale_check_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_scale,
                                     const at::Tensor& found_inf, std::optional<at::ScalarType> out_dtype) {
   const at::ScalarType out_t = check_matmul_unscale_check_inputs(a, b, inv_scale, found_inf, out_dtype,
@@ -150,6 +398,12 @@ at::Tensor matmul_unscale_check_cpu(const at::Tensor& a, const at::Tensor& b, co
   if (K == 0) return out.zero_();  // an empty sum: zeros, all finite
 
   const float s = *inv_scale.const_data_ptr<float>();
+  if (a.scalar_type() == at::kBFloat16 && native_bf16_gemm()) {
+    // s multiplies the float32 sums, never inside the micro-kernel: any s, even 0, is exact.
+    const bool bad = out_t == at::kFloat ? brgemm_bf16<float>(a, b, s, out) : brgemm_bf16<c10::BFloat16>(a, b, s, out);
+    if (bad) found_inf.fill_(1.0f);
+    return out;
+  }
   // beta = 0: the old contents of the output are never read (BLAS semantics).
   // A BLAS may skip a and b when alpha is 0, which would hide their inf/NaN,
   // so a scale that is not a normal float is applied after the GEMM.
@@ -194,6 +448,19 @@ at::Tensor matmul_unscale_check_cpu(const at::Tensor& a, const at::Tensor& b, co
 }
 
 }  // namespace
+
+// Whether oneDNN's bfloat16 kernels run on this CPU (AMX-BF16 or AVX512-BF16).
+// AMX needs the process's permission to use tile state: asked for once here
+// (init_amx returns false, harmlessly, on CPUs without AMX).
+bool native_bf16_gemm() {
+  static const bool available = [] {
+    if (!at::native::cpublas::could_pack(at::kBFloat16)) return false;
+    at::cpu::init_amx();
+    return true;
+  }();
+  const char* env = std::getenv("DEEPSEEK_EXT_CPU_BF16_GEMM");
+  return available && !(env != nullptr && std::strcmp(env, "0") == 0);
+}
 
 int64_t matmul_unscale_check_cpu_checks_from_inputs() { return checks_from_inputs.load(); }
 

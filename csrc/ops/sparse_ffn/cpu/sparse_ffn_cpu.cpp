@@ -30,6 +30,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/cpu_parallel.h"
 #include "deepseek_ext/detail/topk.h"
 #include "sparse_ffn/sparse_ffn.h"
 
@@ -118,7 +119,7 @@ void reduce_partials(at::Tensor& out, std::vector<at::Tensor>& partials) {
     if (partials[i].defined()) used.push_back(partials[i]);
   }
   if (used.empty()) return;
-  at::parallel_for(0, out.size(0), 64, [&](int64_t r0, int64_t r1) {
+  parallel_for_with_caller_state(0, out.size(0), 64, [&](int64_t r0, int64_t r1) {
     at::Tensor o = out.narrow(0, r0, r1 - r0);
     for (const auto& p : used) o.add_(p.narrow(0, r0, r1 - r0));
   });
@@ -187,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_ffn_cpu(const at::Tensor& x_in, const 
   std::vector<at::Tensor> partials(at::get_num_threads());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_ffn_cpu", [&] {
-    at::parallel_for(0, nb, kBlockGrain, [&](int64_t b0, int64_t b1_) {
+    parallel_for_with_caller_state(0, nb, kBlockGrain, [&](int64_t b0, int64_t b1_) {
       at::Tensor& acc = thread_accumulator(partials, out);
       at::Tensor xg_buf = at::empty({kTileRows, D}, x.options());
       at::Tensor y_buf = at::empty({kTileRows, D}, x.options());
@@ -255,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ff
   std::vector<at::Tensor> partials(at::get_num_threads());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_ffn_backward_cpu", [&] {
-    at::parallel_for(0, nb, kBlockGrain, [&](int64_t b0, int64_t b1_) {
+    parallel_for_with_caller_state(0, nb, kBlockGrain, [&](int64_t b0, int64_t b1_) {
       at::Tensor& acc = thread_accumulator(partials, grad_x);
       at::Tensor xg_buf = at::empty({kTileRows, D}, x.options());
       at::Tensor gd_buf = at::empty({kTileRows, D}, x.options());
