@@ -13,7 +13,8 @@ On the CPU, for float16/bfloat16 inputs, the baselines are also timed by the
 float32 route a user would take there (torch's 16-bit CPU GEMM is slow):
 a.float() @ b.float(), converted to the output dtype, then the same check; the
 ratios are against the faster route, and the three ops take the float32 route.
-float16 takes only the float32 route (torch's float16 CPU GEMM takes seconds).
+float16 takes only the float32 route where torch's float16 CPU GEMM takes
+seconds (CPUs without AVX512-FP16/AMX-FP16; the header records the time).
 On a CPU with native bfloat16 GEMMs (AMX-BF16 or AVX512-BF16) our bfloat16
 rows take the brgemm route (see matmul_unscale_check_cpu.cpp), and the three
 ops take torch's bfloat16 matmul.
@@ -96,6 +97,18 @@ def main(argv=None):
         dtypes = [(torch.float32, None), (torch.float16, torch.float32), (torch.float16, None),
                   (torch.bfloat16, torch.float32), (torch.bfloat16, None)]
 
+    # torch's float16 CPU matmul takes seconds at 1024^3 on CPUs without float16
+    # matrix or vector-FP16 instructions, and a few ms on those with them (oneDNN):
+    # it is a baseline only where it is not absurdly slow. The second call is timed.
+    half_native, t_half = False, None
+    if dev == "cpu":
+        h = torch.randn(1024, 1024).half()
+        for _ in range(2):
+            t0 = time.perf_counter()
+            torch.matmul(h, h)
+            t_half = time.perf_counter() - t0
+        half_native = t_half < 0.1
+
     rows, data = [], []
     for name, M, N, K, transposed in cases:
         for dtype, out_dtype in dtypes:
@@ -137,11 +150,12 @@ def main(argv=None):
             def ours():
                 return deepseek_ext.ops.matmul_unscale_check(a, b, inv, found, out_dtype=out_dtype)
 
-            # torch's float16 GEMM on this CPU takes seconds (the header says how long):
-            # not a baseline worth timing, so float16 rows use the float32 route only.
+            # Where torch's float16 CPU GEMM takes seconds (the header says how long)
+            # float16 rows use the float32 route only.
             routes = {"native": native}
             if dev == "cpu" and dtype != torch.float32:
-                routes = {"via fp32": via_fp32} if dtype == torch.float16 else {"native": native, "via fp32": via_fp32}
+                routes = {"via fp32": via_fp32} if dtype == torch.float16 and not half_native \
+                    else {"native": native, "via fp32": via_fp32}
             # The three ops run by the route a user would take: float32 on the CPU for 16-bit
             # inputs, except bfloat16 on a CPU with native bfloat16 GEMMs (AMX-BF16/AVX512-BF16).
             bf16_native_cpu = dev == "cpu" and dtype == torch.bfloat16 and deepseek_ext._C.cpu_native_bf16_gemm()
@@ -195,7 +209,7 @@ def main(argv=None):
             took = [c() > n for c, n in zip(counters, before)]
             route = "fused sm90" if took[0] else "fused sm80" if took[1] else "BLAS + check of the inputs" if took[2] \
                 else ("cuBLAS + epilogue" if dev == "cuda" else
-                      ("bf16 brgemm tiles + epilogue" if fp32_out else "bf16 oneDNN panels + check") if bf16_native_cpu
+                      "bf16 brgemm tiles + epilogue" if bf16_native_cpu
                       else "BLAS panels + epilogue")
 
             def tflops(key):
@@ -228,22 +242,26 @@ def main(argv=None):
         text += f" (code for this GPU: {deepseek_ext._C.matmul_unscale_check_sm80_has_code_for(torch.cuda.current_device())})"
     text += "\n"
     if dev == "cpu":
-        h = torch.randn(1024, 1024).half()
-        t0 = time.perf_counter()
-        torch.matmul(h, h)
-        t_half = time.perf_counter() - t0
-        text += (f"- float16 rows time only the float32 route: one torch.matmul in float16 at 1024^3 took "
-                 f"{t_half:.2f} s here (not a baseline worth timing)\n")
+        if half_native:
+            text += (f"- float16 rows also time torch's float16 matmul: one at 1024^3 took {t_half:.3f} s here "
+                     "(CPUs with AVX512-FP16 or AMX-FP16 run it through oneDNN)\n")
+        else:
+            text += (f"- float16 rows time only the float32 route: one torch.matmul in float16 at 1024^3 took "
+                     f"{t_half:.2f} s here (not a baseline worth timing)\n")
     text += (f"- times: median over {args.rounds} alternating rounds (TFLOP/s columns); the last three columns "
              "are paired: per round, ours against the faster route of the baseline measured in the same round, "
              "median (lowest-highest) over the rounds; 'matmul' is torch.matmul in the input dtype "
              "(no scaling, no check); 'unfused' is matmul (fp32 output when asked) + "
              "torch._amp_foreach_non_finite_check_and_unscale_ (bfloat16 output on CUDA: the eager "
              "_foreach_norm(inf) + isfinite + _foreach_mul_, as torch's kernel rejects it)\n")
-    text += ("- 'three ops': the matmul (on the CPU, for 16-bit inputs, by the float32 route), then "
+    text += ("- 'three ops': the matmul (on the CPU, for 16-bit inputs, by the float32 route, except "
+             "bfloat16 on a CPU with native bfloat16 GEMMs: torch.matmul in bfloat16), then "
              "out.mul_(inv_scale), then found_inf from torch.isfinite(out) (the issue's 'matmul + mul + check' as "
              "separate ops; 'unfused' above is the stronger baseline)\n")
     if dev == "cpu":
+        text += (f"- CPU with native bfloat16 GEMMs (AMX-BF16/AVX512-BF16, oneDNN): "
+                 f"{deepseek_ext._C.cpu_native_bf16_gemm()}; for a bfloat16 -> float32 row 'matmul' is "
+                 "torch.matmul in bfloat16 then .float() (torch has no bfloat16 -> float32 CPU GEMM)\n")
         text += ("- 'via fp32' (16-bit inputs): torch.matmul(a.float(), b.float()).to(output dtype), then the same "
                  "check for 'unfused'; the last two columns compare ours with the faster route of each baseline\n")
     if dev == "cuda":

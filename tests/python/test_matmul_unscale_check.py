@@ -201,6 +201,50 @@ def test_empty_shapes(device):
     assert found.item() == 0.0
 
 
+def test_cpu_bf16_conversion_paths_agree(tmp_path, cpu_bf16_route):
+    # The brgemm route converts its float32 sums to bfloat16 with AVX512-BF16
+    # where the CPU has it; DEEPSEEK_EXT_DISABLE_AVX512=1 (read once per process)
+    # forces at::vec's AVX2 conversion. Both round to nearest even: same bits,
+    # same flags, overflow to inf included; NaN stays NaN (its payload may differ).
+    if not cpu_bf16_route:
+        pytest.skip("the float32 route does not use the brgemm conversion")
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch, deepseek_ext\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        "outs = []\n"
+        "for big in (False, True):\n"
+        "    a = torch.randn(300, 257, generator=g).bfloat16(); b = torch.randn(257, 70, generator=g).bfloat16()\n"
+        # row 7: 2^127 * (1.5 + 127/256), finite in float32, halfway between the
+        # largest bfloat16 and 2^128: rounds to inf only in the conversion
+        "    if big: a[7] = 0; a[7, :2] = 2.0**127; b[0] = 1.5; b[1] = 127 / 256; a[299, 5] = float('nan')\n"
+        "    f = torch.zeros(1)\n"
+        "    outs.append((deepseek_ext.ops.matmul_unscale_check(a, b, torch.tensor([1.0]), f), f))\n"
+        "torch.save(outs, sys.argv[1])\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(deepseek_ext.__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    results = []
+    for disable in (False, True):
+        env = dict(os.environ, PYTHONPATH=path)
+        env.pop("DEEPSEEK_EXT_DISABLE_AVX512", None)
+        if disable:
+            env["DEEPSEEK_EXT_DISABLE_AVX512"] = "1"
+        out = tmp_path / f"conv{int(disable)}.pt"
+        subprocess.run([sys.executable, "-c", script, str(out)], env=env, check=True)
+        results.append(torch.load(out))
+    for (o1, f1), (o2, f2) in zip(*results):
+        nan = torch.isnan(o1)
+        assert torch.equal(nan, torch.isnan(o2))
+        assert torch.equal(o1[~nan].view(torch.int16), o2[~nan].view(torch.int16))
+        assert f1.item() == f2.item()
+    assert results[0][0][1].item() == 0.0 and results[0][1][1].item() == 1.0
+    assert torch.isinf(results[0][1][0]).any() and torch.isnan(results[0][1][0]).any()
+
+
 def test_bad_inputs_name_the_argument():
     a = torch.ones(4, 3, dtype=torch.float16)
     b = torch.ones(3, 2, dtype=torch.float16)

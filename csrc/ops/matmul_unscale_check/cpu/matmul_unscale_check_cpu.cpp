@@ -264,6 +264,50 @@ void gather_a_rows(const c10::BFloat16* a, int64_t sa0, int64_t sa1, int64_t row
   }
 }
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#define DSX_HAVE_AVX512_BF16_CONVERT 1
+// out[r, :cols] = bfloat16(acc[r, :cols]) for the rows of one tile (round to
+// nearest even; inf on overflow; NaN stays NaN) with AVX512-BF16's
+// one-instruction conversion, which the AVX2 build of at::vec emulates in about
+// ten; returns whether any converted value is inf/NaN. Only called where the
+// CPU has it (cpu_has_avx512_bf16; the brgemm route runs on AMX-BF16 or
+// AVX512-BF16 CPUs).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) bool convert_check_bf16_avx512(
+    const float* acc, int64_t ld_acc, c10::BFloat16* out, int64_t ld_out, int64_t rows, int64_t cols) {
+  __m512i max_bits = _mm512_setzero_si512();
+  const __m512i magnitude = _mm512_set1_epi16(0x7fff);
+  uint16_t m = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* a = acc + r * ld_acc;
+    c10::BFloat16* o = out + r * ld_out;
+    int64_t i = 0;
+    for (; i + 32 <= cols; i += 32) {
+      const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(a + i));
+      __m512i bits;
+      std::memcpy(&bits, &v, sizeof bits);
+      _mm512_storeu_si512(o + i, bits);
+      max_bits = _mm512_max_epu16(max_bits, _mm512_and_si512(bits, magnitude));
+    }
+    for (; i < cols; ++i) {
+      o[i] = static_cast<c10::BFloat16>(a[i]);
+      m = std::max<uint16_t>(m, o[i].x & 0x7fff);
+    }
+  }
+  uint16_t lanes[32];
+  _mm512_storeu_si512(lanes, max_bits);
+  m = std::max(m, *std::max_element(std::begin(lanes), std::end(lanes)));
+  return bits::max_magnitude_is_nonfinite<bits::Bf16Format>(m);
+}
+
+// DEEPSEEK_EXT_DISABLE_AVX512=1 (read once per process) forces at::vec's AVX2
+// conversion, to test it on an AVX-512 machine.
+bool cpu_has_avx512_bf16() {
+  static const bool yes = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && std::getenv("DEEPSEEK_EXT_DISABLE_AVX512") == nullptr;
+  return yes;
+}
+#endif
+
 // For the rows of one tile: acc[r, :cols] = s * (acc[r, :cols] + a_last[r] *
 // b_last[:cols]) (acc = 0 first when `fresh`; no a_last term when K is even),
 // then dst[r, :cols] = out_t(acc[r, :cols]) for a 16-bit out_t (for float32,
@@ -275,6 +319,11 @@ bool tile_epilogue(float* acc, int64_t ld_acc, out_t* dst, int64_t ld_dst, int64
   const FVec scale(s);
   Vectorized<int32_t> max_bits(0);
   bool bad = false;
+#if DSX_HAVE_AVX512_BF16_CONVERT
+  const bool convert_whole_tile = std::is_same_v<out_t, c10::BFloat16> && cpu_has_avx512_bf16();
+#else
+  constexpr bool convert_whole_tile = false;
+#endif
   for (int64_t r = 0; r < rows; ++r) {
     float* row = acc + r * ld_acc;
     const FVec a_r(a_last != nullptr ? static_cast<float>(a_last[r * a_last_stride]) : 0.0f);
@@ -288,8 +337,15 @@ bool tile_epilogue(float* acc, int64_t ld_acc, out_t* dst, int64_t ld_dst, int64
         max_bits = at::vec::maximum(max_bits, magnitude_bits_vec(v));  // lanes past count are 0
       }
     }
-    if constexpr (!std::is_same_v<out_t, float>) bad |= convert_check<out_t>(row, dst + r * ld_dst, cols);
+    if constexpr (!std::is_same_v<out_t, float>) {
+      if (!convert_whole_tile) bad |= convert_check<out_t>(row, dst + r * ld_dst, cols);
+    }
   }
+#if DSX_HAVE_AVX512_BF16_CONVERT
+  if constexpr (std::is_same_v<out_t, c10::BFloat16>) {
+    if (convert_whole_tile) bad = convert_check_bf16_avx512(acc, ld_acc, dst, ld_dst, rows, cols);
+  }
+#endif
   if constexpr (std::is_same_v<out_t, float>) {
     bad = bits::max_magnitude_is_nonfinite<bits::Fp32Format>(max_lane<float>(max_bits));
   }
@@ -356,7 +412,7 @@ bool brgemm_bf16(const at::Tensor& a, const at::Tensor& b, float s, at::Tensor& 
   out_t* out_ptr = out.data_ptr<out_t>();
   std::atomic<bool> bad{false};
   at::parallel_for(0, n_groups * m_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc_tile(std::is_same_v<out_t, float> ? 0 : kTileM * kTileN);
+    alignas(64) float acc_tile[std::is_same_v<out_t, float> ? 1 : kTileM * kTileN];  // 16-bit outputs: the sums
     bool tile_bad = false;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / m_tiles, i = item % m_tiles, m0 = i * kTileM;
@@ -369,7 +425,7 @@ bool brgemm_bf16(const at::Tensor& a, const at::Tensor& b, float s, at::Tensor& 
           acc = out_ptr + m0 * N + n0;
           ld_acc = N;
         } else {
-          acc = acc_tile.data();
+          acc = acc_tile;
           ld_acc = kTileN;
         }
         if (K_even > 0) {
