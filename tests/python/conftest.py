@@ -16,3 +16,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def run_script(script, out_path, env_overrides=None):
+    """Runs `script` in a fresh Python process that imports this checkout's
+    deepseek_ext, with sys.argv[1] = out_path and the environment changed by
+    env_overrides (a value of None removes the variable); returns
+    torch.load(out_path). For settings read once per process."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(deepseek_ext.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    for key, value in (env_overrides or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    subprocess.run([sys.executable, "-c", script, str(out_path)], env=env, check=True)
+    return torch.load(out_path)

@@ -5,7 +5,7 @@ import torch
 from torch.testing._internal.optests import opcheck
 
 import deepseek_ext
-from conftest import DEVICES
+from conftest import DEVICES, run_script
 
 OP = torch.ops.deepseek_ext.matmul_unscale_check.default
 # Relative Frobenius error allowed, by output dtype: float32 accumulation of
@@ -208,10 +208,6 @@ def test_cpu_bf16_conversion_paths_agree(tmp_path, cpu_bf16_route):
     # same flags, overflow to inf included; NaN stays NaN (its payload may differ).
     if not cpu_bf16_route:
         pytest.skip("the float32 route does not use the brgemm conversion")
-    import os
-    import subprocess
-    import sys
-
     script = (
         "import sys, torch, deepseek_ext\n"
         "g = torch.Generator().manual_seed(3)\n"
@@ -225,17 +221,8 @@ def test_cpu_bf16_conversion_paths_agree(tmp_path, cpu_bf16_route):
         "    outs.append((deepseek_ext.ops.matmul_unscale_check(a, b, torch.tensor([1.0]), f), f))\n"
         "torch.save(outs, sys.argv[1])\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(deepseek_ext.__file__)))
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    results = []
-    for disable in (False, True):
-        env = dict(os.environ, PYTHONPATH=path)
-        env.pop("DEEPSEEK_EXT_DISABLE_AVX512", None)
-        if disable:
-            env["DEEPSEEK_EXT_DISABLE_AVX512"] = "1"
-        out = tmp_path / f"conv{int(disable)}.pt"
-        subprocess.run([sys.executable, "-c", script, str(out)], env=env, check=True)
-        results.append(torch.load(out))
+    results = [run_script(script, tmp_path / f"conv{int(disable)}.pt",
+                          {"DEEPSEEK_EXT_DISABLE_AVX512": "1" if disable else None}) for disable in (False, True)]
     for (o1, f1), (o2, f2) in zip(*results):
         nan = torch.isnan(o1)
         assert torch.equal(nan, torch.isnan(o2))

@@ -11,7 +11,7 @@ import torch
 from torch.testing._internal.optests import opcheck
 
 import deepseek_ext
-from conftest import DEVICES
+from conftest import DEVICES, run_script
 
 ops = deepseek_ext.ops
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -241,22 +241,13 @@ def test_cpu_philox_paths_agree(tmp_path):
     # On a CPU with AVX-512F the kernels draw Philox words with AVX-512;
     # DEEPSEEK_EXT_DISABLE_AVX512=1 (read once per process) forces the AVX2 path.
     # Both must give the reference's bits (elsewhere the two runs share a path).
-    import os
-    import subprocess
-    import sys
-
     script = (
         "import sys, torch, deepseek_ext\n"
         "x = torch.randn(70001, generator=torch.Generator().manual_seed(0))\n"
         "outs = [deepseek_ext.ops.quantize_int8(x, bs, True, 2**40 + 9, off)[0] for bs, off in ((32, 3), (256, 2**33 + 1), (4096, 0))]\n"
         "torch.save(outs, sys.argv[1])\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(deepseek_ext.__file__)))
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, DEEPSEEK_EXT_DISABLE_AVX512="1", PYTHONPATH=path)
-    out = tmp_path / "avx2.pt"
-    subprocess.run([sys.executable, "-c", script, str(out)], env=env, check=True)
-    avx2 = torch.load(out)
+    avx2 = run_script(script, tmp_path / "avx2.pt", {"DEEPSEEK_EXT_DISABLE_AVX512": "1"})
     x = torch.randn(70001, generator=torch.Generator().manual_seed(0))
     for q2, (bs, off) in zip(avx2, ((32, 3), (256, 2**33 + 1), (4096, 0))):
         q_ref, _, _ = quantize_ref(x, bs, True, 2**40 + 9, off)

@@ -48,8 +48,8 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
+#if defined(__x86_64__)
+#include <immintrin.h>  // AVX2 paths when built for it; the AVX512-BF16 conversion (target attribute) always
 #endif
 
 #include "common/cpu_alloc.h"
