@@ -107,6 +107,16 @@ def assert_bitwise(a, b):
     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+def assert_ef_matches_reference(x, r, block_size, stochastic, seed, offset):
+    """quantize_int8_ef_ against the reference, which reads r before the op
+    updates it: q, the scales and the new residual equal it bit for bit."""
+    q_ref, s_ref, r_ref = quantize_ref(x, block_size, stochastic, seed, offset, residual=r)
+    q, s = ops.quantize_int8_ef_(x, r, block_size, stochastic, seed, offset)
+    assert_bitwise(q, q_ref)
+    assert_bitwise(s, s_ref)
+    assert_bitwise(r, r_ref)
+
+
 def rand(n, dtype, device, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     # Blocks of very different magnitudes, as real gradients have.
@@ -182,11 +192,7 @@ def test_matches_reference_across_exponent_range(device, dtype, stochastic):
     assert_bitwise(s, s_ref)
     r = (torch.randn(n, generator=gen) * 1e-3).to(device)
     r[bs:4 * bs] = 0.0
-    q_ref, s_ref, r_ref = quantize_ref(x, bs, stochastic, 5, 3, residual=r)
-    q, s = ops.quantize_int8_ef_(x, r, bs, stochastic, 5, 3)
-    assert_bitwise(q, q_ref)
-    assert_bitwise(s, s_ref)
-    assert_bitwise(r, r_ref)
+    assert_ef_matches_reference(x, r, bs, stochastic, 5, 3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -400,11 +406,7 @@ def test_largest_finite_values_quantise():
 def test_ef_matches_reference(device, dtype, res_dtype, stochastic, n, block_size):
     x = rand(n, dtype, device, seed=n)
     r = (rand(n, torch.float32, device, seed=n + 1) * 0.01).to(res_dtype)
-    q_ref, s_ref, r_ref = quantize_ref(x, block_size, stochastic, 5, 17, residual=r)
-    q, s = ops.quantize_int8_ef_(x, r, block_size, stochastic, 5, 17)
-    assert_bitwise(q, q_ref)
-    assert_bitwise(s, s_ref)
-    assert_bitwise(r, r_ref)
+    assert_ef_matches_reference(x, r, block_size, stochastic, 5, 17)
 
 
 @pytest.mark.parametrize("device", DEVICES)
