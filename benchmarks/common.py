@@ -23,7 +23,7 @@ def device_name(device: str) -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{model}, {torch.get_num_threads()} threads (each timed call runs with all of them)"
 
 
 def header(title: str, device: str) -> str:
@@ -37,11 +37,13 @@ def header(title: str, device: str) -> str:
 
 def median_seconds(fn, device: str, min_run_time: float = 1.0) -> float:
     """Median time of fn() in seconds. torch.utils.benchmark synchronises CUDA
-    around each measured block, so GPU times are device times, not launch times."""
+    around each measured block, so GPU times are device times, not launch times.
+    fn runs with torch's current thread count: Timer's own default is one thread
+    (until 2026-12-06 every CPU table here was timed that way)."""
     fn()  # warm-up (and any lazy initialisation)
     if device == "cuda":
         torch.cuda.synchronize()
-    timer = tb.Timer(stmt="fn()", globals={"fn": fn})
+    timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
