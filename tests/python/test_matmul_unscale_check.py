@@ -201,6 +201,21 @@ def test_empty_shapes(device):
     assert found.item() == 0.0
 
 
+def test_cpu_float16_subnormals_are_exact():
+    # float16 gradients live near the bottom of its range: subnormal inputs
+    # (2^-24 .. 2^-14) must count, not be flushed to zero. Products of float16
+    # values are exact in float32, and these sums stay exact too.
+    gen = torch.Generator().manual_seed(11)
+    a = (torch.randint(-1023, 1024, (37, 66), generator=gen) * 2.0**-24).half()
+    b = torch.randint(-8, 9, (66, 45), generator=gen).half()
+    ref = a.double() @ b.double()
+    for a_view in (a, a.t().contiguous().t()):
+        found = torch.zeros(1)
+        out = deepseek_ext.ops.matmul_unscale_check(a_view, b, torch.ones(1), found, out_dtype=torch.float32)
+        assert torch.equal(out.double(), ref)
+        assert found.item() == 0.0
+
+
 def test_cpu_bf16_conversion_paths_agree(tmp_path, cpu_bf16_route):
     # The brgemm route converts its float32 sums to bfloat16 with AVX512-BF16
     # where the CPU has it; DEEPSEEK_EXT_DISABLE_AVX512=1 (read once per process)
