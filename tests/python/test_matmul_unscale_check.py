@@ -60,6 +60,31 @@ def test_matches_float64(device, shape, transposed):
             assert found.item() == 0.0
 
 
+def test_cpu_operand_layouts(cpu_bf16_route):
+    # Layouts a BLAS cannot read in place (a column stride, a broadcast b)
+    # and size-1 dimensions whose strides are arbitrary: every route either
+    # reads them as they are or copies them, and the product is the same.
+    gen = torch.Generator().manual_seed(2)
+    for dtype in dtypes_for("cpu"):
+        def r(*shape):
+            return torch.randn(*shape, generator=gen).to(dtype)
+        cases = [
+            (r(40, 70)[:, ::2], r(35, 9)),                    # a with column stride 2
+            (r(20, 35), r(9, 35).t()),                        # b transposed
+            (r(20, 35), r(35, 1).expand(35, 6)),              # b broadcast along its columns
+            (r(1, 35), r(35, 6)),                             # one row
+            (r(20, 1), r(1, 6)),                              # K = 1
+            (r(20, 35), r(35, 1)),                            # one column
+            (torch.as_strided(r(64), (1, 35), (999, 1)), r(35, 6)),  # a size-1 dim's stride is arbitrary
+        ]
+        for a, b in cases:
+            for out_dtype in (None, torch.float32):
+                found = torch.zeros(1)
+                out = deepseek_ext.ops.matmul_unscale_check(a, b, torch.ones(1), found, out_dtype=out_dtype)
+                assert rel_err(out, reference(a, b, 1.0)) < TOL[out_dtype or dtype], (dtype, a.stride(), b.stride())
+                assert found.item() == 0.0
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
 def test_planted_nonfinite_is_flagged(device, value):
