@@ -15,7 +15,7 @@ a.float() @ b.float(), converted to the output dtype, then the same check; the
 ratios are against the faster route, and the three ops take the float32 route.
 float16 takes only the float32 route where torch's float16 CPU GEMM takes
 seconds (CPUs without AVX512-FP16/AMX-FP16; the header records the time).
-On a CPU with native bfloat16 GEMMs (AMX-BF16 or AVX512-BF16) our bfloat16
+On a CPU with native bfloat16 GEMMs (AMX-BF16) our bfloat16
 rows take the brgemm route (see matmul_unscale_check_cpu.cpp), and the three
 ops take torch's bfloat16 matmul.
 Weight-gradient shapes use a transposed view for `a`, as a Linear backward does.
@@ -157,7 +157,7 @@ def main(argv=None):
                 routes = {"via fp32": via_fp32} if dtype == torch.float16 and not half_native \
                     else {"native": native, "via fp32": via_fp32}
             # The three ops run by the route a user would take: float32 on the CPU for 16-bit
-            # inputs, except bfloat16 on a CPU with native bfloat16 GEMMs (AMX-BF16/AVX512-BF16).
+            # inputs, except bfloat16 on a CPU with native bfloat16 GEMMs (AMX-BF16).
             bf16_native_cpu = dev == "cpu" and dtype == torch.bfloat16 and deepseek_ext._C.cpu_native_bf16_gemm()
             three_ops = three_ops_by(native if bf16_native_cpu else routes.get("via fp32", native))
             named = {"ours": ours, "three ops": three_ops}
@@ -259,7 +259,7 @@ def main(argv=None):
              "out.mul_(inv_scale), then found_inf from torch.isfinite(out) (the issue's 'matmul + mul + check' as "
              "separate ops; 'unfused' above is the stronger baseline)\n")
     if dev == "cpu":
-        text += (f"- CPU with native bfloat16 GEMMs (AMX-BF16/AVX512-BF16, oneDNN): "
+        text += (f"- CPU with native bfloat16 GEMMs (AMX-BF16, oneDNN): "
                  f"{deepseek_ext._C.cpu_native_bf16_gemm()}; for a bfloat16 -> float32 row 'matmul' is "
                  "torch.matmul in bfloat16 then .float() (torch has no bfloat16 -> float32 CPU GEMM)\n")
         text += ("- 'via fp32' (16-bit inputs): torch.matmul(a.float(), b.float()).to(output dtype), then the same "

@@ -65,8 +65,8 @@ PYBIND11_MODULE(_C, m) {
     return count;
   }, "Threads at::parallel_for uses from this library's code for n unit items (a build check).");
   m.def("cpu_native_bf16_gemm", &deepseek_ext::ops::native_bf16_gemm,
-        "Whether CPU matmul_unscale_check multiplies bfloat16 inputs natively (oneDNN on AMX-BF16 or "
-        "AVX512-BF16, and DEEPSEEK_EXT_CPU_BF16_GEMM is not 0) instead of through float32 copies.");
+        "Whether CPU matmul_unscale_check multiplies bfloat16 inputs natively (oneDNN's brgemm on "
+        "AMX-BF16, and DEEPSEEK_EXT_CPU_BF16_GEMM is not 0) instead of through float32 copies.");
   m.attr("with_cutlass_sm80") = static_cast<bool>(DSX_WITH_CUTLASS_SM80);
   m.def("matmul_unscale_check_fused_sm80_calls", [] {
 #if DSX_WITH_CUDA

@@ -16,14 +16,14 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 @pytest.fixture(autouse=True, params=["bf16-native", "bf16-via-fp32"])
 def cpu_bf16_route(request, monkeypatch):
     """Every test runs under both CPU routes for bfloat16 inputs: oneDNN's
-    native bfloat16 kernels (where the CPU has AMX-BF16 or AVX512-BF16) and the
+    native bfloat16 kernels (where the CPU has AMX-BF16) and the
     float32 copies. Yields whether the native route is taken."""
     if request.param == "bf16-via-fp32":
         monkeypatch.setenv("DEEPSEEK_EXT_CPU_BF16_GEMM", "0")
     else:
         monkeypatch.delenv("DEEPSEEK_EXT_CPU_BF16_GEMM", raising=False)
         if not deepseek_ext._C.cpu_native_bf16_gemm():
-            pytest.skip("this CPU has no native bfloat16 GEMM (AMX-BF16 or AVX512-BF16)")
+            pytest.skip("this CPU has no native bfloat16 GEMM (AMX-BF16)")
     yield deepseek_ext._C.cpu_native_bf16_gemm()
 
 

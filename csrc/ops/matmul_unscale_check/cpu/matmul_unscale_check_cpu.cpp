@@ -18,14 +18,14 @@
 // The unfused sequence (matmul, then a scale-and-check pass) reads and writes
 // the whole output once more.
 //
-// On CPUs where oneDNN multiplies bfloat16 natively (AMX-BF16 or AVX512-BF16:
+// On CPUs where oneDNN packs bfloat16 for its AMX micro-kernel (AMX-BF16:
 // cpublas::could_pack), bfloat16 inputs skip the float32 copies. ATen has no
 // bfloat16 x bfloat16 -> float32 GEMM on the CPU, so the product runs tile by
 // tile through cpublas::brgemm (oneDNN's batch-reduce micro-kernel, float32
 // accumulation), and each 128 x 32 tile is scaled, converted to out_dtype and
 // checked while in cache: one pass, for either output dtype. b is packed once
 // into the kernel's layout; a transposed `a` is gathered once into rows.
-// AMX and AVX512-BF16 read bfloat16 subnormals as zero, as torch's own
+// AMX reads bfloat16 subnormals as zero, as torch's own
 // bfloat16 matmul does on these CPUs. DEEPSEEK_EXT_CPU_BF16_GEMM=0 keeps the
 // float32 route (for comparisons).
 
@@ -270,8 +270,7 @@ void gather_a_rows(const c10::BFloat16* a, int64_t sa0, int64_t sa1, int64_t row
 // nearest even; inf on overflow; NaN stays NaN) with AVX512-BF16's
 // one-instruction conversion, which the AVX2 build of at::vec emulates in about
 // ten; returns whether any converted value is inf/NaN. Only called where the
-// CPU has it (cpu_has_avx512_bf16; the brgemm route runs on AMX-BF16 or
-// AVX512-BF16 CPUs).
+// CPU has it (cpu_has_avx512_bf16; every AMX-BF16 CPU so far has it too).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) bool convert_check_bf16_avx512(
     const float* acc, int64_t ld_acc, c10::BFloat16* out, int64_t ld_out, int64_t rows, int64_t cols) {
   __m512i max_bits = _mm512_setzero_si512();
@@ -505,8 +504,8 @@ at::Tensor matmul_unscale_check_cpu(const at::Tensor& a, const at::Tensor& b, co
 
 }  // namespace
 
-// Whether oneDNN's bfloat16 kernels run on this CPU (AMX-BF16 or AVX512-BF16).
-// AMX needs the process's permission to use tile state: asked for once here
+// Whether the brgemm route runs on this CPU: cpublas::could_pack(kBFloat16),
+// which oneDNN answers yes only with AMX-BF16. AMX needs the process's permission to use tile state: asked for once here
 // (init_amx returns false, harmlessly, on CPUs without AMX).
 bool native_bf16_gemm() {
   static const bool available = [] {
