@@ -505,8 +505,8 @@ at::Tensor matmul_unscale_check_cpu(const at::Tensor& a, const at::Tensor& b, co
 }  // namespace
 
 // Whether the brgemm route runs on this CPU: cpublas::could_pack(kBFloat16),
-// which oneDNN answers yes only with AMX-BF16. AMX needs the process's permission to use tile state: asked for once here
-// (init_amx returns false, harmlessly, on CPUs without AMX).
+// which oneDNN answers yes only with AMX-BF16. AMX needs the process's
+// permission to use tile state: asked for once here.
 bool native_bf16_gemm() {
   static const bool available = [] {
     if (!at::native::cpublas::could_pack(at::kBFloat16)) return false;
