@@ -241,6 +241,43 @@ def test_cpu_float16_subnormals_are_exact():
         assert found.item() == 0.0
 
 
+def test_cpu_concurrent_calls_agree(cpu_bf16_route):
+    # Calls from several Python threads at once (as from autograd's worker
+    # threads or a data-parallel loop), each with its own shapes, give what the
+    # same calls give one at a time: no state shared between calls.
+    import threading
+
+    gen = torch.Generator().manual_seed(4)
+    cases = []
+    for i in range(6):
+        dtype = (torch.bfloat16, torch.float16, torch.float32)[i % 3]
+        M, K, N = 70 + 37 * i, 129 + 64 * i, 90 + 11 * i
+        a = torch.randn(K, M, generator=gen).to(dtype).t() if i % 2 else torch.randn(M, K, generator=gen).to(dtype)
+        cases.append((a, torch.randn(K, N, generator=gen).to(dtype), (None, torch.float32)[i % 2]))
+
+    def run(a, b, out_dtype):
+        found = torch.zeros(1)
+        return deepseek_ext.ops.matmul_unscale_check(a, b, torch.full((1,), 0.5), found, out_dtype=out_dtype), found
+
+    serial = [run(*c) for c in cases]
+    results = [None] * len(cases)
+
+    def worker(i):
+        for _ in range(3):
+            results[i] = run(*cases[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # A BLAS may split its work by the calling thread's team size: the same
+    # product up to rounding, not bit for bit. A race would not be that close.
+    for (o1, f1), (o2, f2) in zip(serial, results):
+        assert o1.dtype == o2.dtype and rel_err(o2, o1.double()) < TOL[o1.dtype]
+        assert f1.item() == f2.item() == 0.0
+
+
 def test_cpu_bf16_conversion_paths_agree(tmp_path, cpu_bf16_route):
     # The brgemm route converts its float32 sums to bfloat16 with AVX512-BF16
     # where the CPU has it; DEEPSEEK_EXT_DISABLE_AVX512=1 (read once per process)
