@@ -367,7 +367,7 @@ bool brgemm_bf16(const at::Tensor& a, const at::Tensor& b, float s, at::Tensor& 
   const int64_t sa0 = a.stride(0), sa1 = a.stride(1), sb0 = b.stride(0), sb1 = b.stride(1);
   const bool a_in_place = sa1 == 1 && sa0 >= K;
 
-  at::Tensor packed = at::empty({n_tiles, std::max<int64_t>(K_even, 1) * kTileN}, b.options());
+  at::Tensor packed = empty_for_write({n_tiles, std::max<int64_t>(K_even, 1) * kTileN}, b.options());
   c10::BFloat16* packed_ptr = packed.data_ptr<c10::BFloat16>();
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
@@ -388,7 +388,7 @@ bool brgemm_bf16(const at::Tensor& a, const at::Tensor& b, float s, at::Tensor& 
     // Rows 64 bytes longer than K: with a power-of-two K the gather's writes,
     // one per row, would otherwise all fall in the same L1 set.
     lda = K_even + 32;
-    a_gathered = at::empty({M, lda}, a.options());
+    a_gathered = empty_for_write({M, lda}, a.options());
     c10::BFloat16* dst = a_gathered.data_ptr<c10::BFloat16>();
     at::parallel_for(0, m_tiles, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
