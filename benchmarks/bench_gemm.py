@@ -52,6 +52,9 @@ CPU_CASES = [  # (name, M, N, K, transposed a)
     # A micro-batch of 256 tokens: a large output for few FLOPs, where the
     # pass over the output that fusion saves matters most.
     ("wgrad (256x4096)^T (256x4096)", 4096, 4096, 256, True),
+    # A training-sized weight gradient: 8192 tokens of a 4096-wide layer
+    # (operands of 64-128 MiB, where first-touch page faults show).
+    ("wgrad (8192x4096)^T (8192x4096)", 4096, 4096, 8192, True),
 ]
 # On the GPU every case passes `a` as a transposed view: the layout of a Linear
 # weight gradient, and the one the fused sm90 and sm80 kernels are instantiated for.
