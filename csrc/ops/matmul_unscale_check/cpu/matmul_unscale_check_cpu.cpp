@@ -67,8 +67,8 @@ namespace {
 using at::vec::Vectorized;
 
 // Rows per panel: about this many bytes of float32 output, so that a panel
-// stays in the last-level cache between the GEMM and the epilogue, while
-// panels stay large enough that the BLAS's repacking of b per call is noise.
+// stays in the last-level cache between the GEMM and the epilogue (unless the
+// BLAS's repacking of b per call would cost more: see the panel loop).
 constexpr int64_t kPanelBytes = int64_t{16} << 20;
 constexpr int64_t kEpilogueGrain = int64_t{1} << 15;
 
@@ -479,7 +479,14 @@ at::Tensor matmul_unscale_check_cpu(const at::Tensor& a, const at::Tensor& b, co
     gemm(out, a);
     bad = *decided;
   } else {
-    const int64_t rows = std::clamp<int64_t>(kPanelBytes / (N * int64_t{sizeof(float)}), 1, M);
+    int64_t rows = std::clamp<int64_t>(kPanelBytes / (N * int64_t{sizeof(float)}), 1, M);
+    // Each panel is one BLAS call, and a BLAS packs b again in each: about 8
+    // bytes moved per element of b (float32, read and written) per extra call.
+    // Panels pay while that moves less than the pass over the float32 output
+    // (4 bytes per element) that a cache-hot epilogue saves; with a deep K
+    // (a weight gradient over many tokens) one call and one pass cost less.
+    const int64_t panels = (M + rows - 1) / rows;
+    if ((panels - 1) * K * 2 > M) rows = M;
     at::Tensor scratch;  // float32 panel when the output is 16-bit
     if (out_t != at::kFloat) scratch = empty_for_write({rows, N}, a.options().dtype(at::kFloat));
     for (int64_t r = 0; r < M; r += rows) {
