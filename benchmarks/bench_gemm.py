@@ -160,9 +160,11 @@ def main(argv=None):
                 routes = {"via fp32": via_fp32} if dtype == torch.float16 and not half_native \
                     else {"native": native, "via fp32": via_fp32}
             # The three ops run by the route a user would take: float32 on the CPU for 16-bit
-            # inputs, except bfloat16 on a CPU with native bfloat16 GEMMs (AMX-BF16).
+            # inputs, except bfloat16 on a CPU with native bfloat16 GEMMs (AMX-BF16) and
+            # float16 where torch's float16 matmul is fast (AVX512-FP16/AMX-FP16).
             bf16_native_cpu = dev == "cpu" and dtype == torch.bfloat16 and deepseek_ext._C.cpu_native_bf16_gemm()
-            three_ops = three_ops_by(native if bf16_native_cpu else routes.get("via fp32", native))
+            fp16_native_cpu = dev == "cpu" and dtype == torch.float16 and half_native
+            three_ops = three_ops_by(native if bf16_native_cpu or fp16_native_cpu else routes.get("via fp32", native))
             named = {"ours": ours, "three ops": three_ops}
             for label, product in routes.items():
                 named[f"matmul {label}"] = product
@@ -258,7 +260,8 @@ def main(argv=None):
              "torch._amp_foreach_non_finite_check_and_unscale_ (bfloat16 output on CUDA: the eager "
              "_foreach_norm(inf) + isfinite + _foreach_mul_, as torch's kernel rejects it)\n")
     text += ("- 'three ops': the matmul (on the CPU, for 16-bit inputs, by the float32 route, except "
-             "bfloat16 on a CPU with native bfloat16 GEMMs: torch.matmul in bfloat16), then "
+             "bfloat16 on a CPU with native bfloat16 GEMMs and float16 where torch's float16 matmul is fast: "
+             "torch.matmul in the input dtype), then "
              "out.mul_(inv_scale), then found_inf from torch.isfinite(out) (the issue's 'matmul + mul + check' as "
              "separate ops; 'unfused' above is the stronger baseline)\n")
     if dev == "cpu":
