@@ -226,6 +226,26 @@ def test_empty_shapes(device):
     assert found.item() == 0.0
 
 
+@pytest.mark.parametrize("K", [8, 2200])
+def test_cpu_row_panels(K, cpu_bf16_route):
+    # A 16 MiB float32 output panel holds 4096 rows of 1024: with a float16
+    # output, 4200 rows take two BLAS calls (the second one partial) at a
+    # shallow K, and one call at a K deep enough that repacking b per call
+    # would cost more. (float32 at the shallow K: the inputs decide the flag.)
+    # Either way every row is right and a NaN in the last row is flagged.
+    gen = torch.Generator().manual_seed(K)
+    for dtype in (torch.float16, torch.float32):
+        a = torch.randn(4200, K, generator=gen).to(dtype)
+        b = torch.randn(K, 1024, generator=gen).to(dtype)
+        found = torch.zeros(1)
+        out = deepseek_ext.ops.matmul_unscale_check(a, b, torch.full((1,), 0.25), found)
+        assert rel_err(out, reference(a, b, 0.25)) < TOL[dtype]
+        assert found.item() == 0.0
+        a[4199, 0] = float("nan")
+        out = deepseek_ext.ops.matmul_unscale_check(a, b, torch.full((1,), 0.25), found)
+        assert found.item() == 1.0 and torch.isnan(out[4199]).all()
+
+
 def test_cpu_float16_subnormals_are_exact():
     # float16 gradients live near the bottom of its range: subnormal inputs
     # (2^-24 .. 2^-14) must count, not be flushed to zero. Products of float16
