@@ -162,6 +162,20 @@ std::optional<bool> nonfinite_from_inputs(const at::Tensor& a, const at::Tensor&
 
 std::atomic<int64_t> checks_from_inputs{0};
 
+// A 16-bit operand in float32 for the BLAS, converted once, in its own dense
+// layout (a transposed view stays one, which the BLAS reads without a copy),
+// into memory the copy writes in full and so backs with huge pages when large:
+// a plain .to(kFloat) of a 16M-element operand spends more time in page faults
+// than in the conversion.
+at::Tensor float32_for_blas(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat) return t;
+  const at::TensorOptions f32 = t.options().dtype(at::kFloat);
+  if (!t.is_contiguous() && t.t().is_contiguous()) {
+    return empty_for_write({t.size(1), t.size(0)}, f32).copy_(t.t()).t();
+  }
+  return empty_for_write(t.sizes(), f32).copy_(t);
+}
+
 // Output tile of the brgemm route: 128 rows by 32 columns (16 KiB of float32)
 // stays in L1/L2 between the micro-kernel and the epilogue. Chosen by timing
 // 32..256 x 32..64 tiles, with K blocked or not, at 1024^3..4096-deep shapes
@@ -463,10 +477,9 @@ at::Tensor matmul_unscale_check_cpu(const at::Tensor& a, const at::Tensor& b, co
   // A BLAS may skip a and b when alpha is 0, which would hide their inf/NaN,
   // so a scale that is not a normal float is applied after the GEMM.
   const bool alpha_in_gemm = std::isnormal(s);
-  const at::Tensor b32 = b.scalar_type() == at::kFloat ? b : b.to(at::kFloat);
+  const at::Tensor a32 = float32_for_blas(a), b32 = float32_for_blas(b);
   const auto gemm = [&](at::Tensor& acc, const at::Tensor& a_rows) {
-    at::addmm_out(acc, acc, a_rows.scalar_type() == at::kFloat ? a_rows : a_rows.to(at::kFloat), b32,
-                  /*beta=*/0, /*alpha=*/alpha_in_gemm ? s : 1.0f);
+    at::addmm_out(acc, acc, a_rows, b32, /*beta=*/0, /*alpha=*/alpha_in_gemm ? s : 1.0f);
     if (!alpha_in_gemm) acc.mul_(s);
   };
 
@@ -476,7 +489,7 @@ at::Tensor matmul_unscale_check_cpu(const at::Tensor& a, const at::Tensor& b, co
   bool bad = false;
   if (decided) {
     checks_from_inputs.fetch_add(1, std::memory_order_relaxed);
-    gemm(out, a);
+    gemm(out, a32);
     bad = *decided;
   } else {
     int64_t rows = std::clamp<int64_t>(kPanelBytes / (N * int64_t{sizeof(float)}), 1, M);
@@ -493,7 +506,7 @@ at::Tensor matmul_unscale_check_cpu(const at::Tensor& a, const at::Tensor& b, co
       const int64_t h = std::min(rows, M - r);
       at::Tensor out_panel = out.narrow(0, r, h);  // rows of a contiguous matrix: contiguous
       at::Tensor acc = out_t == at::kFloat ? out_panel : scratch.narrow(0, 0, h);
-      gemm(acc, a.narrow(0, r, h));
+      gemm(acc, a32.narrow(0, r, h));  // a transposed a32: a strided view the BLAS reads as is
       const float* acc_ptr = acc.const_data_ptr<float>();
       switch (out_t) {
         case at::kFloat: bad |= parallel_check(acc_ptr, h * N); break;
