@@ -30,6 +30,7 @@ class _LinearFunction(torch.autograd.Function):
         ctx.weight = weight  # the Parameter, to tell the scaler its grad comes unscaled
         ctx.x_dtype = x.dtype
         ctx.has_bias = bias is not None
+        ctx.bias = bias  # the Parameter, as for the weight
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
@@ -55,7 +56,19 @@ class _LinearFunction(torch.autograd.Function):
             else:
                 grad_w = (gy.t() @ xx).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = gy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+            scaler = amp.active_scaler()
+            if (scaler is not None and gy.device.type == "cpu" and scaler._scale.device == gy.device
+                    and ctx.bias_dtype in (torch.float32, gy.dtype)):
+                # On the CPU, as the GEMM ones(1, tokens) @ grad_out: unscaled and
+                # checked like the weight's gradient, and without the float32 copy
+                # of grad_out that ATen's 16-bit column sum with a float32 result
+                # makes. (On CUDA that sum is one fast reduction; a one-row GEMM
+                # would leave most of the GPU idle.)
+                grad_b = ops.matmul_unscale_check(gy.new_ones(1, gy.shape[0]), gy, scaler._inv_scale,
+                                                  scaler._found_inf, out_dtype=ctx.bias_dtype).view(-1)
+                scaler._mark_unscaled(ctx.bias)
+            else:
+                grad_b = gy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None
 
 
@@ -68,8 +81,10 @@ class Linear(torch.nn.Linear):
     is computed by ``matmul_unscale_check``: float32 accumulation, multiplied by
     ``1/scale`` and checked for inf/NaN in the GEMM, written in the weight's
     dtype (float32 master weights get float32 gradients). The scaler then skips
-    that gradient in ``unscale_``: one pass fewer than ``GradScaler``. The input
-    gradient stays scaled, as it must.
+    that gradient in ``unscale_``: one pass fewer than ``GradScaler``. On the
+    CPU the bias gradient is computed the same way (the GEMM ``ones @
+    grad_out``); on CUDA it is a float32 column sum that the scaler unscales.
+    The input gradient stays scaled, as it must.
 
     Do not tie the weight of this layer to another module (a shared
     embedding/output matrix): the other module's share of the gradient would

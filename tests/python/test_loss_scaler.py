@@ -194,10 +194,11 @@ def test_defaults_match_gradscaler():
 def train_step(model, opt, scaler, x, y, plant_nan=False):
     with torch.autocast("cpu", dtype=torch.float16):
         out = model(x)
+    if plant_nan:  # one NaN produced in backward: it reaches the gradients of every layer below
+        out.register_hook(lambda g: g.index_put((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("nan"),
+                                                                                              dtype=g.dtype)))
     loss = torch.nn.functional.mse_loss(out.float(), y)
     scaler.scale(loss).backward()
-    if plant_nan:
-        model[2].bias.grad[0] = float("nan")
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
@@ -225,6 +226,32 @@ def test_nan_skips_step_bit_identically(fused):
     assert not torch.equal(model.state_dict()["0.weight"], params["0.weight"])
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_nan_planted_after_backward_in_a_gradient_the_scaler_unscales(fused):
+    # Linear's weight and bias gradients are checked in their GEMMs; a LayerNorm's
+    # are checked by unscale_'s pass: a NaN put there after backward skips the step too.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Linear(16, 64), torch.nn.LayerNorm(64), torch.nn.GELU(), Linear(64, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    scaler = DynamicLossScaler("cpu", init_scale=2.0**8)
+    x, y = torch.randn(32, 16), torch.randn(32, 1)
+    train_step(model, opt, scaler, x, y)
+    params, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = model(x)
+    scaler.scale(torch.nn.functional.mse_loss(out.float(), y)).backward()
+    model[1].weight.grad[3] = float("nan")
+    scaler.step(opt)
+    scaler.update()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), k
+    after = opt.state_dict()["state"]
+    for i, st in opt_state["state"].items():
+        for k, v in st.items():
+            assert torch.equal(after[i][k], v), (i, k)
+    assert scaler.get_scale() == 2.0**7 and scaler.skipped_steps.item() == 1
+
+
 def test_linear_weight_grads_are_unscaled_in_the_gemm_and_not_twice():
     torch.manual_seed(0)
     x, y = torch.randn(32, 16), torch.randn(32, 1)
@@ -235,9 +262,9 @@ def test_linear_weight_grads_are_unscaled_in_the_gemm_and_not_twice():
     loss = torch.nn.functional.mse_loss(ours(x), y)
     scaler.scale(loss).backward()
     torch.nn.functional.mse_loss(ref(x), y).backward()
-    # Linear weights: already unscaled; biases: still scaled.
+    # Linear weights, and on the CPU the biases too (a ones-row GEMM): already unscaled.
     torch.testing.assert_close(ours[0].weight.grad, ref[0].weight.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours[0].bias.grad, ref[0].bias.grad * 2.0**10, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours[0].bias.grad, ref[0].bias.grad, rtol=1e-5, atol=1e-6)
     scaler.unscale_(opt)
     for a, b in zip(ours.parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
