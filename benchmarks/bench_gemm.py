@@ -35,15 +35,14 @@ import argparse
 import ctypes
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepseek_ext  # noqa: E402
-from benchmarks.common import (compare_rounds, header, markdown_table, median, torch_unscale_check_,  # noqa: E402
-                               write_results)
+from benchmarks.common import (compare_rounds, cpu_half_matmul_seconds, header, markdown_table, median,  # noqa: E402
+                               torch_unscale_check_, write_results)
 
 CPU_CASES = [  # (name, M, N, K, transposed a)
     ("square 1024", 1024, 1024, 1024, False),
@@ -105,11 +104,7 @@ def main(argv=None):
     # it is a baseline only where it is not absurdly slow. The second call is timed.
     half_native, t_half = False, None
     if dev == "cpu":
-        h = torch.randn(1024, 1024).half()
-        for _ in range(2):
-            t0 = time.perf_counter()
-            torch.matmul(h, h)
-            t_half = time.perf_counter() - t0
+        t_half = cpu_half_matmul_seconds()
         half_native = t_half < 0.1
 
     rows, data = [], []

@@ -58,6 +58,18 @@ def compare_rounds(fns, device: str, rounds: int = 5, min_run_time: float = 0.3)
     return times
 
 
+def cpu_half_matmul_seconds() -> float:
+    """Seconds of torch's float16 CPU matmul at 1024^3 (the second of two calls):
+    a few ms on CPUs with AVX512-FP16 or AMX-FP16 (oneDNN), seconds elsewhere."""
+    import time
+    h = torch.randn(1024, 1024).half()
+    for _ in range(2):
+        t0 = time.perf_counter()
+        torch.matmul(h, h)
+        t = time.perf_counter() - t0
+    return t
+
+
 def median(values):
     return sorted(values)[len(values) // 2]
 
