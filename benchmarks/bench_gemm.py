@@ -158,6 +158,8 @@ def main(argv=None):
             # inputs, except bfloat16 on a CPU with native bfloat16 GEMMs (AMX-BF16) and
             # float16 where torch's float16 matmul is fast (AVX512-FP16/AMX-FP16).
             bf16_native_cpu = dev == "cpu" and dtype == torch.bfloat16 and deepseek_ext._C.cpu_native_bf16_gemm()
+            fp16_out_native_cpu = dev == "cpu" and dtype == torch.float16 and out_dtype is None \
+                and deepseek_ext._C.cpu_native_fp16_gemm()
             fp16_native_cpu = dev == "cpu" and dtype == torch.float16 and half_native
             three_ops = three_ops_by(native if bf16_native_cpu or fp16_native_cpu else routes.get("via fp32", native))
             named = {"ours": ours, "three ops": three_ops}
@@ -210,6 +212,7 @@ def main(argv=None):
             route = "fused sm90" if took[0] else "fused sm80" if took[1] else "BLAS + check of the inputs" if took[2] \
                 else ("cuBLAS + epilogue" if dev == "cuda" else
                       "bf16 brgemm tiles + epilogue" if bf16_native_cpu
+                      else "torch fp16 GEMM panels + check" if fp16_out_native_cpu
                       else "BLAS panels + epilogue")
 
             def tflops(key):
@@ -263,6 +266,8 @@ def main(argv=None):
         text += (f"- CPU with native bfloat16 GEMMs (AMX-BF16, oneDNN): "
                  f"{deepseek_ext._C.cpu_native_bf16_gemm()}; for a bfloat16 -> float32 row 'matmul' is "
                  "torch.matmul in bfloat16 then .float() (torch has no bfloat16 -> float32 CPU GEMM)\n")
+        text += (f"- CPU where ours takes torch's float16 GEMM for float16 -> float16 (AVX512-FP16, oneDNN; "
+                 f"inv_scale as alpha, then a check of each float16 panel): {deepseek_ext._C.cpu_native_fp16_gemm()}\n")
         text += ("- 'via fp32' (16-bit inputs): torch.matmul(a.float(), b.float()).to(output dtype), then the same "
                  "check for 'unfused'; the last two columns compare ours with the faster route of each baseline\n")
     if dev == "cuda":

@@ -26,6 +26,7 @@ namespace deepseek_ext {
 namespace ops {
 int64_t matmul_unscale_check_cpu_checks_from_inputs();  // matmul_unscale_check/cpu/
 bool native_bf16_gemm();                                 // matmul_unscale_check/cpu/
+bool native_fp16_gemm();                                 // matmul_unscale_check/cpu/
 }  // namespace ops
 }  // namespace deepseek_ext
 
@@ -67,6 +68,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_native_bf16_gemm", &deepseek_ext::ops::native_bf16_gemm,
         "Whether CPU matmul_unscale_check multiplies bfloat16 inputs natively (oneDNN's brgemm on "
         "AMX-BF16, and DEEPSEEK_EXT_CPU_BF16_GEMM is not 0) instead of through float32 copies.");
+  m.def("cpu_native_fp16_gemm", &deepseek_ext::ops::native_fp16_gemm,
+        "Whether CPU matmul_unscale_check multiplies float16 inputs into a float16 output with torch's "
+        "float16 GEMM (oneDNN on AVX512-FP16, and DEEPSEEK_EXT_CPU_FP16_GEMM is not 0) "
+        "instead of through float32 copies.");
   m.attr("with_cutlass_sm80") = static_cast<bool>(DSX_WITH_CUTLASS_SM80);
   m.def("matmul_unscale_check_fused_sm80_calls", [] {
 #if DSX_WITH_CUDA

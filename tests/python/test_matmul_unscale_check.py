@@ -13,17 +13,20 @@ OP = torch.ops.deepseek_ext.matmul_unscale_check.default
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-@pytest.fixture(autouse=True, params=["bf16-native", "bf16-via-fp32"])
+@pytest.fixture(autouse=True, params=["native", "via-fp32"])
 def cpu_bf16_route(request, monkeypatch):
-    """Every test runs under both CPU routes for bfloat16 inputs: oneDNN's
-    native bfloat16 kernels (where the CPU has AMX-BF16) and the
-    float32 copies. Yields whether the native route is taken."""
-    if request.param == "bf16-via-fp32":
+    """Every test runs under both CPU routes for 16-bit inputs: oneDNN's
+    native kernels (bfloat16 where the CPU has AMX-BF16; float16 to a float16
+    output where it has AVX512-FP16) and the float32 copies. Yields whether the
+    native bfloat16 route is taken."""
+    if request.param == "via-fp32":
         monkeypatch.setenv("DEEPSEEK_EXT_CPU_BF16_GEMM", "0")
+        monkeypatch.setenv("DEEPSEEK_EXT_CPU_FP16_GEMM", "0")
     else:
         monkeypatch.delenv("DEEPSEEK_EXT_CPU_BF16_GEMM", raising=False)
-        if not deepseek_ext._C.cpu_native_bf16_gemm():
-            pytest.skip("this CPU has no native bfloat16 GEMM (AMX-BF16)")
+        monkeypatch.delenv("DEEPSEEK_EXT_CPU_FP16_GEMM", raising=False)
+        if not (deepseek_ext._C.cpu_native_bf16_gemm() or deepseek_ext._C.cpu_native_fp16_gemm()):
+            pytest.skip("this CPU has no native bfloat16 (AMX-BF16) or float16 (AVX512-FP16) GEMM")
     yield deepseek_ext._C.cpu_native_bf16_gemm()
 
 
@@ -210,6 +213,32 @@ def test_overflow_in_float16_output_is_flagged(device):
     found.zero_()
     out16 = deepseek_ext.ops.matmul_unscale_check(a, b, torch.full((1,), 0.125, device=device), found)
     assert found.item() == 0.0 and out16[0, 0].item() == torch.tensor(45000.0).half().item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, edge", [
+    # float16: 65504 is the largest finite value; 65519 rounds (to nearest) to
+    # it, 65520 rounds (to even) to inf.
+    (torch.float16, [(65504, False), (65519, False), (65520, True)]),
+    # bfloat16: (2 - 2^-7) 2^127 is the largest finite value, (2 - 2^-8) 2^127 rounds to inf.
+    (torch.bfloat16, [((2 - 2**-7) * 2.0**127, False), ((2 - 2**-8) * 2.0**127, True)]),
+])
+def test_rounding_edge_of_the_output_dtype(device, dtype, edge):
+    # a @ b = 8 * 1024 = 8192 everywhere, exactly (float32 sums, either
+    # layout of a); inv_scale = v / 8192 makes s * (a @ b) = v, in float32
+    # exactly, just below or on the edge where the one rounding to the output
+    # dtype gives inf: a saturating conversion, or scaling after the rounding,
+    # would get it wrong.
+    for a in (torch.ones(64, 8, dtype=dtype, device=device), torch.ones(8, 64, dtype=dtype, device=device).t()):
+        b = torch.full((8, 40), 1024.0, dtype=dtype, device=device)
+        for v, flagged in edge:
+            found = torch.zeros(1, device=device)
+            out = deepseek_ext.ops.matmul_unscale_check(a, b, torch.full((1,), v / 8192, device=device), found)
+            assert found.item() == float(flagged), v
+            if flagged:
+                assert torch.isinf(out).all()
+            else:
+                assert (out.double() == torch.tensor(v).to(dtype).double()).all(), v
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -28,6 +28,13 @@
 // AMX reads bfloat16 subnormals as zero, as torch's own
 // bfloat16 matmul does on these CPUs. DEEPSEEK_EXT_CPU_BF16_GEMM=0 keeps the
 // float32 route (for comparisons).
+//
+// On CPUs where torch's float16 GEMM is oneDNN's (AVX512-FP16),
+// float16 inputs with a float16 output take it directly, inv_scale as its
+// alpha (float32 accumulation, one rounding to float16), and each row panel
+// of float16 results is checked while in cache (native_fp16_panels). ATen
+// has no float16 x float16 -> float32 CPU GEMM, so a float32 output keeps the
+// float32 route. DEEPSEEK_EXT_CPU_FP16_GEMM=0 turns the float16 route off.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -61,6 +68,7 @@ namespace deepseek_ext {
 namespace ops {
 
 bool native_bf16_gemm();
+bool native_fp16_gemm();
 
 namespace {
 
@@ -457,6 +465,38 @@ bool brgemm_bf16(const at::Tensor& a, const at::Tensor& b, float s, at::Tensor& 
   return bad.load();
 }
 
+// Rows per panel of a GEMM whose output rows take row_bytes: about
+// kPanelBytes, so that the epilogue finds the panel in the last-level cache,
+// unless the extra calls cost more. Each panel is one GEMM call, and a BLAS
+// packs b again in each: about 8 bytes moved per element of b per extra call.
+// Panels pay while that moves less than the pass over the float32 output (4
+// bytes per element) that a cache-hot epilogue saves; with a deep K (a weight
+// gradient over many tokens) one call and one pass cost less.
+int64_t panel_rows(int64_t M, int64_t K, int64_t row_bytes) {
+  const int64_t rows = std::clamp<int64_t>(kPanelBytes / std::max<int64_t>(row_bytes, 1), 1, M);
+  const int64_t panels = (M + rows - 1) / rows;
+  return (panels - 1) * K * 2 > M ? M : rows;
+}
+
+// float16 a and b to a float16 output on CPUs where torch's float16 GEMM is
+// oneDNN's (AVX512-FP16): out = float16(s * (a @ b)) with float32
+// accumulation and s applied to the float32 sums as alpha, one rounding to
+// float16 (inf past 65504, RNE), then the float16 panel checked while in
+// cache. No float32 copies of a and b, no float32 scratch. s is normal here.
+bool native_fp16_panels(const at::Tensor& a, const at::Tensor& b, float s, at::Tensor& out) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  const int64_t rows = panel_rows(M, K, N * int64_t{sizeof(float)});
+  bool bad = false;
+  for (int64_t r = 0; r < M; r += rows) {
+    const int64_t h = std::min(rows, M - r);
+    at::Tensor out_panel = out.narrow(0, r, h);  // rows of a contiguous matrix: contiguous
+    at::addmm_out(out_panel, out_panel, a.narrow(0, r, h), b, /*beta=*/0, /*alpha=*/s);
+    bad |= bits::max_magnitude_is_nonfinite<bits::Fp16Format>(
+        parallel_max_magnitude_bits(out_panel.const_data_ptr<c10::Half>(), h * N));
+  }
+  return bad;
+}
+
 at::Tensor matmul_unscale_check_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_scale,
                                     const at::Tensor& found_inf, std::optional<at::ScalarType> out_dtype) {
   const at::ScalarType out_t = check_matmul_unscale_check_inputs(a, b, inv_scale, found_inf, out_dtype,
@@ -477,6 +517,10 @@ at::Tensor matmul_unscale_check_cpu(const at::Tensor& a, const at::Tensor& b, co
   // A BLAS may skip a and b when alpha is 0, which would hide their inf/NaN,
   // so a scale that is not a normal float is applied after the GEMM.
   const bool alpha_in_gemm = std::isnormal(s);
+  if (a.scalar_type() == at::kHalf && out_t == at::kHalf && alpha_in_gemm && native_fp16_gemm()) {
+    if (native_fp16_panels(a, b, s, out)) found_inf.fill_(1.0f);
+    return out;
+  }
   const at::Tensor a32 = float32_for_blas(a), b32 = float32_for_blas(b);
   const auto gemm = [&](at::Tensor& acc, const at::Tensor& a_rows) {
     at::addmm_out(acc, acc, a_rows, b32, /*beta=*/0, /*alpha=*/alpha_in_gemm ? s : 1.0f);
@@ -492,14 +536,7 @@ at::Tensor matmul_unscale_check_cpu(const at::Tensor& a, const at::Tensor& b, co
     gemm(out, a32);
     bad = *decided;
   } else {
-    int64_t rows = std::clamp<int64_t>(kPanelBytes / (N * int64_t{sizeof(float)}), 1, M);
-    // Each panel is one BLAS call, and a BLAS packs b again in each: about 8
-    // bytes moved per element of b (float32, read and written) per extra call.
-    // Panels pay while that moves less than the pass over the float32 output
-    // (4 bytes per element) that a cache-hot epilogue saves; with a deep K
-    // (a weight gradient over many tokens) one call and one pass cost less.
-    const int64_t panels = (M + rows - 1) / rows;
-    if ((panels - 1) * K * 2 > M) rows = M;
+    const int64_t rows = panel_rows(M, K, N * int64_t{sizeof(float)});
     at::Tensor scratch;  // float32 panel when the output is 16-bit
     if (out_t != at::kFloat) scratch = empty_for_write({rows, N}, a.options().dtype(at::kFloat));
     for (int64_t r = 0; r < M; r += rows) {
@@ -535,6 +572,20 @@ bool native_bf16_gemm() {
   }();
   const char* env = std::getenv("DEEPSEEK_EXT_CPU_BF16_GEMM");
   return available && !(env != nullptr && std::strcmp(env, "0") == 0);
+}
+
+// Whether float16 inputs with a float16 output take torch's own float16 GEMM
+// (oneDNN, on CPUs with AVX512-FP16, which every AMX-FP16 CPU also has, when
+// torch's mkldnn backend is on) instead of float32 copies through the float32
+// BLAS. DEEPSEEK_EXT_CPU_FP16_GEMM=0 keeps the float32 route (for comparisons).
+bool native_fp16_gemm() {
+#if defined(__GNUC__) && defined(__x86_64__) && (__GNUC__ >= 12 || defined(__clang__))
+  static const bool available = __builtin_cpu_supports("avx512fp16");
+#else
+  static const bool available = false;
+#endif
+  const char* env = std::getenv("DEEPSEEK_EXT_CPU_FP16_GEMM");
+  return available && at::globalContext().userEnabledMkldnn() && !(env != nullptr && std::strcmp(env, "0") == 0);
 }
 
 int64_t matmul_unscale_check_cpu_checks_from_inputs() { return checks_from_inputs.load(); }
