@@ -172,9 +172,8 @@ std::atomic<int64_t> checks_from_inputs{0};
 
 // A 16-bit operand in float32 for the BLAS, converted once, in its own dense
 // layout (a transposed view stays one, which the BLAS reads without a copy),
-// into memory the copy writes in full and so backs with huge pages when large:
-// a plain .to(kFloat) of a 16M-element operand spends more time in page faults
-// than in the conversion.
+// into memory the copy writes in full and so backs with huge pages when large
+// (a plain .to(kFloat) writes fresh memory that takes a page fault per 4 KiB).
 at::Tensor float32_for_blas(const at::Tensor& t) {
   if (t.scalar_type() == at::kFloat) return t;
   const at::TensorOptions f32 = t.options().dtype(at::kFloat);
@@ -485,7 +484,7 @@ int64_t panel_rows(int64_t M, int64_t K, int64_t row_bytes) {
 // cache. No float32 copies of a and b, no float32 scratch. s is normal here.
 bool native_fp16_panels(const at::Tensor& a, const at::Tensor& b, float s, at::Tensor& out) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-  const int64_t rows = panel_rows(M, K, N * int64_t{sizeof(float)});
+  const int64_t rows = panel_rows(M, K, N * int64_t{sizeof(float)});  // the float32 route's panels
   bool bad = false;
   for (int64_t r = 0; r < M; r += rows) {
     const int64_t h = std::min(rows, M - r);
