@@ -4,6 +4,7 @@ import datetime
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -61,7 +62,6 @@ def compare_rounds(fns, device: str, rounds: int = 5, min_run_time: float = 0.3)
 def cpu_half_matmul_seconds() -> float:
     """Seconds of torch's float16 CPU matmul at 1024^3 (the second of two calls):
     a few ms on CPUs with AVX512-FP16 or AMX-FP16 (oneDNN), seconds elsewhere."""
-    import time
     h = torch.randn(1024, 1024).half()
     for _ in range(2):
         t0 = time.perf_counter()
