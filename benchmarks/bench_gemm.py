@@ -13,8 +13,9 @@ On the CPU, for float16/bfloat16 inputs, the baselines are also timed by the
 float32 route a user would take there (torch's 16-bit CPU GEMM is slow):
 a.float() @ b.float(), converted to the output dtype, then the same check; the
 ratios are against the faster route, and the three ops take the float32 route.
-float16 takes only the float32 route where torch's float16 CPU GEMM takes
-seconds (CPUs without AVX512-FP16/AMX-FP16; the header records the time).
+A 16-bit dtype takes only the float32 route where torch's CPU GEMM in it takes
+seconds (float16 without AVX512-FP16/AMX-FP16, bfloat16 on an AVX2-only CPU;
+the header records the time).
 On a CPU with native bfloat16 GEMMs (AMX-BF16) our bfloat16
 rows take the brgemm route (see matmul_unscale_check_cpu.cpp), and the three
 ops take torch's bfloat16 matmul.
@@ -41,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepseek_ext  # noqa: E402
-from benchmarks.common import (compare_rounds, cpu_half_matmul_seconds, header, markdown_table, median,  # noqa: E402
+from benchmarks.common import (compare_rounds, cpu_matmul_seconds, header, markdown_table, median,  # noqa: E402
                                torch_unscale_check_, write_results)
 
 CPU_CASES = [  # (name, M, N, K, transposed a)
@@ -99,13 +100,15 @@ def main(argv=None):
         dtypes = [(torch.float32, None), (torch.float16, torch.float32), (torch.float16, None),
                   (torch.bfloat16, torch.float32), (torch.bfloat16, None)]
 
-    # torch's float16 CPU matmul takes seconds at 1024^3 on CPUs without float16
-    # matrix or vector-FP16 instructions, and a few ms on those with them (oneDNN):
-    # it is a baseline only where it is not absurdly slow. The second call is timed.
-    half_native, t_half = False, None
+    # torch's 16-bit CPU matmul takes seconds at 1024^3 where oneDNN does not run
+    # it (float16 without AVX512-FP16/AMX-FP16; bfloat16 too on an AVX2-only CPU)
+    # and milliseconds where it does: it is a baseline only where it is not
+    # absurdly slow. The second call is timed.
+    t_16bit = {}  # dtype -> seconds at 1024^3
     if dev == "cpu":
-        t_half = cpu_half_matmul_seconds()
-        half_native = t_half < 0.1
+        t_16bit = {dt: cpu_matmul_seconds(dt) for dt in (torch.float16, torch.bfloat16)}
+    native_16bit = {dt: t < 0.1 for dt, t in t_16bit.items()}
+    half_native = native_16bit.get(torch.float16, False)
 
     rows, data = [], []
     for name, M, N, K, transposed in cases:
@@ -148,11 +151,11 @@ def main(argv=None):
             def ours():
                 return deepseek_ext.ops.matmul_unscale_check(a, b, inv, found, out_dtype=out_dtype)
 
-            # Where torch's float16 CPU GEMM takes seconds (the header says how long)
-            # float16 rows use the float32 route only.
+            # Where torch's 16-bit CPU GEMM takes seconds (the header says how long)
+            # that dtype's rows use the float32 route only.
             routes = {"native": native}
             if dev == "cpu" and dtype != torch.float32:
-                routes = {"via fp32": via_fp32} if dtype == torch.float16 and not half_native \
+                routes = {"via fp32": via_fp32} if not native_16bit[dtype] \
                     else {"native": native, "via fp32": via_fp32}
             # The three ops run by the route a user would take: float32 on the CPU for 16-bit
             # inputs, except bfloat16 on a CPU with native bfloat16 GEMMs (AMX-BF16) and
@@ -244,13 +247,14 @@ def main(argv=None):
     if dev == "cuda":
         text += f" (code for this GPU: {deepseek_ext._C.matmul_unscale_check_sm80_has_code_for(torch.cuda.current_device())})"
     text += "\n"
-    if dev == "cpu":
-        if half_native:
-            text += (f"- float16 rows also time torch's float16 matmul: one at 1024^3 took {t_half:.3f} s here "
-                     "(CPUs with AVX512-FP16 or AMX-FP16 run it through oneDNN)\n")
+    for dt, t_dt in t_16bit.items():
+        name = str(dt)[6:]
+        if native_16bit[dt]:
+            text += (f"- {name} rows also time torch's {name} matmul: one at 1024^3 took {t_dt:.3f} s here "
+                     "(oneDNN runs it)\n")
         else:
-            text += (f"- float16 rows time only the float32 route: one torch.matmul in float16 at 1024^3 took "
-                     f"{t_half:.2f} s here (not a baseline worth timing)\n")
+            text += (f"- {name} rows time only the float32 route: one torch.matmul in {name} at 1024^3 took "
+                     f"{t_dt:.2f} s here (not a baseline worth timing)\n")
     text += (f"- times: median over {args.rounds} alternating rounds (TFLOP/s columns); the last three columns "
              "are paired: per round, ours against the faster route of the baseline measured in the same round, "
              "median (lowest-highest) over the rounds; 'matmul' is torch.matmul in the input dtype "

@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepseek_ext  # noqa: E402
-from benchmarks.common import (compare_seconds, cpu_half_matmul_seconds, header, markdown_table,  # noqa: E402
+from benchmarks.common import (compare_seconds, cpu_matmul_seconds, header, markdown_table,  # noqa: E402
                                write_results)
 
 HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
@@ -141,7 +141,7 @@ def main(argv=None):
              "TorchFunctionMode (they include the optimizer's own reads; on a CPU a read is not a device sync); "
              "CUDA syncs: torch.cuda.set_sync_debug_mode warnings\n")
     if dev == "cpu":
-        t_half = cpu_half_matmul_seconds()
+        t_half = cpu_matmul_seconds()
         text += ("- on the CPU deepseek_ext.nn.Linear computes its float16 weight and bias gradients through "
                  "float32 BLAS on float32 copies of its operands; torch.nn.Linear's backward runs torch's float16 "
                  f"GEMM, which took {t_half:.3f} s at 1024^3 here (native, oneDNN, on CPUs with AVX512-FP16 or "

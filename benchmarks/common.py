@@ -59,10 +59,12 @@ def compare_rounds(fns, device: str, rounds: int = 5, min_run_time: float = 0.3)
     return times
 
 
-def cpu_half_matmul_seconds() -> float:
-    """Seconds of torch's float16 CPU matmul at 1024^3 (the second of two calls):
-    a few ms on CPUs with AVX512-FP16 or AMX-FP16 (oneDNN), seconds elsewhere."""
-    h = torch.randn(1024, 1024).half()
+def cpu_matmul_seconds(dtype: torch.dtype = torch.float16) -> float:
+    """Seconds of torch's CPU matmul at 1024^3 in a 16-bit dtype (the second of
+    two calls): milliseconds where oneDNN runs it (float16: AVX512-FP16 or
+    AMX-FP16; bfloat16: AVX-512 CPUs), seconds where ATen's scalar fallback
+    does (float16 elsewhere; both on an AVX2-only CPU)."""
+    h = torch.randn(1024, 1024).to(dtype)
     for _ in range(2):
         t0 = time.perf_counter()
         torch.matmul(h, h)
