@@ -142,10 +142,12 @@ def main(argv=None):
              "CUDA syncs: torch.cuda.set_sync_debug_mode warnings\n")
     if dev == "cpu":
         t_half = cpu_matmul_seconds()
+        how = ("oneDNN's, as on CPUs with AVX512-FP16 or AMX-FP16" if t_half < 0.1 else
+               "ATen's scalar fallback: this CPU has neither AVX512-FP16 nor AMX-FP16")
         text += ("- on the CPU deepseek_ext.nn.Linear computes its float16 weight and bias gradients through "
-                 "float32 BLAS on float32 copies of its operands; torch.nn.Linear's backward runs torch's float16 "
-                 f"GEMM, which took {t_half:.3f} s at 1024^3 here (native, oneDNN, on CPUs with AVX512-FP16 or "
-                 "AMX-FP16; seconds elsewhere)\n")
+                 "float32 BLAS on float32 copies of its operands; torch.nn.Linear's backward, and every other "
+                 f"float16 GEMM of the step, runs torch's float16 GEMM, which took {t_half:.3f} s at 1024^3 "
+                 f"here ({how})\n")
     text += "\n"
     text += markdown_table(cols, rows)
     print(text)
