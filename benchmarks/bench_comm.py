@@ -358,10 +358,11 @@ def main(argv=None):
     p.add_argument("--run-timeout", type=int, default=150)
     p.add_argument("--quick", action="store_true", help="only 2 hosts at 1 Gbit/s, allreduce and int8")
     p.add_argument("--world8", action="store_true", help="also 8 hosts (no rate limit, smaller model): bytes")
-    p.add_argument("--world8-only", action="store_true", help="only the 8-host bytes run (comm_world8_cpu.md)")
+    p.add_argument("--world8-only", action="store_true", help="only the 8-host bytes run")
     p.add_argument("--rate", default=None, help="one rate for every configuration (e.g. 100mbit) instead of "
-                   "the default 1gbit / 10gbit sweep; results go to comm_<rate>_cpu.md")
-    p.add_argument("--out", default=None, help="results directory (default benchmarks/results or $OUT)")
+                   "the default 1gbit / 10gbit sweep")
+    p.add_argument("--out", default=None, help="results file or folder for an ad-hoc run "
+                   "(default benchmarks/results/comm_cpu.md)")
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
@@ -442,8 +443,7 @@ def main(argv=None):
     if failed:
         text += "\nFailed runs (not in the table):\n" + "".join(f"- {f}\n" for f in failed)
     print(text)
-    name = "comm_world8" if args.world8_only else f"comm_{args.rate}" if args.rate else "comm"
-    path = write_results(name, "cpu", text, results, args.out)
+    path = write_results("comm", "cpu", text, args.out)
     print(f"wrote {path}")
 
 

@@ -22,7 +22,7 @@ with ``--vocab`` ids trained here, offline, with Hugging Face ``tokenizers``.
 3. Batching: padding of whole documents (cut at ``--max-len``) batched by a fixed
    batch size vs ``TokenBudgetBatcher`` at the same mean tokens per batch.
 
-    python benchmarks/bench_data.py [--workers 2] [--device cpu|cuda] [--out DIR]
+    python benchmarks/bench_data.py [--workers 2] [--device cpu|cuda] [--out PATH]
 """
 
 import argparse
@@ -133,14 +133,14 @@ def main(argv=None):
                    help="torch threads of the training process (0: torch's choice)")
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=16384)
-    p.add_argument("--out", default=None, help="results folder (default $OUT or benchmarks/results)")
+    p.add_argument("--out", default=None, help="results file or folder for an ad-hoc run "
+                   "(default benchmarks/results/data_<device class>.md)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     workers = [int(w) for w in args.workers.split(",")]
 
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
-    data = {"args": vars(args)}
     kb_per_item = 0.0
     try:
         files = stdlib_files(args.corpus_mb)
@@ -160,7 +160,7 @@ def main(argv=None):
             print(f"built {tok}: {infos[tok].num_tokens / 1e6:.2f}M tokens in {build_s[tok]:.1f} s", flush=True)
 
         # ---- 1. loading throughput
-        rows, data["loading"] = [], []
+        rows = []
         for tok, info in infos.items():
             t0 = time.perf_counter()
             naive = NaiveTextDataset(files, args.seq_len, "byte" if tok == "byte" else info)
@@ -180,9 +180,6 @@ def main(argv=None):
                     rows.append([tok, w, k, len(pipes[k]), f"{med[k]:.0f}", f"{med[k] * args.seq_len / 1e6:.2f}",
                                  f"{med[k] / med['naive (text per item)']:.1f}x",
                                  f"{setup:.1f}" if setup is not None else "-"])
-                    data["loading"].append({"tokenizer": tok, "workers": w, "pipeline": k, "samples": len(pipes[k]),
-                                            "samples_per_s": med[k], "rounds": rates[k],
-                                            "tokens_per_s": med[k] * args.seq_len, "setup_s": setup})
         load_table = markdown_table(["tokens", "workers", "pipeline", "windows", "samples/s", "Mtokens/s",
                                      "x naive", "setup s"], rows)
         print(load_table, flush=True)
@@ -191,10 +188,9 @@ def main(argv=None):
         info = infos["bpe"]
         loops = {"ours + Prefetcher": (MemmapTokenDataset(info.path, args.train_seq_len), True),
                  "naive": (NaiveTextDataset(files, args.train_seq_len, info), False)}
-        rows, data["training"] = [], {}
+        rows = []
         for k, (ds, pf) in loops.items():
             r = train_loop(ds, args, pf, work / k.replace(" ", "_"))
-            data["training"][k] = r
             rows.append([k, f"{r['step_ms']:.1f}", f"{r['data_wait_s']:.2f}", f"{100 * r['data_wait_fraction']:.1f}%",
                          f"{100 * r['monitor_log_s'] / r['wall_s']:.3f}%",
                          f"{100 * (r['monitor_log_s'] + r['monitor_thread_cpu_s']) / r['wall_s']:.3f}%"])
@@ -217,9 +213,6 @@ def main(argv=None):
                 [f"TokenBudgetBatcher({args.max_tokens})", st["batches"], f"{100 * st['padding_fraction']:.1f}%",
                  st["max_batch_tokens"]]]
         batch_table = markdown_table(["batching", "batches", "padding (of padded tokens)", "largest batch (tokens)"], rows)
-        data["naive_kb_per_item"] = kb_per_item
-        data["batching"] = {"fixed_batch_size": fixed_bs, "fixed_padding": fixed_pad, "fixed_max_tokens": fixed_max,
-                            "budget": st}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -240,7 +233,7 @@ def main(argv=None):
              f"\nPadding of {len(lengths)} document pieces (max {args.max_len} tokens) at the same number of batches:\n\n"
              + batch_table)
     print(text)
-    path = write_results("data", args.device, text, data, args.out)
+    path = write_results("data", args.device, text, args.out)
     print(f"written to {path}")
 
 

@@ -21,20 +21,19 @@ rows take the brgemm route (see matmul_unscale_check_cpu.cpp), and the three
 ops take torch's bfloat16 matmul.
 Weight-gradient shapes use a transposed view for `a`, as a Linear backward does.
 
-    python benchmarks/bench_gemm.py [--device cpu|cuda] [--out DIR] [--reuse-memory]
+    python benchmarks/bench_gemm.py [--device cpu|cuda] [--out PATH] [--reuse-memory]
 
 --reuse-memory (CPU, glibc): serve every allocation from the heap and never
 return freed memory to the kernel, so a fresh output reuses pages that are
 already mapped, as a training loop's caching allocator would. By default glibc
 maps each allocation above 32 MiB afresh, and page-faulting a fresh 64 MiB
 output costs about as much as a third of the micro-batch GEMM here, paid by
-ours and the baselines alike but not evenly from run to run. Results go to
-gemm_reuse_cpu.md.
+ours and the baselines alike but not evenly from run to run. The header says
+when a table was timed this way.
 """
 
 import argparse
 import ctypes
-import os
 import sys
 from pathlib import Path
 
@@ -58,11 +57,6 @@ CPU_CASES = [  # (name, M, N, K, transposed a)
 ]
 # On the GPU every case passes `a` as a transposed view: the layout of a Linear
 # weight gradient, and the one the fused sm90 and sm80 kernels are instantiated for.
-# Columns that run the fused sm90 kernel with another tile-scheduler setting
-# (environment variables read at every call): the swizzle at CUTLASS's default
-# 1 (ours is 8; 2 and 4 measured between them on 2026-11-28), and the raster
-# order along M (CUTLASS's heuristic, which ours keeps, takes N on these shapes).
-KNOBS = [("swizzle 1", "DEEPSEEK_EXT_GEMM_SWIZZLE", "1"), ("raster along M", "DEEPSEEK_EXT_GEMM_RASTER", "m")]
 GPU_CASES = [
     ("4096^3, a = A^T view", 4096, 4096, 4096, True),
     ("8192^3, a = A^T view", 8192, 8192, 8192, True),
@@ -82,7 +76,8 @@ def reuse_freed_memory():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="results file or folder for an ad-hoc run "
+                   "(default benchmarks/results/gemm_<device class>.md)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--min-run-time", type=float, default=0.5)
     p.add_argument("--cases", default=None, help="run only the cases whose name contains this text")
@@ -110,7 +105,7 @@ def main(argv=None):
     native_16bit = {dt: t < 0.1 for dt, t in t_16bit.items()}
     half_native = native_16bit.get(torch.float16, False)
 
-    rows, data = [], []
+    rows = []
     for name, M, N, K, transposed in cases:
         for dtype, out_dtype in dtypes:
             gen = torch.Generator().manual_seed(0)
@@ -171,23 +166,11 @@ def main(argv=None):
                 named[f"unfused {label}"] = unfused_by(product)
             # On CUDA, for a float32 output: 'matmul native' stays torch.matmul in the
             # input dtype (its usual output), cuBLAS's float32-output GEMM alone gets a
-            # column of its own, and the fused kernel also runs with each of KNOBS.
+            # column of its own.
             extra_cols = dev == "cuda" and fp32_out
-            knobs = KNOBS if extra_cols else []
             if extra_cols:
                 named["matmul native"] = lambda: torch.matmul(a, b)
                 named["cuBLAS fp32-out"] = native
-
-            def with_env(var, value):
-                def run():
-                    os.environ[var] = value
-                    try:
-                        return ours()
-                    finally:
-                        os.environ.pop(var, None)
-                return run
-            for label, var, value in knobs:
-                named[f"ours, {label}"] = with_env(var, value)
             per_round = dict(zip(named, compare_rounds(list(named.values()), dev, args.rounds, args.min_run_time)))
             t = {k: median(v) for k, v in per_round.items()}
             mm_keys = [k for k in t if k.startswith("matmul ")]
@@ -230,17 +213,15 @@ def main(argv=None):
 
             row += [tflops("ours"), ratio(ours_vs_mm), ratio(vs_unfused), ratio(vs_three)]
             if dev == "cuda":
-                row += [tflops("cuBLAS fp32-out")] + [tflops(f"ours, {label}") for label, _, _ in KNOBS]
+                row += [tflops("cuBLAS fp32-out")]
             rows.append(row)
-            data.append(dict(case=name, M=M, N=N, K=K, dtype=str(dtype), out_dtype=str(out_dtype or dtype),
-                             route=route, seconds=t, seconds_per_round=per_round))
             assert found.item() == 0.0
     cols = ["shape", "dtype", "route", "matmul TFLOP/s", "unfused TFLOP/s"]
     if dev == "cpu":
         cols += ["matmul via fp32 TFLOP/s", "unfused via fp32 TFLOP/s"]
     cols += ["ours TFLOP/s", "ours time / matmul time", "speedup vs unfused", "speedup vs three ops"]
     if dev == "cuda":
-        cols += ["cuBLAS fp32-out TFLOP/s"] + [f"ours, {label} TFLOP/s" for label, _, _ in KNOBS]
+        cols += ["cuBLAS fp32-out TFLOP/s"]
     text = header("matmul_unscale_check vs torch.matmul and the unfused matmul + scale + check", dev)
     text += f"- built with the CUTLASS sm90 kernel: {getattr(deepseek_ext._C, 'with_cutlass_sm90', False)}\n"
     text += f"- built with the CUTLASS sm80 kernel: {getattr(deepseek_ext._C, 'with_cutlass_sm80', False)}"
@@ -275,17 +256,16 @@ def main(argv=None):
         text += ("- 'via fp32' (16-bit inputs): torch.matmul(a.float(), b.float()).to(output dtype), then the same "
                  "check for 'unfused'; the last two columns compare ours with the faster route of each baseline\n")
     if dev == "cuda":
-        text += ("- 'cuBLAS fp32-out' is torch.mm(a, b, out_dtype=torch.float32) alone (float32 outputs only); "
-                 "'ours, X' runs our kernel with one tile-scheduler setting changed before each call: "
-                 + "; ".join(f"{label}: {var}={value}" for label, var, value in KNOBS)
-                 + " ('ours' runs swizzle 8 and CUTLASS's raster heuristic)\n")
+        text += "- 'cuBLAS fp32-out' is torch.mm(a, b, out_dtype=torch.float32) alone (float32 outputs only)\n"
+    if args.cases is not None:
+        text += f"- only the cases whose name contains {args.cases!r} (--cases)\n"
     if args.reuse_memory:
         text += ("- --reuse-memory: glibc's mmap and trim thresholds at 1 GiB, so fresh tensors reuse pages "
                  "that are already mapped (no page faults after the first call)\n")
     text += "\n"
     text += markdown_table(cols, rows)
     print(text)
-    print(f"written to {write_results('gemm_reuse' if args.reuse_memory else 'gemm', dev, text, data, args.out)}")
+    print(f"written to {write_results('gemm', dev, text, args.out)}")
 
 
 if __name__ == "__main__":

@@ -24,12 +24,10 @@ noisy than one eval): the question is when each run first reaches it. Both runs
 log through a ``Monitor``; its own cost (time inside ``log`` plus its
 background thread's CPU time) is reported as a fraction of the training time.
 
-    python benchmarks/bench_progressive.py [--steps 600] [--device cpu|cuda] [--out DIR]
+    python benchmarks/bench_progressive.py [--steps 600] [--device cpu|cuda] [--out PATH] [--plots DIR]
 """
 
 import argparse
-import json
-import math
 import random
 import shutil
 import sys
@@ -225,7 +223,10 @@ def main(argv=None):
     p.add_argument("--price", type=float, default=2.0, help="price per device-hour for the monitor's cost column")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice)")
-    p.add_argument("--out", default=None, help="results folder (default $OUT or benchmarks/results)")
+    p.add_argument("--out", default=None, help="results file or folder for an ad-hoc run "
+                   "(default benchmarks/results/progressive_<device class>.md)")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="also copy each run's Monitor loss plot into DIR (progressive_<run>_loss.png)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -243,17 +244,17 @@ def main(argv=None):
         print(f"corpus: {len(files)} files, {info.num_tokens / 1e6:.1f}M byte tokens; "
               f"{len(train_ds)} train windows", flush=True)
         results = run_both(args, train_ds, eval_batches, info.vocab_size, work)
-        res_dir = Path(args.out or __import__("os").environ.get("OUT") or Path(__file__).parent / "results")
-        res_dir.mkdir(parents=True, exist_ok=True)
-        for k in results:
-            shutil.copy(work / k / "loss.png", res_dir / f"progressive_{args.device}_{k}_loss.png")
+        if args.plots:
+            Path(args.plots).mkdir(parents=True, exist_ok=True)
+            for k in results:
+                shutil.copy(work / k / "loss.png", Path(args.plots) / f"progressive_{k}_loss.png")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     base, prog = results["baseline"], results["progressive"]
     last3 = [ev for _, _, ev in base["curve"][-3:]]
     target = args.target if args.target is not None else sum(last3) / len(last3)
-    rows, data = [], {"args": vars(args), "target": target, "runs": {}}
+    rows = []
     reach = {}
     for k, r in results.items():
         step, t = first_reach(r["curve"], target)
@@ -264,11 +265,6 @@ def main(argv=None):
                      f"{1e3 * r['train_s'] / args.steps:.1f}", step if step else "not reached",
                      f"{t:.1f}" if t else "-", f"{100 * m['monitor_log_s'] / r['train_s']:.3f}%",
                      f"{100 * overhead:.3f}%"])
-        data["runs"][k] = {"final_eval": r["final_eval"], "train_s": r["train_s"], "curve": r["curve"],
-                           "steps_to_target": step, "seconds_to_target": t, "params": r["params"],
-                           "monitor_log_s": m["monitor_log_s"], "monitor_thread_cpu_s": m["monitor_thread_cpu_s"],
-                           "monitor_overhead_fraction": overhead, "history": r["history"],
-                           "monitor_summary": {k2: v for k2, v in m.items() if k2 != "last"}}
     text = header("Progressive training vs plain training: time to a target eval loss", args.device)
     text += (f"- model: TinyLM d={args.d_model}, {args.layers} layers (progressive: {max(1, args.layers // 2)} "
              f"-> {args.layers} at step {round(0.3 * args.steps)}, top {max(1, args.layers // 2)} + head "
@@ -290,13 +286,11 @@ def main(argv=None):
         text += (f"\nProgressive reached the target in {pt:.1f} s vs {bt:.1f} s: time ratio {ratio:.2f} "
                  f"({100 * abs(1 - ratio):.0f}% {'shorter' if ratio < 1 else 'longer'}), "
                  f"steps {ps} vs {bs}.\n")
-        data["time_ratio"] = ratio
     else:
         text += (f"\nProgressive did not reach the target {target:.4f} within {args.steps} steps "
                  f"(final {prog['final_eval']:.4f}).\n")
-        data["time_ratio"] = None
     print(text)
-    path = write_results("progressive", args.device, text, data, args.out)
+    path = write_results("progressive", args.device, text, args.out)
     print(f"written to {path}")
 
 

@@ -12,7 +12,7 @@ pages, so "% of copy" also gives our GB/s over ``dst.copy_(x)`` into a
 preallocated ``dst`` -- the pure memory bandwidth, a stricter bar.
 With ``THP_MEM_ALLOC_ENABLE=1`` in the environment torch's CPU allocator asks
 for transparent huge pages for large tensors (2 MiB pages: 512x fewer faults);
-the results then go to quant_thp_cpu.md.
+the header records which setting a table was timed with.
 
 Ops (n = size, b = bytes per element of the dtype, nb = n / block_size):
   quantize       x[n] -> q, scales                       reads n*b, writes n + 4nb
@@ -26,7 +26,7 @@ linear int8) is timed on the quantize rows too when it is importable, on CPU
 and CUDA alike (bitsandbytes 0.50 runs on the CPU); otherwise it is skipped
 with a note. The header records its version.
 
-    python benchmarks/bench_quant.py [--device cpu|cuda] [--sizes 1M,8M,64M] [--out DIR]
+    python benchmarks/bench_quant.py [--device cpu|cuda] [--sizes 1M,8M,64M] [--out PATH]
 """
 
 import argparse
@@ -45,8 +45,6 @@ ops = deepseek_ext.ops
 
 # ---- the same computations in torch eager ops (sizes are multiples of block_size)
 
-DIVISION = "DEEPSEEK_EXT_QUANT_DIVISION"
-WIDE = "DEEPSEEK_EXT_QUANT_WIDE"
 _CONSTS = {}
 
 
@@ -98,7 +96,8 @@ def main(argv=None):
                    "(default: 1M,8M,64M on CPU, 1M,16M,256M on CUDA)")
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--world", type=int, default=8, help="W, ranks summed by dequant_reduce")
-    p.add_argument("--out", default=None, help="results folder (default $OUT or benchmarks/results)")
+    p.add_argument("--out", default=None, help="results file or folder for an ad-hoc run "
+                   "(default benchmarks/results/quant_<device class>.md)")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per configuration")
     p.add_argument("--min-run-time", type=float, default=0.3, help="seconds per measurement")
     args = p.parse_args(argv)
@@ -119,7 +118,7 @@ def main(argv=None):
         bnb_note = f"bitsandbytes not importable ({type(e).__name__}: {e}); its quantize_blockwise was skipped"
     print(f"bitsandbytes: {bnb_note or 'imported, compared on quantize'}", flush=True)
 
-    rows, data = [], []
+    rows = []
     for dtype in (torch.float32, torch.bfloat16):
         b = torch.tensor([], dtype=dtype).element_size()
         for n in sizes:
@@ -145,36 +144,6 @@ def main(argv=None):
                                    lambda: eager_dequantize_reduce(qw, sw, bs, 1.0 / W, dtype),
                                    n + 4 * nb + (n // W) * b),
             }
-            if dev == "cuda":
-                # kernels/quantize_int8.cu divides through one reciprocal per
-                # thread in round-to-nearest quantize; DIVISION=1 (read at every
-                # call) makes it divide every value instead. The *_div rows time
-                # that, for comparison; every round-to-nearest quantize row sets it
-                # before each call.
-                def switched(flag, fn):
-                    def run():
-                        os.environ[DIVISION] = flag
-                        return fn()
-                    return run
-                for name, fn in (("quantize", lambda: ops.quantize_int8(x, bs)),
-                                 ("quantize_ef", lambda: ops.quantize_int8_ef_(x, residual, bs))):
-                    rest = cases[name][1:]
-                    cases[name] = (switched("0", fn),) + rest
-                    cases[name + "_div"] = (switched("1", fn),) + rest
-                order = ["quantize", "quantize_div", "quantize_sr", "quantize_ef", "quantize_ef_div",
-                         "dequantize", "dequant_reduce"]
-                if b == 2:
-                    # WIDE=1: 32 elements a thread for 16-bit round-to-nearest input (an experiment).
-                    def wide():
-                        os.environ[DIVISION] = "0"
-                        os.environ[WIDE] = "1"
-                        try:
-                            return ops.quantize_int8(x, bs)
-                        finally:
-                            os.environ.pop(WIDE, None)
-                    cases["quantize_wide"] = (wide,) + cases["quantize"][1:]
-                    order.insert(2, "quantize_wide")
-                cases = {k: cases[k] for k in order}
             # The eager compositions compute the same values (RNE paths):
             assert torch.equal(eager_quantize(x, bs)[0], q)
             torch.testing.assert_close(eager_dequantize(q, scales, bs, dtype), ops.dequantize_int8(q, scales, bs, dtype))
@@ -202,14 +171,7 @@ def main(argv=None):
                     extra = ts[4]
                 row.append(f"{extra / t_ours:.2f}x" if extra else "-")
                 rows.append(row)
-                data.append(dict(op=name, dtype=str(dtype), numel=n, block_size=bs, world=W,
-                                 bytes=nbytes, ours_ms=t_ours * 1e3, ours_gbs=gbs, eager_ms=t_eager * 1e3,
-                                 speedup_vs_eager=t_eager / t_ours, clone_ms=t_clone * 1e3,
-                                 clone_gbs=clone_gbs, fraction_of_clone_bw=gbs / clone_gbs,
-                                 copy_ms=t_copy * 1e3, copy_gbs=copy_gbs, fraction_of_copy_bw=gbs / copy_gbs,
-                                 bnb_ms=extra * 1e3 if extra else None))
                 print(" | ".join(row), flush=True)
-            os.environ.pop(DIVISION, None)
             del x, residual, residual_e, q, scales, qw, sw, dst
 
     cols = ["op", "input", "numel", "ours ms", "ours GB/s", "eager ms", "x eager",
@@ -226,13 +188,6 @@ def main(argv=None):
              "torch.utils.benchmark medians; GB/s = bytes the op must move / time\n"
              "- eager = the same computation in torch ops (benchmarks/bench_quant.py: eager_*); "
              "its stochastic variant uses torch.rand_like\n")
-    if dev == "cuda":
-        text += (f"- *_div rows: {DIVISION}=1, the kernel divides every value by its block's scale "
-                 "(__fdiv_rn) instead of using one reciprocal per thread (same results); "
-                 "every round-to-nearest quantize row sets the variable before each call "
-                 "(stochastic rounding multiplies by the reciprocal either way: int8q::sr_quotient)\n"
-                 f"- quantize_wide rows (16-bit input): {WIDE}=1, 32 elements a thread kept as 16-bit values "
-                 "(an experiment, same results)\n")
     if bnb_note:
         text += f"- {bnb_note}\n"
     else:
@@ -240,7 +195,7 @@ def main(argv=None):
                  "size (its dynamic 8-bit map; the same bytes moved)\n")
     text += "\n" + markdown_table(cols, rows)
     print(text)
-    path = write_results("quant_thp" if (dev == "cpu" and thp) else "quant", dev, text, data, args.out)
+    path = write_results("quant", dev, text, args.out)
     print(f"written to {path}")
 
 

@@ -6,7 +6,7 @@ by intercepting every call that reads a tensor on the host (item, tolist,
 __bool__, __float__, __int__, cpu, numpy) with a TorchFunctionMode, and on
 CUDA also with torch.cuda.set_sync_debug_mode("warn").
 
-    python benchmarks/bench_scaler.py [--device cpu|cuda] [--out DIR]
+    python benchmarks/bench_scaler.py [--device cpu|cuda] [--out PATH]
 """
 
 import argparse
@@ -111,7 +111,8 @@ def count_syncs(step, dev):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="results file or folder for an ad-hoc run "
+                   "(default benchmarks/results/scaler_<device class>.md)")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
     dev = args.device
@@ -123,7 +124,7 @@ def main(argv=None):
     data = (torch.randint(0, cfg["vocab"], batch, generator=gen).to(dev),
             torch.randint(0, cfg["vocab"], batch, generator=gen).to(dev))
 
-    rows, data_out = [], []
+    rows = []
     for fused in (False, True):
         steps = {name: make_step(dev, name == "ours", fused, cfg, data) for name in ("GradScaler", "ours")}
         t_theirs, t_ours = compare_seconds([steps["GradScaler"], steps["ours"]], dev, args.rounds, 0.5)
@@ -132,8 +133,6 @@ def main(argv=None):
             reads, cuda_syncs = count_syncs(steps["ours" if "ours" in name else "GradScaler"], dev)
             rows.append([f"AdamW(fused={fused})", name, f"{t * 1e3:.2f}", f"{reads:.0f}",
                          "-" if cuda_syncs is None else f"{cuda_syncs:.0f}", f"{t_theirs / t:.3f}"])
-            data_out.append(dict(optimizer=f"AdamW(fused={fused})", scaler=name, step_ms=t * 1e3,
-                                 host_reads_per_step=reads, cuda_syncs_per_step=cuda_syncs))
     cols = ["optimizer", "scaler", "step ms", "host reads / step", "CUDA syncs / step", "speedup vs GradScaler"]
     text = header("One fp16 training step: DynamicLossScaler vs torch.amp.GradScaler", dev)
     text += f"- model: GPT {cfg}, batch {batch}, autocast float16\n"
@@ -151,7 +150,7 @@ def main(argv=None):
     text += "\n"
     text += markdown_table(cols, rows)
     print(text)
-    print(f"written to {write_results('scaler', dev, text, data_out, args.out)}")
+    print(f"written to {write_results('scaler', dev, text, args.out)}")
 
 
 if __name__ == "__main__":

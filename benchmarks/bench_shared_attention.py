@@ -31,7 +31,7 @@ for bert-base, 2 for small), and all + factorised embedding (E = 128 / 64).
    trained on the same batches from the same seed; eval loss (nats/byte) on the
    same held-out windows.
 
-    python benchmarks/bench_shared_attention.py [--rounds 3] [--quality-steps 200] [--out DIR]
+    python benchmarks/bench_shared_attention.py [--rounds 3] [--quality-steps 200] [--out PATH]
 """
 
 import argparse
@@ -245,10 +245,10 @@ def main(argv=None):
     p.add_argument("--quality-batch", type=int, default=8)
     p.add_argument("--configs", default="bert-base,small", help="comma-separated subset of " + ",".join(CONFIGS))
     p.add_argument("--parts", default="tables,quality",
-                   help="tables (1-3, written to shared_attention_<device>) and/or quality (4; written "
-                   "to shared_attention_quality_<device> when run alone)")
+                   help="tables (1-3) and/or quality (4); the header says which parts a table holds")
     p.add_argument("--skip-memory", action="store_true")
-    p.add_argument("--out", default=None, help="results folder (default $OUT or benchmarks/results)")
+    p.add_argument("--out", default=None, help="results file or folder for an ad-hoc run "
+                   "(default benchmarks/results/shared_attention_<device class>.md)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_child:
@@ -257,11 +257,11 @@ def main(argv=None):
     bert_b, bert_t = (int(v) for v in (args.bert_batch or ("8x512" if dev == "cuda" else "1x128")).split("x"))
     shapes = {"bert-base": (bert_b, bert_t), "small": (32, 256) if dev == "cuda" else (8, 128)}
     rounds = {"bert-base": args.rounds, "small": args.small_rounds}
-    text = header("Shared-attention layers: sharing plans vs unshared", dev)
-    load_start = os.getloadavg()[0]
-    data = {"device": dev, "torch": torch.__version__, "configs": {}}
-
     parts = args.parts.split(",")
+    text = header("Shared-attention layers: sharing plans vs unshared", dev)
+    if set(parts) != {"tables", "quality"}:
+        text += f"- parts: {args.parts} only (--parts)\n"
+    load_start = os.getloadavg()[0]
     for cname in (args.configs.split(",") if "tables" in parts else []):
         cfg = CONFIGS[cname]
         b, t = shapes[cname]
@@ -310,10 +310,9 @@ def main(argv=None):
             ["plan", "params", "fewer params", "Adam state MiB", "saved p+Adam MiB", "saved p+g+Adam MiB",
              "fwd+bwd ms", "x none", "Adam ms", "step ms", "x none", "peak MiB", "peak saved MiB",
              "tensor peak MiB", "tensor peak saved MiB"], rows)
-        data["configs"][cname] = dict(config=cfg, batch=b, seq=t, plans=entries)
 
     if "quality" not in parts:
-        return finish(text, data, load_start, "shared_attention", args)
+        return finish(text, load_start, args)
     print(f"== quality: {args.quality_steps} steps, unshared vs all", flush=True)
     train, held_out, n_files = stdlib_bytes()
     qcfg = dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4, d_ff=512, max_seq_len=128)
@@ -331,19 +330,15 @@ def main(argv=None):
         ["sharing", "params", "final train loss", "eval loss (nats/byte)", "vs none"],
         [[s, r["params"], f"{r['final_train_loss']:.4f}", f"{r['eval_loss']:.4f}",
           "-" if s == "none" else f"{100 * rel:+.2f}%"] for s, r in qual.items()])
-    data["quality"] = dict(config=qcfg, steps=args.quality_steps, batch=qb, seq=128, results=qual,
-                           relative_change=rel)
-    return finish(text, data, load_start, "shared_attention" if "tables" in parts else "shared_attention_quality",
-                  args)
+    return finish(text, load_start, args)
 
 
-def finish(text, data, load_start, name, args):
+def finish(text, load_start, args):
     load = (load_start, os.getloadavg()[0])
     text += (f"\nLoad average (1 min) at start / end of the run: {load[0]:.1f} / {load[1]:.1f} on "
              f"{os.cpu_count()} cores (a shared machine: timings carry that noise).\n")
-    data["loadavg_start_end"] = load
     print(text)
-    path = write_results(name, args.device, text, data, args.out)
+    path = write_results("shared_attention", args.device, text, args.out)
     print(f"written to {path}")
 
 

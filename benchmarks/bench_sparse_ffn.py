@@ -13,7 +13,7 @@ timed in the same run in alternating rounds. For each density the table gives:
   the backward scales the same way.
 
     python benchmarks/bench_sparse_ffn.py [--device cpu|cuda] [--densities 0.1,0.3,0.5]
-        [--tokens N --d-model D --d-ff F --dtype float32|bfloat16] [--threads N] [--rounds R] [--out DIR]
+        [--tokens N --d-model D --d-ff F --dtype float32|bfloat16] [--threads N] [--rounds R] [--out PATH]
 
 Defaults: CPU 4096 tokens, d_model 512, d_ff 2048, float32; CUDA (the GPU check)
 16384 tokens, d_model 4096, d_ff 16384, bfloat16.
@@ -50,7 +50,8 @@ def main(argv=None):
     p.add_argument("--profile", type=float, default=None, metavar="DENSITY",
                    help="after the table, profile two sparse steps at this density and list the ops "
                         "by device time (where the sparse step's time goes)")
-    p.add_argument("--out", default=None, help="results folder (default $OUT or benchmarks/results)")
+    p.add_argument("--out", default=None, help="results file or folder for an ad-hoc run "
+                   "(default benchmarks/results/sparse_ffn_<device class>.md)")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per configuration")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
     args = p.parse_args(argv)
@@ -72,7 +73,7 @@ def main(argv=None):
     def dense_step():
         dense(x).backward(grad)
 
-    rows, data = [], []
+    rows = []
     for threads, density in [(t, d) for t in thread_counts for d in densities]:
         torch.set_num_threads(threads)
         ffn = GatedSparseFFN(D, Fh, block_size=bs, density=density, activation=act).to(dev, dtype)
@@ -93,11 +94,6 @@ def main(argv=None):
         rows.append([threads, f"{density:g}", f"{fl['k']}/{fl['n_blocks']}", f"{t_dense * 1e3:.1f}",
                      f"{t_sparse * 1e3:.1f}", f"{ratio:.2f}x", f"{t_route * 1e3:.2f}",
                      f"{100 * route_share:.1f}%", f"{fl['ratio']:.3f}", f"{100 * fl['saved']:.1f}%"])
-        data.append({"threads": threads, "density": density, "k": fl["k"], "n_blocks": fl["n_blocks"],
-                     "dense_ms": t_dense * 1e3, "sparse_ms": t_sparse * 1e3, "ratio": ratio,
-                     "routing_ms": t_route * 1e3, "routing_share": route_share,
-                     "flops_ratio": fl["ratio"], "flops_saved": fl["saved"],
-                     "dense_flops_per_token": fl["dense"], "sparse_flops_per_token": fl["sparse"]})
         print(rows[-1], flush=True)
 
     title = "Gated sparse FFN: forward + backward vs dense FFN"
@@ -111,10 +107,7 @@ def main(argv=None):
     if args.profile is not None:
         text += "\n" + profile_sparse_step(x, grad, D, Fh, bs, args.profile, act, dev, dtype)
     print(text)
-    path = write_results("sparse_ffn", dev, text, {
-        "title": title, "device": dev, "torch": torch.__version__, "tokens": T, "d_model": D,
-        "d_ff": Fh, "block_size": bs, "activation": act, "dtype": str(dtype), "rows": data},
-        args.out)
+    path = write_results("sparse_ffn", dev, text, args.out)
     print(f"wrote {path}")
 
 

@@ -10,7 +10,7 @@ also gives each op's bandwidth as a share of a measured device-to-device copy.
 torch's CUDA kernel rejects bfloat16: there the baseline is the eager
 composition in benchmarks/common.py (torch_unscale_check_).
 
-    python benchmarks/bench_unscale.py [--device cpu|cuda] [--out DIR]
+    python benchmarks/bench_unscale.py [--device cpu|cuda] [--out PATH]
 """
 
 import argparse
@@ -35,7 +35,8 @@ def gpt_small_shapes(vocab=50257, ctx=1024, d=768, layers=12):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help="results folder (default $OUT or benchmarks/results)")
+    p.add_argument("--out", default=None, help="results file or folder for an ad-hoc run "
+                   "(default benchmarks/results/unscale_<device class>.md)")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per configuration")
     p.add_argument("--min-run-time", type=float, default=0.3, help="seconds per measurement")
     args = p.parse_args(argv)
@@ -51,7 +52,7 @@ def main(argv=None):
         copy_gbs = 2 * src.numel() * 4 / t / 1e9
         del src, dst
 
-    rows, data = [], []
+    rows = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         gen = torch.Generator().manual_seed(0)
         grads = [torch.randn(s, generator=gen).to(dtype).to(dev) for s in shapes]
@@ -75,9 +76,6 @@ def main(argv=None):
             if copy_gbs:
                 row.append(f"{100 * gbs_ours / copy_gbs:.0f}%")
             rows.append(row)
-            data.append(dict(dtype=str(dtype), path=path, torch_ms=t_torch * 1e3, ours_ms=t_ours * 1e3,
-                             torch_gbs=gbs_torch, ours_gbs=gbs_ours, speedup=t_torch / t_ours,
-                             copy_gbs=copy_gbs))
         assert found.item() == 0.0, "benchmark gradients must stay finite"
         del grads
 
@@ -94,7 +92,7 @@ def main(argv=None):
     text += f"- times: median over {args.rounds} alternating rounds of torch.utils.benchmark medians; GB/s = bytes needed (unscale 2x, check-only 1x) / time\n\n"
     text += markdown_table(cols, rows)
     print(text)
-    path = write_results("unscale", dev, text, data, args.out)
+    path = write_results("unscale", dev, text, args.out)
     print(f"written to {path}")
 
 

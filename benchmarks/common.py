@@ -1,46 +1,98 @@
-"""Helpers shared by the benchmarks: timing, machine description, tables."""
+"""Helpers shared by the benchmarks: timing, machine description, tables.
+
+Every benchmark writes one markdown file per device class,
+benchmarks/results/<name>_<device class>.md (device class: "cpu", or the GPU
+model in lower case, e.g. "h200"); a new run overwrites it and git keeps the
+history. The header records date, machine, torch version and commit.
+"""
 
 import datetime
-import json
 import os
 import platform
+import re
+import subprocess
 import time
 from pathlib import Path
 
 import torch
 import torch.utils.benchmark as tb
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
+def cpu_model() -> str:
     model = platform.processor() or "cpu"
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{model}, {torch.get_num_threads()} threads (each timed call runs with all of them)"
+    return model
+
+
+def device_class(device: str) -> str:
+    """The results-file suffix for a device: "cpu", or the GPU model in lower
+    case without vendor and variant words ("NVIDIA H100 80GB HBM3" -> "h100",
+    "NVIDIA A100-SXM4-40GB" -> "a100", "NVIDIA GeForce RTX 4090" -> "rtx4090")."""
+    if not str(device).startswith("cuda"):
+        return "cpu"
+    return gpu_class(torch.cuda.get_device_name())
+
+
+def gpu_class(name: str) -> str:
+    words = [w for w in re.split(r"[\s_]+", name) if w.lower() not in ("nvidia", "geforce", "tesla", "quadro")]
+    if not words:
+        return "gpu"
+    first = words[0].split("-")[0].lower()
+    if first in ("rtx", "gtx") and len(words) > 1:
+        first += words[1].split("-")[0].lower()
+    return re.sub(r"[^a-z0-9]", "", first) or "gpu"
+
+
+def machine(device: str) -> str:
+    """CPU model and torch's thread count, or the GPU's name, SMs and memory."""
+    if str(device).startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return (f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB; "
+                f"CUDA {torch.version.cuda}; host: {cpu_model()}, {os.cpu_count()} cores")
+    return f"{cpu_model()}, {torch.get_num_threads()} threads (each timed call runs with all of them)"
+
+
+def commit() -> str:
+    """The git short hash of the checkout ("+ uncommitted changes" when tracked
+    files differ from it). BENCH_COMMIT overrides it, for copies of the tree
+    without .git (a GPU machine's)."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+    try:
+        git = ["git", "-C", str(ROOT)]
+        head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git checkout; set BENCH_COMMIT)"
+    return f"{head} + uncommitted changes" if dirty else head
 
 
 def header(title: str, device: str) -> str:
     return (
         f"# {title}\n\n"
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
-        f"- device: {device_name(device)}\n"
+        f"- machine: {machine(device)}\n"
         f"- torch: {torch.__version__}\n"
+        f"- commit: {commit()}\n"
     )
 
 
 def median_seconds(fn, device: str, min_run_time: float = 1.0) -> float:
     """Median time of fn() in seconds. torch.utils.benchmark synchronises CUDA
     around each measured block, so GPU times are device times, not launch times.
-    fn runs with torch's current thread count: Timer's own default is one thread
-    (until 2026-12-06 every CPU table here was timed that way)."""
+    fn runs with torch's current thread count (Timer's own default is one
+    thread), the count the header states."""
     fn()  # warm-up (and any lazy initialisation)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -104,10 +156,18 @@ def markdown_table(columns, rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(name: str, device: str, text: str, data, out_dir=None) -> Path:
-    out = Path(out_dir or os.environ.get("OUT") or RESULTS_DIR)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}_{device}.md"
+def results_path(name: str, device: str, out=None) -> Path:
+    """benchmarks/results/<name>_<device class>.md, or `out` for an ad-hoc run:
+    a file path, or an existing folder to write the canonical name into."""
+    filename = f"{name}_{device_class(device)}.md"
+    if out is None:
+        return RESULTS_DIR / filename
+    out = Path(out)
+    return out / filename if out.is_dir() else out
+
+
+def write_results(name: str, device: str, text: str, out=None) -> Path:
+    path = results_path(name, device, out)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-    (out / f"{name}_{device}.json").write_text(json.dumps(data, indent=2))
     return path

@@ -3,7 +3,7 @@
 # and tc tbf limits, and starts torchrun in each "host"), then removes every
 # namespace it may have left (dsxb*), whatever happened. Needs root.
 #
-#   sudo benchmarks/netns_launch.sh [--quick] [--steps N] [--out DIR]
+#   sudo benchmarks/netns_launch.sh [--quick] [--steps N] [--out PATH]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $EUID -ne 0 ]]; then

@@ -9,7 +9,7 @@ blocks (ATen's scaled_dot_product_attention, causal), FFN d_ff = 4 * d_model
 (dense: nn.Linear + GELU + nn.Linear; sparse: GatedSparseFFN, block_size 32,
 balancing bias on, no auxiliary loss), AdamW, cosine schedule.
 
-    python benchmarks/quality_sparse_ffn.py [--steps 1500] [--density 0.3] [--out DIR]
+    python benchmarks/quality_sparse_ffn.py [--steps 1500] [--density 0.3] [--out PATH]
 """
 
 import argparse
@@ -115,7 +115,8 @@ def main(argv=None):
     p.add_argument("--eval-windows", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady on a shared machine)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="results file or folder for an ad-hoc run "
+                   "(default benchmarks/results/sparse_ffn_quality_cpu.md)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -145,10 +146,7 @@ def main(argv=None):
              f"{args.steps} AdamW steps of {args.batch} x {args.seq} bytes, same batches for both\n\n")
     text += markdown_table(["FFN", "FFN FLOPs ratio", "eval loss (nats/byte)", "vs dense", "train s", "params"], rows)
     print(text)
-    path = write_results("sparse_ffn_quality", "cpu", text, {
-        "dense_eval_loss": dense_loss, "sparse_eval_loss": sparse_loss, "relative_difference": rel,
-        "density": args.density, "k": fl["k"], "n_blocks": fl["n_blocks"], "flops_ratio": fl["ratio"],
-        "args": vars(args)}, args.out)
+    path = write_results("sparse_ffn_quality", "cpu", text, args.out)
     print(f"wrote {path}")
 
 
