@@ -1,53 +1,57 @@
 #!/usr/bin/env bash
-# The GPU check: run on a machine with one NVIDIA GPU, python3, torch (CUDA
-# build), nvcc, ninja, pybind11 and pytest, and no network. It
+# The GPU check (`make gpu-check`): run on a machine with one NVIDIA GPU,
+# python3, torch (CUDA build), nvcc, ninja, pybind11 and pytest, and no network.
 #   1. builds the extension in place for the GPU it finds (sm_90a on Hopper),
 #   2. runs the CUDA tests (pytest -m cuda: each compares the CUDA path against
 #      torch and the CPU path; the CPU tests run in CI),
-#   3. runs the GPU benchmarks, then the demo's smoke run on the GPU,
-# writes logs and result tables to $OUT (default benchmarks/results/gpu-<date>/)
-# and prints a short summary table last. Build inputs that would need a
-# download (CUTLASS headers, bitsandbytes) are staged beforehand by
-# `make gpu-prep` into third_party/; carry that folder to the GPU machine.
+#   3. runs the GPU benchmarks: each writes its table straight to
+#      benchmarks/results/<bench>_<gpu>.md (e.g. gemm_h200.md),
+#   4. runs the demo's smoke run on the GPU.
+# Logs, the environment, a copy of every table written and a short summary go
+# to $OUT (default build/gpu-check). Build inputs that would need a download
+# (CUTLASS headers, bitsandbytes) are staged beforehand by `make gpu-prep` into
+# third_party/; carry that folder to the GPU machine. See benchmarks/GPU.md.
 #
 # Environment:
-#   GPU_CHECK_ARCH     arch list override. "8.0+PTX" on a Hopper GPU builds only
-#                      the Ampere kernels and runs them through the driver's JIT,
-#                      which exercises the fused sm80 GEMM where no sm_8x GPU is at hand.
 #   GPU_CHECK_BUDGET   seconds for the whole check (default 0: no limit). Each
-#                      step gets its own time limit, cut to what the budget has
+#                      step has its own time limit, cut to what the budget has
 #                      left, so that a hanging step costs its limit and no more.
-#   GPU_CHECK_ARCHIVE  a .tar.gz path refreshed after every step with all of
-#                      $OUT: what a killed run had finished is still in it.
-#   GPU_CHECK_TESTS    pytest selection (default "-m cuda tests/python": the CUDA tests).
-#   GPU_CHECK_STEPS    what runs after the build, in order, e.g. "tests bench_gemm"
-#                      (default: tests, bench_quant, bench_gemm, ncu_gemm (the GEMM
-#                      launches under Nsight Compute, where it can read counters),
-#                      gemm_kernels (cuBLAS's and our GEMM kernels by name),
-#                      bench_gemm_sm90_variants (other CUTLASS configurations of the
-#                      fused GEMM, its own extension, built in the background), then
-#                      the other GPU benchmarks and demo_smoke).
+#   GPU_CHECK_ARCHIVE  a .tar.gz path refreshed after every step with $OUT and
+#                      the tables written so far: what a killed run had
+#                      finished is still in it.
+#   GPU_CHECK_STEPS    what runs after the build, in order (default: tests, the
+#                      GPU benchmarks, demo_smoke), e.g. "tests bench_gemm".
+#   GPU_CHECK_TESTS    pytest selection (default "-m cuda tests/python").
+#   GPU_CHECK_ARCH     arch list override for the build, e.g. "8.0+PTX" on a
+#                      Hopper GPU: only the Ampere kernels, run through the
+#                      driver's JIT. Its tables are not the GPU's own: they go
+#                      to $OUT only, and benchmarks/results/ is left alone.
+#   BENCH_COMMIT       the commit the tree was copied from, for the tables'
+#                      headers where the copy has no .git (benchmarks/common.py).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
-OUT=${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M)}
+OUT=${OUT:-build/gpu-check}
 BUDGET=${GPU_CHECK_BUDGET:-0}
 ARCHIVE=${GPU_CHECK_ARCHIVE:-}
 TESTS=${GPU_CHECK_TESTS:--m cuda tests/python}
-# Default order: what the open issues still need measured first, in case the budget runs
-# out (benchmarks/gpu_notes.md, "Next GPU session"). The last five steps measure code that
-# has not changed since their last GPU tables (2026-11-28).
-STEPS=${GPU_CHECK_STEPS:-tests bench_quant bench_gemm ncu_gemm gemm_kernels bench_gemm_sm90_variants bench_unscale bench_shared_attention bench_sparse_ffn bench_scaler demo_smoke}
+# The benchmarks whose code changed since their last GPU table go first, in
+# case the budget runs out (benchmarks/GPU.md, "Open questions").
+STEPS=${GPU_CHECK_STEPS:-tests bench_quant bench_gemm bench_unscale bench_shared_attention bench_sparse_ffn bench_scaler demo_smoke}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 declare -A status
 order=()
+written=()
 t0=$(date +%s)
 
 cap=$($PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('%d.%d' % torch.cuda.get_device_capability())") || {
   echo "gpu_check: torch sees no CUDA GPU"; exit 1; }
 case "$cap" in 9.0) arch="9.0a" ;; *) arch="$cap" ;; esac
 arch=${GPU_CHECK_ARCH:-$arch}
+gpu=$($PY -c "from benchmarks.common import device_class; print(device_class('cuda'))") || gpu=gpu
+results=benchmarks/results
+[[ -n ${GPU_CHECK_ARCH:-} ]] && results=$OUT
 export TORCH_CUDA_ARCH_LIST="$arch"
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONUNBUFFERED=1
@@ -58,18 +62,21 @@ export PYTHONUNBUFFERED=1
   $PY -c "import torch, sys; print('gpu:', torch.cuda.get_device_name()); print('torch:', torch.__version__, 'cuda', torch.version.cuda); print('python:', sys.version.split()[0])"
   nvcc --version | tail -1
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>/dev/null
-  echo "arch list: $arch; cpu cores: $(nproc)"
+  echo "arch list: $arch; device class: $gpu; cpu cores: $(nproc)"
   $PY -c "import bitsandbytes; print('bitsandbytes:', bitsandbytes.__version__)" 2>&1 | tail -1
 } | tee "$OUT/environment.txt"
 
 pack() {
-  [[ -n $ARCHIVE ]] && tar czf "$ARCHIVE.tmp" -C "$(dirname "$OUT")" "$(basename "$OUT")" && mv "$ARCHIVE.tmp" "$ARCHIVE"
+  if [[ -n $ARCHIVE ]]; then
+    tar czf "$ARCHIVE.tmp" -C "$(dirname "$OUT")" "$(basename "$OUT")" && mv "$ARCHIVE.tmp" "$ARCHIVE"
+  fi
   return 0
 }
 
 step() {  # step NAME LIMIT_SECONDS LOGFILE COMMAND...
   local name=$1 limit=$2 log=$3; shift 3
-  local s=$(date +%s) rc
+  local s rc
+  s=$(date +%s)
   if (( BUDGET > 0 )); then
     local left=$(( BUDGET - (s - t0) - 10 ))
     (( left < limit )) && limit=$left
@@ -85,16 +92,11 @@ step() {  # step NAME LIMIT_SECONDS LOGFILE COMMAND...
   status[$name]="${status[$name]} $(( $(date +%s) - s ))s"
   order+=("$name")
   tail -3 "$OUT/$log"
-  pack
 }
 
-step build 300 build.log $PY setup.py build_ext --inplace
+step build 300 build.log "$PY" setup.py build_ext --inplace
+pack
 if [[ ${status[build]} == ok* ]]; then
-  # The GEMM variants are their own extension: compile them in the background
-  # (a few cores, while the tests run) so that their step only times them.
-  if [[ " $STEPS " == *" bench_gemm_sm90_variants "* && $cap == 9.0 ]]; then
-    $PY benchmarks/bench_gemm_sm90_variants.py --build-only > "$OUT/bench_gemm_sm90_variants_build.log" 2>&1 &
-  fi
   for name in $STEPS; do
     case $name in
       tests)
@@ -104,52 +106,42 @@ if [[ ${status[build]} == ok* ]]; then
         # shellcheck disable=SC2086
         step tests 180 pytest.log $PY -m pytest "${pytest_args[@]}" $TESTS ;;
       demo_smoke)
-        step demo_smoke 90 demo_smoke.log $PY -m deepseek_ext.demo --smoke --device cuda ;;
-      gemm_kernels)
-        # cuBLAS's and our kernel names and times at 8192^3 (torch.profiler).
-        step gemm_kernels 60 gemm_kernels.log $PY benchmarks/gpu/gemm_kernels.py ;;
-      ncu_gemm)
-        # cuBLAS's float16 -> float32 kernel and ours (CUTLASS device_kernel) under
-        # Nsight Compute (hardware counters; the lent machine's runtime decides
-        # whether ncu can read them: it did on 2026-11-28 19:35).
-        if ! command -v ncu > /dev/null; then status[$name]="not run (no ncu)"; order+=("$name"); continue; fi
-        step ncu_gemm 120 ncu_gemm.log ncu --clock-control none -k 'regex:nvjet_sm90_hss|device_kernel' -c 2 \
-          --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
-          --section WarpStateStats --section MemoryWorkloadAnalysis \
-          $PY benchmarks/gpu/gemm_kernels.py --no-profiler ;;
+        step demo_smoke 90 demo_smoke.log "$PY" -m deepseek_ext.demo --smoke --device cuda --out "$OUT/demo_smoke" ;;
       bench_*)
-        # The GPU benchmarks (bench_comm needs network namespaces and several hosts;
-        # bench_data and bench_progressive measure the CPU-side pipeline and schedule).
-        # Three alternating rounds each: the GPU's run-to-run spread is far smaller
-        # than the CPU's, and the lease is short.
+        # bench_comm needs network namespaces and several hosts; bench_data and
+        # bench_progressive measure the CPU-side pipeline and schedule: CPU only.
+        # Three alternating rounds each: the GPU's run-to-run spread is far
+        # smaller than a shared CPU's, and a lent GPU's time is short.
         extra=() limit=90
+        # shellcheck disable=SC2054  # --sizes takes a comma-separated list
         case $name in
           bench_unscale) extra=(--rounds 3 --min-run-time 0.1) ;;
-          # 16M and 256M: 1M is launch-bound. With the *_div rows about 75 s per dtype on an H200 (estimate).
+          # 16M and 256M: 1M is launch-bound.
           bench_quant) extra=(--rounds 3 --min-run-time 0.1 --sizes 16M,256M) limit=200 ;;
           bench_gemm) extra=(--rounds 3 --min-run-time 0.2) limit=120 ;;
           bench_sparse_ffn) extra=(--rounds 3 --min-run-time 0.2 --profile 0.3) ;;
           bench_scaler) extra=(--rounds 3) ;;
           bench_shared_attention) extra=(--parts tables --rounds 3 --small-rounds 3) limit=120 ;;
-          # Its own extension (4 CUTLASS configurations), built in the background above;
-          # the step waits for that build (torch's extension lock) if it is still running.
-          bench_gemm_sm90_variants)
-            if [[ $cap != 9.0 ]]; then status[$name]="not run (needs sm_90)"; order+=("$name"); continue; fi
-            extra=(--rounds 3 --min-run-time 0.2) limit=300 ;;
         esac
-        step "$name" "$limit" "$name.log" $PY "benchmarks/$name.py" --device cuda --out "$OUT" "${extra[@]}" ;;
+        table="$results/${name#bench_}_$gpu.md"
+        step "$name" "$limit" "$name.log" "$PY" "benchmarks/$name.py" --device cuda --out "$table" "${extra[@]}"
+        if [[ ${status[$name]} == ok* && -f $table ]]; then
+          [[ $results == "$OUT" ]] || cp "$table" "$OUT/"
+          written+=("$table")
+        fi ;;
       *) echo "gpu_check: unknown step $name"; status[$name]="FAILED (unknown step)"; order+=("$name") ;;
     esac
+    pack
   done
 fi
 
 summary() {
   echo
-  echo "## GPU check summary ($(( $(date +%s) - t0 )) s, results in $OUT)"
+  echo "## GPU check summary ($(( $(date +%s) - t0 )) s, logs in $OUT)"
   grep -h "^gpu:\|^torch:" "$OUT/environment.txt"
   for k in "${order[@]}"; do printf '%-24s %s\n' "$k" "${status[$k]}"; done
   grep -h "passed\|failed" "$OUT/pytest.log" 2>/dev/null | tail -1
-  for f in "$OUT"/*_cuda.md; do [ -f "$f" ] && { echo; sed -n '/^|/p' "$f"; }; done
+  for f in "${written[@]}"; do echo; echo "$f"; sed -n '/^|/p' "$f"; done
 }
 summary | tee "$OUT/summary.txt"
 pack
