@@ -98,6 +98,8 @@ def main(argv=None):
 
     title = "Gated sparse FFN: forward + backward vs dense FFN"
     text = header(title, dev)
+    if args.threads:
+        text += f"- torch threads: per row, {args.threads} (--threads), not the machine line's count\n"
     text += (f"- shape: {T} tokens, d_model {D}, d_ff {Fh}, block_size {bs}, {act}, "
              f"{str(dtype).replace('torch.', '')}\n"
              f"- dense: nn.Linear + {_ACT[act].__name__} + nn.Linear; sparse: GatedSparseFFN "
