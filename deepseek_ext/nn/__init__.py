@@ -5,9 +5,9 @@ from deepseek_ext.nn.linear import Linear
 __all__ = ["Linear"]
 
 # gated sparse FFN
-from deepseek_ext.nn.sparse_ffn import GatedSparseFFN, ffn_flops  # noqa: E402
+from deepseek_ext.nn.sparse_ffn import GatedSparseFFN, ffn_flops, update_balance  # noqa: E402
 
-__all__ += ["GatedSparseFFN", "ffn_flops"]
+__all__ += ["GatedSparseFFN", "ffn_flops", "update_balance"]
 # Shared-attention layers (cross-layer parameter sharing)
 from deepseek_ext.nn.shared_attention import (  # noqa: E402
     SharedAttention,

@@ -9,26 +9,47 @@ bias``, and a selected block's output is multiplied by its gate weight
 ``2 * sigmoid(score)`` (1 at a zero score), so the gate learns through that
 product: no straight-through estimator.
 
-Load balancing without an auxiliary loss (DeepSeek-V3): the balancing bias is a
-buffer that only affects the choice of blocks. In training mode every forward
-nudges it on the device, ``bias += balance_rate * sign(mean_load - load)``,
-where ``load`` is the fraction of the step's (token, block) pairs each routed
-block received; the host never reads it. An optional auxiliary balance loss
-(``aux_loss_weight > 0``) is left in :attr:`GatedSparseFFN.aux_loss` for the
-caller to add to the task loss, so that it is reported separately.
+Load balancing without an auxiliary loss (DeepSeek-V3,
+https://arxiv.org/abs/2412.19437 section 2.1.2): the balancing bias is a buffer
+that only affects the choice of blocks. It moves once per optimizer step,
+``bias += balance_rate * sign(mean(count) - count)``, where ``count`` is the
+number of (token, block) pairs each routed block received in the step's
+forwards, summed over the data-parallel ranks. Forward never changes the bias:
+in training mode it only adds the step's counts on the device, so a
+recomputation under activation checkpointing routes exactly as the forward that
+produced the loss did, and every micro-batch of an accumulated step routes with
+the same bias. The update runs after ``optimizer.step()`` of any
+``torch.optim`` optimizer that holds the module's parameters (a global
+optimizer step post-hook; ``auto_balance=False`` turns it off) or when
+:func:`update_balance` is called; the host never reads a count. Under
+``torch.distributed`` the counts are all-reduced over ``balance_group``
+(default: the world group) first, so every rank (DDP with or without
+``broadcast_buffers``, FSDP2) keeps a bit-identical bias.
+
+An optional auxiliary balance loss (``aux_loss_weight > 0``) is left in
+:attr:`GatedSparseFFN.aux_loss` for the caller to add to the task loss, so that
+it is reported separately.
+
+The module is not TorchScript-scriptable (its routing and balancing state are
+Python); use ``torch.compile`` or ``torch.export``, or the LibTorch module
+``deepseek_ext::nn::GatedSparseFFN`` from C++.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
+from typing import Iterable, Optional, Union
 
 import torch
+import torch.distributed as dist
+from torch.optim.optimizer import register_optimizer_step_post_hook
 import torch.nn.functional as F
 from torch import nn
 
 from deepseek_ext import ops
 
-__all__ = ["GatedSparseFFN", "ffn_flops"]
+__all__ = ["GatedSparseFFN", "ffn_flops", "update_balance"]
 
 _ACTIVATIONS = ("gelu", "silu", "swiglu")
 
@@ -101,17 +122,29 @@ class GatedSparseFFN(nn.Module):
         activation: ``"gelu"`` (exact), ``"silu"`` or ``"swiglu"``.
         balance_rate: step of the balancing-bias update (0 turns it off).
         aux_loss_weight: weight of the optional auxiliary balance loss.
+        auto_balance: update the balancing bias after every ``optimizer.step()``
+            of an optimizer that holds this module's parameters. Turn it off
+            where the optimizer holds different parameters on different ranks
+            (``ZeroRedundancyOptimizer``) and call :func:`update_balance` after
+            the step instead.
+        balance_group: process group over which the step's block counts are
+            summed before the update (default: the world group when
+            ``torch.distributed`` is initialised). Pass the data-parallel group
+            when the world also spans tensor or pipeline parallelism.
 
     Parameters: ``w1`` ``[d_ff * m, d_model]`` and ``b1`` (m = 2 for swiglu,
     per block the gate rows then the up rows), ``w2`` ``[d_ff, d_model]``
     (hidden-major), ``b2`` ``[d_model]``, ``gate_weight`` ``[n_routed,
-    d_model]``. Buffer: ``balance_bias`` float32 ``[n_routed]``.
+    d_model]``. Buffer: ``balance_bias`` float32 ``[n_routed]``; the step's
+    block counts so far (int64 ``[n_routed]``, not a buffer, so that DDP does not
+    broadcast them) are :meth:`load_counts`.
     The LibTorch module ``deepseek_ext::nn::GatedSparseFFN`` is the same.
     """
 
     def __init__(self, d_model: int, d_ff: int, block_size: int = 128, density: float = 0.3,
                  shared_blocks: int = 0, activation: str = "gelu", balance_rate: float = 1e-3,
-                 aux_loss_weight: float = 0.0, *, device=None, dtype=None):
+                 aux_loss_weight: float = 0.0, *, auto_balance: bool = True,
+                 balance_group: Optional["dist.ProcessGroup"] = None, device=None, dtype=None):
         super().__init__()
         self.n_blocks, self.k = _check_config(d_model, d_ff, block_size, density, shared_blocks,
                                               activation)
@@ -122,6 +155,7 @@ class GatedSparseFFN(nn.Module):
         self.d_model, self.d_ff, self.block_size = d_model, d_ff, block_size
         self.density, self.shared_blocks, self.activation = density, shared_blocks, activation
         self.balance_rate, self.aux_loss_weight = balance_rate, aux_loss_weight
+        self.auto_balance, self.balance_group = auto_balance, balance_group
         self.n_routed = self.n_blocks - shared_blocks
         m = 2 if activation == "swiglu" else 1
         kw = {"device": device, "dtype": dtype}
@@ -131,9 +165,12 @@ class GatedSparseFFN(nn.Module):
         self.b2 = nn.Parameter(torch.empty(d_model, **kw))
         self.gate_weight = nn.Parameter(torch.empty(self.n_routed, d_model, **kw))
         self.register_buffer("balance_bias", torch.zeros(self.n_routed, device=device, dtype=torch.float32))
+        self._load_counts = torch.zeros(self.n_routed, device=device, dtype=torch.int64)
         self.reset_parameters()
         self.aux_loss = torch.zeros((), device=device)
         self._load = torch.zeros(self.n_routed, device=device)
+        _BALANCED_MODULES.add(self)
+        _register_optimizer_hook()
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
@@ -143,6 +180,7 @@ class GatedSparseFFN(nn.Module):
             nn.init.uniform_(p, -bound, bound)
         with torch.no_grad():
             self.balance_bias.zero_()
+            self._load_counts = torch.zeros_like(self._load_counts)
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() must not round the balancing bias: it stays float32.
@@ -150,6 +188,7 @@ class GatedSparseFFN(nn.Module):
         super()._apply(fn, recurse)
         self.balance_bias = bias.to(device=self.balance_bias.device, dtype=torch.float32)
         self._load = self._load.to(self.balance_bias.device)
+        self._load_counts = self._load_counts.to(self.balance_bias.device)
         self.aux_loss = self.aux_loss.to(self.balance_bias.device)
         return self
 
@@ -157,6 +196,20 @@ class GatedSparseFFN(nn.Module):
         """Per routed block, the fraction of the last forward's (token, block)
         pairs it received: a device tensor (reading it is the caller's sync)."""
         return self._load
+
+    def load_counts(self) -> torch.Tensor:
+        """Per routed block, the (token, block) pairs it received in training-mode
+        forwards since the last balancing update (int64, on the device)."""
+        return self._load_counts
+
+    @torch.no_grad()
+    def update_balance(self) -> None:
+        """Move the balancing bias by the counts of the step and reset them:
+        ``bias += balance_rate * sign(mean(count) - count)``, the counts summed
+        over ``balance_group`` first. A collective under torch.distributed: call
+        it on every rank. Called after each optimizer step unless
+        ``auto_balance=False``; see :func:`update_balance`."""
+        update_balance([self])
 
     def route(self, x2: torch.Tensor):
         """``(scores, topk_idx, order, offsets, gate)`` for ``x2`` ``[T, d_model]``."""
@@ -180,12 +233,14 @@ class GatedSparseFFN(nn.Module):
             out = out + _dense_blocks_activation(a, self.activation, bs) @ self.w2[:r2]
         out = out + self.b2
 
-        pairs = max(x2.shape[0] * self.k, 1)
-        load = (offsets[1:] - offsets[:-1]).float() / pairs
+        counts = offsets[1:] - offsets[:-1]
+        load = counts.float() / max(x2.shape[0] * self.k, 1)
         self._load = load
-        if self.training and self.balance_rate > 0:
+        if self.training and self.balance_rate > 0 and not _recomputing():
+            if self._load_counts.device != counts.device:  # moved by FSDP2 or .to() of params only
+                self._load_counts = torch.zeros_like(counts)
             with torch.no_grad():
-                self.balance_bias.add_(torch.sign(load.mean() - load), alpha=self.balance_rate)
+                self._load_counts.add_(counts)
         if self.aux_loss_weight > 0:
             aff = torch.sigmoid(scores.float())
             p = (aff / aff.sum(1, keepdim=True)).mean(0)
@@ -194,7 +249,95 @@ class GatedSparseFFN(nn.Module):
             self.aux_loss = x2.new_zeros((), dtype=torch.float32)
         return out.view(x.shape)
 
+    def __getstate__(self):
+        # A process group cannot be pickled or deep-copied; a copy uses the default.
+        state = dict(self.__dict__)
+        state["balance_group"] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        _BALANCED_MODULES.add(self)  # a copy balances like the original
+        _register_optimizer_hook()
+
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, block_size={self.block_size}, "
                 f"n_blocks={self.n_blocks}, k={self.k}, shared_blocks={self.shared_blocks}, "
                 f"activation={self.activation!r}")
+
+
+def _recomputing() -> bool:
+    """Whether this forward runs inside a backward pass: a recomputation under
+    activation checkpointing (torch.utils.checkpoint, reentrant or not), whose
+    pairs the original forward has already counted. Under torch.compile this is
+    not traced; a compiled recomputation counts its pairs again, which scales
+    every count of the module alike and leaves ``sign(mean - count)`` unchanged."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
+def _process_group(module: GatedSparseFFN):
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = module.balance_group if module.balance_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+@torch.no_grad()
+def update_balance(modules: Union[nn.Module, Iterable[GatedSparseFFN]]) -> None:
+    """Apply the balancing update of every :class:`GatedSparseFFN` in ``modules``
+    (a model, searched with ``modules()``, or an iterable of the modules) and
+    reset their counts. The counts of modules that share a device and process
+    group are summed over the group in one ``all_reduce``; nothing is read by
+    the host. Under torch.distributed every rank must call it with the same
+    modules in the same order (``model.modules()`` order is).
+
+    Call it after ``optimizer.step()`` when a module has ``auto_balance=False``
+    or its parameters are stepped by something other than a ``torch.optim``
+    optimizer.
+    """
+    if isinstance(modules, nn.Module):
+        modules = [m for m in modules.modules() if isinstance(m, GatedSparseFFN)]
+    batches: dict = {}
+    for m in modules:
+        if not isinstance(m, GatedSparseFFN):
+            raise TypeError(f"modules must hold GatedSparseFFN modules, got {type(m).__name__}")
+        if m.balance_rate > 0:
+            group = _process_group(m)
+            batches.setdefault((m._load_counts.device, id(group)), (group, []))[1].append(m)
+    for group, mods in batches.values():
+        counts = torch.cat([m._load_counts for m in mods])
+        if group is not None:
+            dist.all_reduce(counts, group=group)
+        for m, c in zip(mods, counts.split([m.n_routed for m in mods])):
+            # sign(mean(c) - c) = sign(sum(c) - n * c), exact in int64.
+            step = torch.sign(c.sum() - m.n_routed * c).to(torch.float32)
+            m.balance_bias.add_(step.to(m.balance_bias.device), alpha=m.balance_rate)
+            m._load_counts.zero_()
+
+
+# Every live GatedSparseFFN; after an optimizer step, those with auto_balance whose
+# gate weight the optimizer holds are updated, in the order of the optimizer's
+# parameters (the same on every rank, so the collectives match).
+_BALANCED_MODULES: "weakref.WeakSet[GatedSparseFFN]" = weakref.WeakSet()
+_OPTIMIZER_HOOK = None
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    modules = [m for m in list(_BALANCED_MODULES) if m.auto_balance and m.balance_rate > 0]
+    if not modules:
+        return
+    position = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            position.setdefault(id(p), len(position))
+    held = [(position[id(m.gate_weight)], m) for m in modules if id(m.gate_weight) in position]
+    if held:
+        update_balance([m for _, m in sorted(held, key=lambda t: t[0])])
+
+
+def _register_optimizer_hook() -> None:
+    global _OPTIMIZER_HOOK
+    if _OPTIMIZER_HOOK is None:
+        _OPTIMIZER_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)

@@ -174,6 +174,7 @@ def test_compile_fullgraph():
     bias_before = ffn.balance_bias.clone()
     y = compiled(x)
     y.sum().backward()
+    assert int(ffn.load_counts().sum()) == 18 * ffn.k  # the compiled forward counts its pairs
     gx = x.grad.clone()
     x.grad = None
     ffn.balance_bias.copy_(bias_before)
@@ -230,14 +231,17 @@ def test_balancing_bias_moves_skewed_load_toward_uniform():
     uniform = torch.full((ffn.n_routed,), 1 / ffn.n_routed)
     first = (ffn.block_load() - uniform).abs().sum()
     for _ in range(100):
+        ffn.update_balance()  # what an optimizer step does
         ffn(x)
     last = (ffn.block_load() - uniform).abs().sum()
     assert last < 0.5 * first, (first, last)
     # The bias only steers selection: no gradient ever reaches it.
     assert not ffn.balance_bias.requires_grad
     ffn.eval()
+    ffn.update_balance()
     before = ffn.balance_bias.clone()
     ffn(x)
+    ffn.update_balance()  # evaluation counted nothing
     torch.testing.assert_close(ffn.balance_bias, before)
 
 
@@ -273,16 +277,20 @@ def test_no_host_sync_in_training_step(monkeypatch):
     y = ffn(x)
     (y.sum() + ffn.aux_loss).backward()
     ffn.block_load()
+    torch.optim.SGD(ffn.parameters(), lr=0.1).step()  # the balancing update
 
 
 @pytest.mark.cuda
 def test_no_cuda_sync_in_training_step():
     ffn = GatedSparseFFN(64, 512, block_size=128, density=0.5).cuda().bfloat16()
     x = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    opt = torch.optim.SGD(ffn.parameters(), lr=0.1)
     ffn(x).sum().backward()  # warm-up
+    opt.step()
     torch.cuda.set_sync_debug_mode("error")
     try:
         ffn(x).sum().backward()
+        opt.step()  # with the balancing update
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
