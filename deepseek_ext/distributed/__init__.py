@@ -7,6 +7,8 @@
   plain averaging allreduce, counted the same way (a like-for-like baseline).
 - :class:`AdaptiveLocalSGD` + :func:`adaptive_local_sgd_hook`: local SGD with
   an averaging period that adapts to how far the ranks drift apart.
+- :func:`fully_shard_per_block`: FSDP2 per block for models whose blocks share
+  modules (cross-layer attention sharing).
 """
 
 from deepseek_ext.distributed.compression import (
@@ -15,6 +17,7 @@ from deepseek_ext.distributed.compression import (
     counting_allreduce_hook,
     int8_compress_hook,
 )
+from deepseek_ext.distributed.fsdp import fully_shard_per_block, modules_shared_by_blocks
 from deepseek_ext.distributed.local_sgd import AdaptiveLocalSGD, adaptive_local_sgd_hook
 
 __all__ = [
@@ -24,4 +27,6 @@ __all__ = [
     "counting_allreduce_hook",
     "AdaptiveLocalSGD",
     "adaptive_local_sgd_hook",
+    "fully_shard_per_block",
+    "modules_shared_by_blocks",
 ]

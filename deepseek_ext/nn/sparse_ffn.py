@@ -249,6 +249,12 @@ class GatedSparseFFN(nn.Module):
             self.aux_loss = x2.new_zeros((), dtype=torch.float32)
         return out.view(x.shape)
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            "GatedSparseFFN cannot be compiled by torch.jit.script (its routing and balancing "
+            "state are Python): use torch.compile or torch.export, or the LibTorch module "
+            "deepseek_ext::nn::GatedSparseFFN from C++")
+
     def __getstate__(self):
         # A process group cannot be pickled or deep-copied; a copy uses the default.
         state = dict(self.__dict__)

@@ -149,6 +149,11 @@ def test_deepcopy_keeps_auto_balance():
     assert int(g.load_counts().sum()) == 0 and g.balance_bias.abs().sum() > 0
 
 
+def test_torchscript_refuses_with_a_clear_message():
+    with pytest.raises(RuntimeError, match="GatedSparseFFN cannot be compiled by torch.jit.script"):
+        torch.jit.script(ffn(16))
+
+
 def test_update_balance_rejects_other_modules():
     with pytest.raises(TypeError, match="modules must hold GatedSparseFFN modules"):
         update_balance([nn.Linear(2, 2)])
