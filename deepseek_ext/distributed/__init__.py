@@ -11,13 +11,10 @@
   modules (cross-layer attention sharing).
 """
 
-from deepseek_ext.distributed.compression import (
-    CountingAllreduceState,
-    Int8CompressionState,
-    counting_allreduce_hook,
-    int8_compress_hook,
-)
+from deepseek_ext.distributed.allreduce_hook import CountingAllreduceState, counting_allreduce_hook
 from deepseek_ext.distributed.fsdp import fully_shard_per_block, modules_shared_by_blocks
+from deepseek_ext.distributed.int8_hook import int8_compress_hook
+from deepseek_ext.distributed.int8_state import Int8CompressionState
 from deepseek_ext.distributed.local_sgd import AdaptiveLocalSGD, adaptive_local_sgd_hook
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Plumbing shared by the communication hooks: ordered launches, counters.
 
-Nothing here knows about quantisation; :mod:`.compression` builds its hook
+Nothing here knows about quantisation; :mod:`.int8_hook` builds its hook
 from these pieces.
 """
 

@@ -30,7 +30,7 @@ from deepseek_ext.distributed._pipeline import (
     completed_future,
     ring_allreduce_bytes,
 )
-from deepseek_ext.distributed.compression import CountingAllreduceState, counting_allreduce_hook
+from deepseek_ext.distributed.allreduce_hook import CountingAllreduceState, counting_allreduce_hook
 
 __all__ = ["AdaptiveLocalSGD", "adaptive_local_sgd_hook"]
 

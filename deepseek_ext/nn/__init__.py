@@ -9,13 +9,11 @@ from deepseek_ext.nn.sparse_ffn import GatedSparseFFN, ffn_flops, update_balance
 
 __all__ += ["GatedSparseFFN", "ffn_flops", "update_balance"]
 # Shared-attention layers (cross-layer parameter sharing)
-from deepseek_ext.nn.shared_attention import (  # noqa: E402
-    SharedAttention,
+from deepseek_ext.nn.parameter_report import parameter_formula, parameter_report  # noqa: E402
+from deepseek_ext.nn.shared_attention import SharedAttention, sharing_plan  # noqa: E402
+from deepseek_ext.nn.shared_attention_transformer import (  # noqa: E402
     SharedAttentionConfig,
     SharedAttentionTransformer,
-    parameter_formula,
-    parameter_report,
-    sharing_plan,
 )
 
 __all__ += [
