@@ -7,11 +7,11 @@ Python wrappers in :mod:`deepseek_ext.ops`.
 """
 
 from deepseek_ext._loader import load_library as _load_library
+from deepseek_ext._version import __version__
 
 _C = _load_library()
 
 from deepseek_ext import ops  # noqa: E402  (needs the library loaded first)
 from deepseek_ext import amp, nn  # noqa: E402
 
-__version__ = "0.1.0"
 __all__ = ["ops", "amp", "nn", "__version__"]
