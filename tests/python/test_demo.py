@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepseek_ext import demo
+from deepseek_ext.demo import _report as demo_report
+from deepseek_ext.demo import _train as demo_train
+
 from deepseek_ext.recipe import TECHNIQUES, ModelConfig, Recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +51,7 @@ def test_index_batches_are_rank_disjoint_and_follow_the_fraction():
     fraction_at = lambda k: 0.25 if k < 3 else 1.0  # noqa: E731
     seen, first = [], []
     for rank in range(2):
-        it = iter(demo._IndexBatches(100, 4, rank, 2, seed=3, fraction_at=fraction_at))
+        it = iter(demo_train._IndexBatches(100, 4, rank, 2, seed=3, fraction_at=fraction_at))
         batches = [next(it) for _ in range(3)]  # 3 batches x 4 = 12 of the rank's 12 or 13 windows
         seen.append({i for b in batches for i in b})
         first.append(batches)
@@ -59,29 +61,30 @@ def test_index_batches_are_rank_disjoint_and_follow_the_fraction():
     assert not (seen[0] & seen[1])
     assert len(seen[0] | seen[1]) == 24  # 24 distinct windows of the active 25
     # Deterministic: the same batches again.
-    again = iter(demo._IndexBatches(100, 4, 0, 2, seed=3, fraction_at=fraction_at))
+    again = iter(demo_train._IndexBatches(100, 4, 0, 2, seed=3, fraction_at=fraction_at))
     assert [next(again) for _ in range(3)] == first[0]
 
 
 def test_comparison_table_has_ratios():
-    a = {k: 2.0 for _, k, _ in demo.ROWS}
-    b = {k: 1.0 for _, k, _ in demo.ROWS}
+    a = {k: 2.0 for _, k, _ in demo_report.ROWS}
+    b = {k: 1.0 for _, k, _ in demo_report.ROWS}
     a.update(name="baseline", precision="fp32")
     b.update(name="low-cost", precision="fp32")
-    table = demo.comparison_table([a, b])
+    table = demo_report.comparison_table([a, b])
     assert "| tokens/s | 2 | 1 | 0.500x |" in table
-    assert table.count("\n") == len(demo.ROWS) + 2
+    assert table.count("\n") == len(demo_report.ROWS) + 2
 
 
 def test_demo_smoke_run_writes_a_complete_report(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "deepseek_ext.demo", "--smoke", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "deepseek_ext.demo", "--smoke", "--out", str(out),
+                           "--results-dir", str(tmp_path / "results")],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert [r["name"] for r in report["runs"]] == ["baseline", "low-cost"]
     for run in report["runs"]:
-        for _, key, _ in demo.ROWS:
+        for _, key, _ in demo_report.ROWS:
             assert key in run, f"{run['name']} lacks {key}"
             if key != "precision":
                 assert math.isfinite(float(run[key])), f"{run['name']}.{key} = {run[key]}"
@@ -95,3 +98,9 @@ def test_demo_smoke_run_writes_a_complete_report(tmp_path):
     assert low["bytes_communicated"] < base["bytes_communicated"]
     assert "final eval loss" in report["table"] and "machine" in report
     assert (out / "loss_curves.png").is_file()
+    # The results file: a header naming date, machine, torch and commit, then the table.
+    results = (tmp_path / "results" / "demo_cpu.md").read_text()
+    for field in ("- date: ", "- machine: ", f"- torch: {torch.__version__}", "- commit: ", "--smoke"):
+        assert field in results, field
+    assert report["table"].strip() in results
+    assert (tmp_path / "results" / "demo_cpu_loss_curves.png").is_file()

@@ -1,110 +1,27 @@
-"""The main job: train a small GPT-style language model twice and compare the cost.
-
-    python -m deepseek_ext.demo             # baseline vs low-cost recipe (about 10 min on 2 CPU cores)
-    python -m deepseek_ext.demo --ablate    # ... and every technique alone against the baseline
-    python -m deepseek_ext.demo --smoke     # a tiny configuration (well under a minute)
-    python -m deepseek_ext.demo --device cuda
-
-Both runs train on the same real text (the Python standard library's source
-files, byte-level tokens: nothing to download), with the same token budget, in
-``--world-size`` processes joined by torch.distributed (Gloo on CPU, NCCL on
-CUDA) and DDP. The baseline is fp32, dense FFN, unshared attention, DDP's plain
-allreduce and a naive data loader that reads and tokenises text per sample; the
-low-cost run turns on every technique of :class:`deepseek_ext.recipe.Recipe`.
-The report (``report.json``), each run's monitor output (JSONL, TensorBoard
-events, PNG plots) and a loss-curve comparison go to ``runs/demo-<timestamp>/``.
-"""
+"""One training run of the demo, in each of ``world_size`` processes joined by
+torch.distributed (Gloo on CPU, NCCL on CUDA) and DDP."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import json
 import math
 import os
-import platform
 import resource
 import socket
 import sys
-import sysconfig
 import time
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List
 
 import torch
 
-from deepseek_ext.recipe import TECHNIQUES, ModelConfig, Recipe
+from deepseek_ext.recipe import Recipe
 
-__all__ = ["DemoConfig", "main", "run_demo"]
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    device: str = "cpu"
-    world_size: int = 2
-    steps: int = 240
-    batch_size: int = 16  # sequences per rank and step
-    seq_len: int = 128
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    d_ff: int = 1024
-    lr: float = 3e-3
-    warmup_steps: int = 20
-    eval_windows: int = 128
-    train_corpus_mb: float = 4.0
-    num_workers: int = 1  # DataLoader workers per rank, the same for both runs
-    price_per_device_hour: float = 0.05  # USD; CPU: one process = one device (a cloud vCPU pair is ~$0.05-0.10/h)
-    seed: int = 0
-
-    def model(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(vocab_size=vocab_size, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
-                           d_ff=self.d_ff, max_seq_len=self.seq_len)
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.world_size * self.batch_size * self.seq_len
+from deepseek_ext.demo._config import DemoConfig
 
 
-SMOKE = dict(steps=12, batch_size=4, seq_len=32, d_model=64, n_layers=4, n_heads=2, d_ff=256, warmup_steps=2,
-             eval_windows=8, train_corpus_mb=0.3, num_workers=0)
-CUDA_DEFAULTS = dict(steps=600, batch_size=32, seq_len=512, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
-                     lr=1e-3, warmup_steps=60, train_corpus_mb=48.0, num_workers=2, price_per_device_hour=3.0,
-                     eval_windows=256)
-
-
-# -- the corpus: real text that every Python installation has --------------------
-def demo_corpus(train_bytes: float, eval_bytes: float = 256e3) -> Tuple[List[str], List[str]]:
-    """Standard-library ``.py`` files in sorted order: every 20th file is held out
-    for evaluation; the others are taken until ``train_bytes`` is reached."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"}
-    files = sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
-    if not files:
-        raise RuntimeError(f"no Python source files under {root}: the demo needs the standard library's sources")
-    # Held out: every 20th file of the whole library, taken in a fixed random order
-    # until eval_bytes; training: the other files in sorted order until train_bytes.
-    candidates = files[::20]
-    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(1234)).tolist()
-    held_out, n_eval = [], 0
-    for i in order:
-        if n_eval >= eval_bytes:
-            break
-        held_out.append(str(candidates[i]))
-        n_eval += candidates[i].stat().st_size
-    train, n_train = [], 0
-    for i, p in enumerate(files):
-        if n_train >= train_bytes:
-            break
-        if i % 20:
-            train.append(str(p))
-            n_train += p.stat().st_size
-    return train, sorted(held_out)
-
-
-# -- one training run, in each of world_size processes ----------------------------------
 class _IndexBatches:
     """Infinite batches of window indices for one rank (one batch per training step).
 
@@ -384,175 +301,3 @@ def run_one(name: str, recipe: Recipe, cfg: DemoConfig, out: Path, data: Dict[st
     result["estimated_cost_usd"] = result["train_s"] / 3600 * cfg.world_size * cfg.price_per_device_hour
     (run_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
     return result
-
-
-# -- the report ----------------------------------------------------------------------
-ROWS = [  # (label, key, format)
-    ("precision", "precision", "{}"),
-    ("parameters", "parameters", "{:,}"),
-    ("params+grads+Adam state", "param_grad_adam_bytes", "mb"),
-    ("FFN FLOPs / token (fwd)", "ffn_flops_per_token", "{:,}"),
-    ("tokens/s", "tokens_per_s", "{:,.0f}"),
-    ("peak memory (rank 0)", "peak_memory_bytes", "mb"),
-    ("bytes communicated", "bytes_communicated", "mb"),
-    ("data-wait fraction", "data_wait_fraction", "{:.1%}"),
-    ("final eval loss", "eval_loss", "{:.4f}"),
-    ("eval perplexity", "eval_perplexity", "{:.3f}"),
-    ("training time", "train_s", "{:.1f} s"),
-    ("wall time (with start-up, eval)", "wall_s", "{:.1f} s"),
-    ("estimated training cost", "estimated_cost_usd", "${:.5f}"),
-]
-
-
-def _fmt(fmt: str, v) -> str:
-    if fmt == "mb":
-        return f"{v / 2**20:,.2f} MiB"
-    return fmt.format(v)
-
-
-def comparison_table(results: List[dict]) -> str:
-    base = results[0]
-    cols = ["metric"] + [r["name"] for r in results] + [f"{r['name']} / {base['name']}" for r in results[1:]]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for label, key, fmt in ROWS:
-        cells = [label] + [_fmt(fmt, r[key]) for r in results]
-        for r in results[1:]:
-            a, b = r[key], base[key]
-            cells.append(f"{a / b:.3f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b
-                         else "")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _plot_losses(results: List[dict], path: Path) -> Optional[Path]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in results:
-        curve = torch.tensor(r["train_loss_curve"])
-        k = max(1, len(curve) // 40)
-        smooth = torch.nn.functional.avg_pool1d(curve.view(1, 1, -1), k, stride=1).view(-1)
-        ax.plot(range(k - 1, len(curve)), smooth.tolist(), label=f"{r['name']} (eval {r['eval_loss']:.3f})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss (nats/byte)")
-    ax.set_title("deepseek_ext demo: same tokens, same data")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _machine(cfg: DemoConfig) -> str:
-    if cfg.device == "cuda":
-        dev = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
-    else:
-        model = platform.processor() or "cpu"
-        try:
-            model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        dev = f"{model}, {os.cpu_count()} cores"
-    return f"{dev}; torch {torch.__version__}; Python {platform.python_version()}"
-
-
-def run_demo(cfg: DemoConfig, out: Path, ablate: bool = False) -> dict:
-    from deepseek_ext.data import build_token_dataset
-
-    # glibc raises its mmap threshold as large blocks are freed, after which the
-    # sparse FFN's per-step buffers of varying size fragment the heap: resident
-    # memory creeps up by hundreds of MiB over a run (measured: 1.19 GB after 80
-    # steps vs 0.73 GB with a fixed threshold). A fixed threshold, the same for
-    # every run, keeps peak memory a measure of what the model needs.
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
-
-    out.mkdir(parents=True, exist_ok=True)
-    train_files, eval_files = demo_corpus(cfg.train_corpus_mb * 1e6,
-                                          eval_bytes=max(256e3, cfg.eval_windows * cfg.seq_len * 1.1))
-    data_dir = out / "data"
-    data_dir.mkdir(exist_ok=True)
-    train_info = build_token_dataset(train_files, data_dir / "train.bin", tokenizer="byte", overwrite=True)
-    eval_info = build_token_dataset(eval_files, data_dir / "eval.bin", tokenizer="byte", overwrite=True)
-    data = dict(vocab_size=max(train_info.vocab_size, eval_info.vocab_size), train_files=train_files,
-                eval_files=eval_files, train_bin=str(data_dir / "train.bin"), eval_bin=str(data_dir / "eval.bin"))
-    print(f"corpus: {len(train_files)} stdlib files for training ({_tokens(train_info):,} byte tokens), "
-          f"{len(eval_files)} held-out files for evaluation ({_tokens(eval_info):,} tokens)")
-    print(f"budget: {cfg.steps} steps x {cfg.tokens_per_step:,} tokens = {cfg.steps * cfg.tokens_per_step:,} "
-          f"tokens per run, {cfg.world_size} processes ({'NCCL' if cfg.device == 'cuda' else 'Gloo'})")
-
-    runs = [("baseline", Recipe.baseline()), ("low-cost", Recipe.low_cost())]
-    if ablate:
-        for t in TECHNIQUES:
-            if t == "mixed_precision" and cfg.device != "cuda":
-                print("ablate: mixed_precision skipped on CPU (fp32 either way; see Recipe)")
-                continue
-            runs.append((f"+{t}", Recipe.only(t)))
-    results = []
-    for name, recipe in runs:
-        results.append(run_one(name.replace("+", "only-"), recipe, cfg, out, data))
-        results[-1]["name"] = name
-    main_table = comparison_table(results[:2])
-    report = dict(machine=_machine(cfg), config=asdict(cfg), runs=results, table=main_table)
-    print()
-    print(f"machine: {report['machine']}")
-    print(main_table)
-    if ablate:
-        report["ablate_table"] = comparison_table([results[0]] + results[2:])
-        print("ablation (each technique alone vs the baseline):")
-        print(report["ablate_table"])
-    plot = _plot_losses(results[:2], out / "loss_curves.png")
-    if plot:
-        report["comparison_plot"] = str(plot)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "report.md").write_text(f"machine: {report['machine']}\n\n{main_table}\n"
-                                   + (f"\nablation:\n\n{report['ablate_table']}" if ablate else ""))
-    print(f"report, plots and monitor logs: {out}/")
-    return report
-
-
-def _tokens(info) -> int:
-    for key in ("num_tokens", "n_tokens", "tokens"):
-        if hasattr(info, key):
-            return int(getattr(info, key))
-    return -1
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deepseek_ext.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--smoke", action="store_true", help="a tiny configuration for tests (well under a minute)")
-    p.add_argument("--ablate", action="store_true", help="also run each technique alone against the baseline")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/demo-<timestamp>)")
-    p.add_argument("--world-size", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--price-per-device-hour", type=float, default=None)
-    args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
-    cfg = DemoConfig(device=args.device)
-    if args.device == "cuda":
-        cfg = replace(cfg, **CUDA_DEFAULTS, world_size=torch.cuda.device_count())
-    if args.smoke:
-        cfg = replace(cfg, **SMOKE)
-    for key in ("world_size", "steps", "price_per_device_hour"):
-        if getattr(args, key) is not None:
-            cfg = replace(cfg, **{key: getattr(args, key)})
-    if cfg.world_size < 1:
-        p.error(f"--world-size must be >= 1, got {cfg.world_size}")
-    if cfg.device == "cuda" and cfg.world_size > torch.cuda.device_count():
-        p.error(f"--world-size {cfg.world_size}: only {torch.cuda.device_count()} CUDA device(s); NCCL needs one per rank")
-    if cfg.world_size == 1:
-        print("note: world size 1 communicates nothing; bytes communicated will be 0 for both runs")
-    if cfg.steps < 2:
-        p.error(f"--steps must be >= 2 (step 0 is not timed), got {cfg.steps}")
-    out = args.out or Path("runs") / f"demo-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
-    run_demo(cfg, out, ablate=args.ablate)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
