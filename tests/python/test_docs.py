@@ -120,6 +120,21 @@ def test_relative_links_resolve(page):
     assert not broken, f"{page.relative_to(ROOT)}: links to missing files:\n" + "\n".join(broken)
 
 
+_REPO_PATH = re.compile(r"`((?:csrc|kernels|deepseek_ext|benchmarks|tests|tools|docs|cmake)/[\w./-]*)`")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=PAGE_IDS)
+def test_repository_paths_exist(page):
+    """A path in backticks (`csrc/...`, `kernels/...`, ...) names a file or folder
+    of this checkout; header paths may also be relative to csrc/include."""
+    missing = []
+    for n, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+        for path in _REPO_PATH.findall(line):
+            if not any((base / path).exists() for base in (ROOT, ROOT / "csrc" / "include")):
+                missing.append(f"line {n}: {path}")
+    assert not missing, f"{page.relative_to(ROOT)}: paths that do not exist:\n" + "\n".join(missing)
+
+
 _RESULTS_LINK = re.compile(r"\((?:\.\./)*(benchmarks/results/[\w.-]+\.md)\)")
 
 
