@@ -190,3 +190,10 @@ def test_the_runner_reports_a_failing_block(tmp_path):
 def test_copied_tables_are_found():
     text = "From [r](../benchmarks/results/x_cpu.md):\n\n| a |\n|---|\n| 1 |\n\nno table\n"
     assert copied_tables(text) == [(3, "benchmarks/results/x_cpu.md", ["| a |", "|---|", "| 1 |"])]
+
+
+def test_index_lists_every_page():
+    index = (ROOT / "docs" / "README.md").read_text(encoding="utf-8")
+    linked = set(_LINK.findall(index))
+    missing = [p.name for p in PAGES if p.parent.name == "docs" and p.name != "README.md" and p.name not in linked]
+    assert not missing, f"docs/README.md does not link: {missing}"
