@@ -1,17 +1,28 @@
 """deepseek_ext: a PyTorch extension that makes training cheaper.
 
-Importing the package checks that the installed torch is the one the compiled
-library was built for, loads the library (which registers every operator as
-``torch.ops.deepseek_ext.*``), then registers the fake (meta) kernels and
-Python wrappers in :mod:`deepseek_ext.ops`.
+Importing the package loads the compiled library when it is built for the
+installed torch (that registers every operator as ``torch.ops.deepseek_ext.*``,
+then the fake kernels of :mod:`deepseek_ext.ops`). Without one, the package
+still imports: :mod:`deepseek_ext.data`, :mod:`deepseek_ext.train` and the
+pure-Python parts of :mod:`deepseek_ext.distributed` work, and the first call of
+an op raises an error that says why the library is missing and how to build it.
 """
 
-from deepseek_ext._loader import load_library as _load_library
+from deepseek_ext import _loader
 from deepseek_ext._version import __version__
 
-_C = _load_library()
+_loader.try_load()
 
-from deepseek_ext import ops  # noqa: E402  (needs the library loaded first)
+from deepseek_ext import ops  # noqa: E402  (its fake kernels wait for the library)
 from deepseek_ext import amp, nn  # noqa: E402
 
 __all__ = ["ops", "amp", "nn", "__version__"]
+
+
+def __getattr__(name):
+    if name == "_C":  # the pybind11 module, when it could not be loaded: say why
+        try:
+            return _loader.library()
+        except RuntimeError as e:
+            raise AttributeError(f"deepseek_ext._C: {e}") from e
+    raise AttributeError(f"module 'deepseek_ext' has no attribute {name!r}")

@@ -1,4 +1,11 @@
-"""Loads the compiled library after checking the torch it was built against."""
+"""Loads the compiled library after checking the torch it was built against.
+
+``import deepseek_ext`` tries once (:func:`try_load`); when the library is
+missing or does not fit the installed torch, the package still imports and
+:func:`library` raises the reason, with how to build, when an op is called.
+Fake kernels (:func:`register_fake`) are registered only once the library has
+defined their ops.
+"""
 
 import importlib
 import re
@@ -7,6 +14,12 @@ import torch
 
 SUPPORTED_TORCH = ((2, 11),)  # minor versions this source tree builds against
 
+_BUILD_HINT = "run `make build` (or `pip install --no-build-isolation -e .`) in the source tree"
+
+_lib = None  # the loaded deepseek_ext._C module
+_error = None  # why it could not be loaded (an ImportError), once tried
+_pending_fakes = []  # (qualname, fn) waiting for the library to define their op
+
 
 def _minor(version: str):
     m = re.match(r"(\d+)\.(\d+)", version)
@@ -14,13 +27,12 @@ def _minor(version: str):
 
 
 def load_library():
+    """Checks the build against this torch and CPU, then imports deepseek_ext._C
+    (which registers the ops). Raises ImportError saying what to do."""
     try:
         from deepseek_ext import _build_config
     except ImportError:
-        raise ImportError(
-            "deepseek_ext is not built: run `pip install --no-build-isolation .` "
-            "(or `make build`) in the source tree"
-        ) from None
+        raise ImportError(f"deepseek_ext's compiled library is not built: {_BUILD_HINT}") from None
     installed = torch.__version__
     built = _build_config.TORCH_VERSION
     if _minor(installed) not in SUPPORTED_TORCH:
@@ -42,7 +54,48 @@ def load_library():
                 f"deepseek_ext was built with AVX2 CPU kernels but this CPU lacks {', '.join(missing)}; "
                 "rebuild with DEEPSEEK_EXT_CPU_ISA=generic"
             )
-    return importlib.import_module("deepseek_ext._C")
+    try:
+        return importlib.import_module("deepseek_ext._C")
+    except ModuleNotFoundError as e:
+        if e.name != "deepseek_ext._C":
+            raise
+        raise ImportError(f"deepseek_ext's compiled library (deepseek_ext/_C*.so) is missing: {_BUILD_HINT}") from None
+
+
+def try_load():
+    """Loads the library once; returns it, or None and keeps the reason."""
+    global _lib, _error
+    if _lib is None and _error is None:
+        try:
+            _lib = load_library()
+        except ImportError as e:
+            _error = e
+            return None
+        while _pending_fakes:
+            torch.library.register_fake(*_pending_fakes.pop(0))
+    return _lib
+
+
+def library():
+    """The loaded library; a RuntimeError that says why and how to build when
+    there is none."""
+    if _lib is None and try_load() is None:
+        raise RuntimeError(f"deepseek_ext's operators are not available: {_error}") from _error
+    return _lib
+
+
+def register_fake(qualname):
+    """Decorator: ``torch.library.register_fake(qualname)`` now if the library is
+    loaded, otherwise as soon as it is (the op must be defined first)."""
+
+    def register(fn):
+        if _lib is not None:
+            torch.library.register_fake(qualname, fn)
+        else:
+            _pending_fakes.append((qualname, fn))
+        return fn
+
+    return register
 
 
 def _missing_cpu_flags(required):

@@ -3,14 +3,35 @@
 Each wrapper normalises its arguments and calls the op's ``.default`` overload;
 the C++ schemas in ``csrc/ops/library.cpp`` are the contract. The fake kernels
 repeat the C++ shape and dtype checks with ``torch._check`` so that
-``torch.compile`` and meta tensors see the same errors as eager code.
+``torch.compile`` and meta tensors see the same errors as eager code; they are
+registered once the compiled library has defined the ops (see ``_loader``).
+This module imports without the compiled library; calling an op without one
+raises an error that says how to build it.
 """
 
 from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["unscale_and_check_", "matmul_unscale_check", "update_scale_"]
+from deepseek_ext import _loader
+
+__all__ = [
+    # mixed precision: unscale + overflow check, fused GEMM, loss scaler step
+    "unscale_and_check_", "matmul_unscale_check", "update_scale_",
+    # 8-bit gradient quantisation
+    "quantize_int8", "quantize_int8_ef_", "dequantize_int8", "dequantize_reduce_int8",
+    # gated sparse FFN
+    "sparse_ffn_route", "sparse_ffn", "sparse_ffn_backward",
+    # shared attention
+    "shared_attention",
+]
+
+
+def _ops():
+    """``torch.ops.deepseek_ext``, once the compiled library is loaded."""
+    if _loader._lib is None:
+        _loader.library()  # raises why it is not, and how to build
+    return torch.ops.deepseek_ext
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -43,7 +64,7 @@ def unscale_and_check_(
         if g.device != found_inf.device:
             raise RuntimeError(
                 f"grads[{i}] must be on the same device as found_inf ({found_inf.device}), got {g.device}")
-    torch.ops.deepseek_ext.unscale_and_check_.default(grads, found_inf, inv_scale)
+    _ops().unscale_and_check_.default(grads, found_inf, inv_scale)
 
 
 def _check_scalar_tensor(t: torch.Tensor, name: str) -> None:
@@ -53,7 +74,7 @@ def _check_scalar_tensor(t: torch.Tensor, name: str) -> None:
     )
 
 
-@torch.library.register_fake("deepseek_ext::unscale_and_check_")
+@_loader.register_fake("deepseek_ext::unscale_and_check_")
 def _unscale_and_check_fake(grads, found_inf, inv_scale):
     _check_scalar_tensor(found_inf, "found_inf")
     _check_scalar_tensor(inv_scale, "inv_scale")
@@ -98,10 +119,10 @@ def matmul_unscale_check(
     BLAS's alpha, so a scale that is not a power of two may round differently
     from the CUDA kernels, which multiply the float32 sums.
     """
-    return torch.ops.deepseek_ext.matmul_unscale_check.default(a, b, inv_scale, found_inf, out_dtype=out_dtype)
+    return _ops().matmul_unscale_check.default(a, b, inv_scale, found_inf, out_dtype=out_dtype)
 
 
-@torch.library.register_fake("deepseek_ext::matmul_unscale_check")
+@_loader.register_fake("deepseek_ext::matmul_unscale_check")
 def _matmul_unscale_check_fake(a, b, inv_scale, found_inf, *, out_dtype=None):
     torch._check(a.dim() == 2, lambda: f"a must be a 2-D matrix, got shape {tuple(a.shape)}")
     torch._check(b.dim() == 2, lambda: f"b must be a 2-D matrix, got shape {tuple(b.shape)}")
@@ -148,14 +169,14 @@ def update_scale_(
         skip_counts: int64[2] (consecutive skipped steps, total skipped steps).
         found_inf: float32[1].
     """
-    torch.ops.deepseek_ext.update_scale_.default(
+    _ops().update_scale_.default(
         scale, growth_tracker, hysteresis_tracker, skip_counts, found_inf,
         float(growth_factor), float(backoff_factor), int(growth_interval), int(hysteresis),
         float(min_scale), float(max_scale),
     )
 
 
-@torch.library.register_fake("deepseek_ext::update_scale_")
+@_loader.register_fake("deepseek_ext::update_scale_")
 def _update_scale_fake(scale, growth_tracker, hysteresis_tracker, skip_counts, found_inf, growth_factor,
                        backoff_factor, growth_interval, hysteresis, min_scale, max_scale):
     for t, name, dtype, n in ((scale, "scale", torch.float32, 1), (growth_tracker, "growth_tracker", torch.int32, 1),
@@ -171,8 +192,6 @@ def _update_scale_fake(scale, growth_tracker, hysteresis_tracker, skip_counts, f
 # float32 scale = absmax / 127 and int8 values q = round(x / scale). A block of
 # zeros has scale 0; a block holding inf or NaN has scale NaN (and q 0), so
 # dequantising it yields NaN. See csrc/include/deepseek_ext/detail/int8_quant.h.
-
-__all__ += ["quantize_int8", "quantize_int8_ef_", "dequantize_int8", "dequantize_reduce_int8"]
 
 _MAX_BLOCK_SIZE = 4096
 
@@ -203,7 +222,7 @@ def quantize_int8(
         ``(q, scales)``: int8 ``q`` with ``x``'s shape, float32 ``scales`` of
         ``ceil(x.numel() / block_size)`` elements.
     """
-    return torch.ops.deepseek_ext.quantize_int8.default(x, block_size, stochastic, seed, offset)
+    return _ops().quantize_int8.default(x, block_size, stochastic, seed, offset)
 
 
 def quantize_int8_ef_(
@@ -232,7 +251,7 @@ def quantize_int8_ef_(
     Returns:
         ``(q, scales)`` of ``x + residual``.
     """
-    return torch.ops.deepseek_ext.quantize_int8_ef_.default(
+    return _ops().quantize_int8_ef_.default(
         x, residual, block_size, stochastic, seed, offset
     )
 
@@ -255,7 +274,7 @@ def dequantize_int8(
     """
     if numel is None:
         numel = q.numel()
-    return torch.ops.deepseek_ext.dequantize_int8.default(q, scales, block_size, dtype, numel)
+    return _ops().dequantize_int8.default(q, scales, block_size, dtype, numel)
 
 
 def dequantize_reduce_int8(
@@ -275,7 +294,7 @@ def dequantize_reduce_int8(
     Returns:
         ``[n]`` tensor of ``dtype`` (float32, float16 or bfloat16).
     """
-    return torch.ops.deepseek_ext.dequantize_reduce_int8.default(
+    return _ops().dequantize_reduce_int8.default(
         q, scales, block_size, multiplier, dtype
     )
 
@@ -295,7 +314,7 @@ def _check_quantize(x: torch.Tensor, block_size: int, offset: int) -> None:
     torch._check(offset >= 0, lambda: f"offset must be >= 0, got {offset}")
 
 
-@torch.library.register_fake("deepseek_ext::quantize_int8")
+@_loader.register_fake("deepseek_ext::quantize_int8")
 def _quantize_int8_fake(x, block_size=256, stochastic=False, seed=0, offset=0):
     _check_quantize(x, block_size, offset)
     q = x.new_empty(x.shape, dtype=torch.int8)
@@ -303,7 +322,7 @@ def _quantize_int8_fake(x, block_size=256, stochastic=False, seed=0, offset=0):
     return q, scales
 
 
-@torch.library.register_fake("deepseek_ext::quantize_int8_ef_")
+@_loader.register_fake("deepseek_ext::quantize_int8_ef_")
 def _quantize_int8_ef_fake(x, residual, block_size=256, stochastic=False, seed=0, offset=0):
     _check_quantize(x, block_size, offset)
     torch._check(
@@ -336,7 +355,7 @@ def _check_q_scales(q: torch.Tensor, scales: torch.Tensor, block_size: int, dtyp
     )
 
 
-@torch.library.register_fake("deepseek_ext::dequantize_int8")
+@_loader.register_fake("deepseek_ext::dequantize_int8")
 def _dequantize_int8_fake(q, scales, block_size, dtype, numel):
     _check_q_scales(q, scales, block_size, dtype)
     torch._check(numel >= 0, lambda: f"numel must be >= 0, got {numel}")
@@ -352,7 +371,7 @@ def _dequantize_int8_fake(q, scales, block_size, dtype, numel):
     return q.new_empty(q.shape, dtype=dtype)
 
 
-@torch.library.register_fake("deepseek_ext::dequantize_reduce_int8")
+@_loader.register_fake("deepseek_ext::dequantize_reduce_int8")
 def _dequantize_reduce_int8_fake(q, scales, block_size, multiplier, dtype):
     _check_q_scales(q, scales, block_size, dtype)
     torch._check(q.dim() == 2, lambda: f"q must be a 2-D tensor [world_size, n], got shape {tuple(q.shape)}")
@@ -373,8 +392,6 @@ def _dequantize_reduce_int8_fake(q, scales, block_size, multiplier, dtype):
 # b1 [n_blocks * m * block_size] (optional), w2 [n_blocks * block_size, d_model]
 # (hidden-major: the transpose of nn.Linear's weight). Token t's j-th selected
 # block is the pair p = t * k + j. See csrc/include/deepseek_ext/ops.h.
-
-__all__ += ["sparse_ffn_route", "sparse_ffn", "sparse_ffn_backward"]
 
 _SPARSE_FFN_ACTIVATIONS = ("gelu", "silu", "swiglu")
 _SPARSE_FFN_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -398,10 +415,10 @@ def sparse_ffn_route(
         int64 ``[n_blocks + 1]`` offsets: block ``b`` owns
         ``order[offsets[b]:offsets[b + 1]]``. Nothing is read by the host.
     """
-    return torch.ops.deepseek_ext.sparse_ffn_route.default(scores, bias, int(k))
+    return _ops().sparse_ffn_route.default(scores, bias, int(k))
 
 
-@torch.library.register_fake("deepseek_ext::sparse_ffn_route")
+@_loader.register_fake("deepseek_ext::sparse_ffn_route")
 def _sparse_ffn_route_fake(scores, bias, k):
     torch._check(scores.dim() == 2, lambda: f"scores must be a 2-D tensor [tokens, n_blocks], got shape {tuple(scores.shape)}")
     torch._check(scores.dtype in _SPARSE_FFN_DTYPES, lambda: f"scores must be float32, float64, float16 or bfloat16, got {scores.dtype}")
@@ -444,14 +461,14 @@ def sparse_ffn(
     Returns:
         ``[T, d_model]``.
     """
-    out, _ = torch.ops.deepseek_ext.sparse_ffn.default(x, w1, b1, w2, gate, order, offsets, int(block_size), activation)
+    out, _ = _ops().sparse_ffn.default(x, w1, b1, w2, gate, order, offsets, int(block_size), activation)
     return out
 
 
 def sparse_ffn_backward(grad_out, x, w1, w2, gate, hidden, order, offsets, block_size: int, activation: str = "gelu"):
     """``(grad_x, grad_w1, grad_b1, grad_w2, grad_gate)`` of :func:`sparse_ffn`;
     ``hidden`` is the second output of ``torch.ops.deepseek_ext.sparse_ffn``."""
-    return torch.ops.deepseek_ext.sparse_ffn_backward.default(
+    return _ops().sparse_ffn_backward.default(
         grad_out, x, w1, w2, gate, hidden, order, offsets, int(block_size), activation)
 
 
@@ -483,13 +500,13 @@ def _check_sparse_ffn(x, w1, b1, w2, gate, order, offsets, block_size, activatio
     return m
 
 
-@torch.library.register_fake("deepseek_ext::sparse_ffn")
+@_loader.register_fake("deepseek_ext::sparse_ffn")
 def _sparse_ffn_fake(x, w1, b1, w2, gate, order, offsets, block_size, activation):
     m = _check_sparse_ffn(x, w1, b1, w2, gate, order, offsets, block_size, activation)
     return x.new_empty(x.shape), x.new_empty((gate.numel(), m * block_size))
 
 
-@torch.library.register_fake("deepseek_ext::sparse_ffn_backward")
+@_loader.register_fake("deepseek_ext::sparse_ffn_backward")
 def _sparse_ffn_backward_fake(grad_out, x, w1, w2, gate, hidden, order, offsets, block_size, activation):
     m = _check_sparse_ffn(x, w1, None, w2, gate, order, offsets, block_size, activation)
     torch._check(grad_out.shape == x.shape, lambda: f"grad_out must have x's shape {tuple(x.shape)}, got {tuple(grad_out.shape)}")
@@ -501,8 +518,6 @@ def _sparse_ffn_backward_fake(grad_out, x, w1, w2, gate, hidden, order, offsets,
 # shared_attention is a composition of ATen ops registered for
 # CompositeImplicitAutograd in C++ (csrc/ops/attention/): autograd and meta
 # come from those ops, so it needs no fake kernel here.
-
-__all__ += ["shared_attention"]
 
 
 def shared_attention(
@@ -534,7 +549,7 @@ def shared_attention(
             with no key to attend to gets zeros from the attention.
         dropout_p: attention-probability dropout, applied only when ``training``.
     """
-    return torch.ops.deepseek_ext.shared_attention.default(
+    return _ops().shared_attention.default(
         x, w_qkv, b_qkv, w_out, b_out, n_heads, n_heads if n_kv_heads is None else n_kv_heads,
         causal, key_padding_mask, dropout_p, training,
     )
