@@ -6,12 +6,12 @@ import random
 
 import pytest
 import torch
-from torch.testing._internal.optests import opcheck
+from torch.library import opcheck
 
 import deepseek_ext
 from deepseek_ext.amp import DynamicLossScaler, LossScaleStuckError
 from deepseek_ext.nn import Linear
-from conftest import DEVICES
+from utils import DEVICES
 
 
 class ReferenceScaler:

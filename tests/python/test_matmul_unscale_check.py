@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from torch.testing._internal.optests import opcheck
+from torch.library import opcheck
 
 import deepseek_ext
-from conftest import DEVICES, run_script
+from utils import DEVICES, run_script
 
 OP = torch.ops.deepseek_ext.matmul_unscale_check.default
 # Relative Frobenius error allowed, by output dtype: float32 accumulation of

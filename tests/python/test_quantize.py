@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
-from torch.testing._internal.optests import opcheck
+from torch.library import opcheck
 
 import deepseek_ext
-from conftest import DEVICES, run_script
+from utils import DEVICES, run_script
 
 ops = deepseek_ext.ops
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -22,7 +22,7 @@ from deepseek_ext.nn import (
 )
 from deepseek_ext.nn.shared_attention import SHARING_PLANS
 
-from conftest import DEVICES
+from utils import DEVICES
 
 OP = torch.ops.deepseek_ext.shared_attention.default
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.testing._internal.optests import opcheck
+from torch.library import opcheck
 
 import deepseek_ext
-from conftest import DEVICES
+from utils import DEVICES
 from deepseek_ext.nn import GatedSparseFFN, ffn_flops
 
 ops = deepseek_ext.ops

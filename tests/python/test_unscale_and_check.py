@@ -4,10 +4,10 @@ import random
 
 import pytest
 import torch
-from torch.testing._internal.optests import opcheck
+from torch.library import opcheck
 
 import deepseek_ext
-from conftest import DEVICES
+from utils import DEVICES
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OP = torch.ops.deepseek_ext.unscale_and_check_.default

@@ -1,0 +1,86 @@
+"""The package around the compiled library: one version number, the licence,
+the public op wrappers, and imports that work without a compiled library."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import deepseek_ext
+from deepseek_ext import _version, ops
+
+from utils import ROOT, python_env
+
+tomllib = pytest.importorskip("tomllib")
+
+
+def pyproject():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+def test_one_version_number():
+    project = pyproject()
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "deepseek_ext._version.__version__"}
+    assert deepseek_ext.__version__ == _version.__version__
+    with open(os.path.join(ROOT, "CMakeLists.txt")) as f:
+        cmake = f.read()
+    m = re.search(r"project\(deepseek_ext VERSION ([0-9.]+)", cmake)
+    if m:  # a literal version in CMake must be the same number
+        assert m.group(1) == _version.__version__, "CMakeLists.txt's project VERSION differs from deepseek_ext/_version.py"
+
+
+def test_license_file_matches_pyproject():
+    project = pyproject()["project"]
+    assert project["license"] == "BSD-3-Clause" and project["license-files"] == ["LICENSE"]
+    with open(os.path.join(ROOT, "LICENSE")) as f:
+        text = f.read()
+    assert text.startswith("BSD 3-Clause License") and "the deepseek_ext authors" in text
+
+
+def test_every_op_has_a_public_wrapper():
+    names = {n.split("::", 1)[1].split(".", 1)[0]
+             for n in torch._C._dispatch_get_all_op_names() if n.startswith("deepseek_ext::")}
+    assert names, "no deepseek_ext ops are registered"
+    assert sorted(names - set(ops.__all__)) == [], "ops without a wrapper in deepseek_ext.ops.__all__"
+    for name in ops.__all__:
+        assert callable(getattr(ops, name)) and getattr(ops, name).__doc__, name
+
+
+# Run in a fresh Python on a copy of the package without the compiled library.
+# An editable install (`make build`) adds an import hook that finds submodules
+# of deepseek_ext in the source tree: take it out so that the copy is all there is.
+_WITHOUT_LIBRARY = r"""
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+import torch
+import deepseek_ext, deepseek_ext.data, deepseek_ext.train, deepseek_ext.distributed
+from deepseek_ext.data import ByteTokenizer
+assert deepseek_ext.distributed.__all__
+assert deepseek_ext.__file__.startswith(sys.argv[1]), deepseek_ext.__file__
+assert "deepseek_ext._C" not in sys.modules
+print("tokens", ByteTokenizer().encode("ab"))
+try:
+    deepseek_ext.ops.quantize_int8(torch.zeros(64))
+except RuntimeError as e:
+    print("error:", e)
+"""
+
+
+@pytest.mark.parametrize("keep_build_config", [False, True], ids=["not-built", "library-missing"])
+def test_imports_without_the_compiled_library(tmp_path, keep_build_config):
+    src = os.path.dirname(os.path.abspath(deepseek_ext.__file__))
+    ignore = ["_C*.so", "__pycache__"] + ([] if keep_build_config else ["_build_config.py"])
+    shutil.copytree(src, tmp_path / "deepseek_ext", ignore=shutil.ignore_patterns(*ignore))
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_LIBRARY, str(tmp_path)], cwd=tmp_path,
+                         env=python_env(root=str(tmp_path)), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "tokens" in out.stdout
+    error = out.stdout.split("error: ", 1)[-1]
+    assert "deepseek_ext's operators are not available" in error and "run `make build`" in error, out.stdout
+    assert ("missing" if keep_build_config else "not built") in error

@@ -1,0 +1,43 @@
+"""Helpers shared by the Python tests: `from utils import DEVICES, run_script`.
+
+(pytest puts this folder on sys.path; conftest.py keeps only pytest's hooks.)
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import deepseek_ext  # noqa: F401  (loads the ops)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+HAS_CUDA = torch.cuda.is_available()
+NO_CUDA_REASON = "no CUDA GPU on this machine (the CUDA kernels are still compiled by the build)"
+
+# Parametrise device-dependent tests with this; the "cuda" case is skipped without a GPU.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda])]
+
+
+def python_env(env_overrides=None, root=ROOT):
+    """os.environ with `root` first on PYTHONPATH (so a fresh Python imports that
+    tree's deepseek_ext) and `env_overrides` applied (a value of None removes the
+    variable)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    for key, value in (env_overrides or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def run_script(script, out_path, env_overrides=None):
+    """Runs `script` in a fresh Python process that imports this checkout's
+    deepseek_ext, with sys.argv[1] = out_path and the environment changed by
+    env_overrides (a value of None removes the variable); returns
+    torch.load(out_path). For settings read once per process."""
+    subprocess.run([sys.executable, "-c", script, str(out_path)], env=python_env(env_overrides), check=True)
+    return torch.load(out_path)
