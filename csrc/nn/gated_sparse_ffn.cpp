@@ -64,6 +64,7 @@ void GatedSparseFFNImpl::reset() {
                                    torch::empty({routed, o.d_model()}).uniform_(-b_in, b_in));
   balance_bias = register_buffer("balance_bias", torch::zeros({routed}));
   load_ = torch::zeros({routed});
+  load_counts_ = torch::zeros({routed}, torch::kLong);
   aux_loss_ = torch::zeros({});
 }
 
@@ -95,9 +96,12 @@ at::Tensor GatedSparseFFNImpl::forward(const at::Tensor& x) {
   const int64_t routed = n_blocks_ - S;
   const at::Tensor counts = offsets.slice(0, 1) - offsets.slice(0, 0, routed);
   load_ = counts.to(at::kFloat).div_(static_cast<double>(std::max<int64_t>(T * k_, 1)));
-  if (is_training() && o.balance_rate() > 0.0 && T > 0) {
-    at::NoGradGuard no_grad;
-    balance_bias.add_(at::sign(load_.mean() - load_), o.balance_rate());
+  if (is_training() && o.balance_rate() > 0.0) {
+    // Counted here, applied by update_balance(): see the header.
+    if (load_counts_.device() != counts.device()) {
+      load_counts_ = at::zeros({routed}, counts.options().dtype(at::kLong));
+    }
+    load_counts_.add_(counts);
   }
   if (o.aux_loss_weight() > 0.0 && T > 0) {
     // DeepSeek-V3's balance loss: sum_b f_b * P_b, f_b = load_b * n_routed,
@@ -110,6 +114,16 @@ at::Tensor GatedSparseFFNImpl::forward(const at::Tensor& x) {
   }
   auto shape = x.sizes().vec();
   return out.view(shape);
+}
+
+void GatedSparseFFNImpl::update_balance() {
+  at::NoGradGuard no_grad;
+  const at::Tensor c = load_counts_.to(at::kDouble);
+  // sign(mean - c) is zero everywhere when the counts are all equal (all zero
+  // among them), so an update without counts leaves the bias alone.
+  const at::Tensor step = at::sign(c.mean() - c).to(balance_bias.device(), at::kFloat);
+  balance_bias.add_(step, options.balance_rate());
+  load_counts_.zero_();
 }
 
 }  // namespace nn

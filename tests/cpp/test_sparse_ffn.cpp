@@ -181,10 +181,71 @@ TEST(GatedSparseFFNModule, ForwardBackwardAndBalancing) {
   }
   auto xs = torch::randn({512, 16}).abs();
   ffn->forward(xs);
+  ffn->update_balance();
   const double first = (ffn->block_load() - 1.0 / 8).abs().sum().item<double>();
-  for (int i = 0; i < 100; ++i) ffn->forward(xs);
+  for (int i = 0; i < 100; ++i) {
+    ffn->forward(xs);
+    ffn->update_balance();
+  }
   const double last = (ffn->block_load() - 1.0 / 8).abs().sum().item<double>();
   EXPECT_LT(last, 0.5 * first);
+}
+
+// Forward only counts; the bias moves in update_balance() alone, so a
+// recomputed forward (activation checkpointing) routes as the first one did.
+TEST(GatedSparseFFNModule, ForwardCountsLoadAndLeavesBiasAlone) {
+  torch::manual_seed(0);
+  deepseek_ext::nn::GatedSparseFFN ffn(
+      deepseek_ext::nn::GatedSparseFFNOptions(16, 128).block_size(16).density(0.25).balance_rate(0.1));
+  const auto bias0 = ffn->balance_bias.clone();
+  EXPECT_EQ(ffn->load_counts().scalar_type(), torch::kLong);
+  EXPECT_EQ(ffn->load_counts().sum().item<int64_t>(), 0);
+  auto x1 = torch::randn({37, 16});
+  auto x2 = torch::randn({2, 11, 16});
+  auto y1 = ffn->forward(x1);
+  const auto counts1 = ffn->load_counts().clone();
+  EXPECT_EQ(counts1.sum().item<int64_t>(), 37 * ffn->k());
+  auto y2 = ffn->forward(x2);
+  EXPECT_TRUE(torch::equal(ffn->balance_bias, bias0));
+  EXPECT_EQ(ffn->load_counts().sum().item<int64_t>(), (37 + 22) * ffn->k());
+  EXPECT_TRUE(torch::equal(ffn->load_counts() - counts1,
+                           (ffn->block_load() * (22 * ffn->k())).round().to(torch::kLong)));
+  // The same input routes the same way twice (nothing changed in between).
+  EXPECT_TRUE(torch::equal(ffn->forward(x1), y1));
+  EXPECT_TRUE(torch::equal(ffn->balance_bias, bias0));
+
+  // Eval mode counts nothing.
+  const auto counts_train = ffn->load_counts().clone();
+  ffn->eval();
+  ffn->forward(x1);
+  EXPECT_TRUE(torch::equal(ffn->load_counts(), counts_train));
+}
+
+TEST(GatedSparseFFNModule, UpdateBalanceMovesBiasTowardBalance) {
+  torch::manual_seed(0);
+  const double rate = 0.1;
+  deepseek_ext::nn::GatedSparseFFN ffn(
+      deepseek_ext::nn::GatedSparseFFNOptions(16, 128).block_size(16).density(0.25).balance_rate(rate));
+  // Without counts the update changes nothing.
+  ffn->update_balance();
+  EXPECT_TRUE(torch::equal(ffn->balance_bias, torch::zeros({8})));
+  {
+    torch::NoGradGuard no_grad;
+    ffn->gate_weight.mul_(0.5);
+    ffn->gate_weight[0].add_(0.5);
+  }
+  ffn->forward(torch::randn({256, 16}).abs());
+  const auto c = ffn->load_counts().to(torch::kDouble);
+  ffn->update_balance();
+  // Overloaded blocks go down by rate, underloaded ones up by rate.
+  const auto expected = (torch::sign(c.mean() - c) * rate).to(torch::kFloat);
+  EXPECT_TRUE(torch::allclose(ffn->balance_bias, expected));
+  EXPECT_LT(ffn->balance_bias[0].item<float>(), 0.0f);  // block 0 wins every token
+  EXPECT_EQ(ffn->load_counts().sum().item<int64_t>(), 0);
+  // The counts are zeroed: a second update changes nothing.
+  const auto bias1 = ffn->balance_bias.clone();
+  ffn->update_balance();
+  EXPECT_TRUE(torch::equal(ffn->balance_bias, bias1));
 }
 
 TEST(GatedSparseFFNModule, BadOptions) {

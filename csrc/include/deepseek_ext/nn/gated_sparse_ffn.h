@@ -13,10 +13,24 @@
 // picks the top k = clamp(round(density * n_blocks), 1, n_blocks - shared_blocks)
 // of the other (routed) blocks by gate score + balancing bias. A selected
 // block's output is multiplied by its gate weight 2 * sigmoid(score) (1 at a
-// zero score), so the gate learns through that product. In training mode each
-// forward nudges the balancing bias (a buffer, never a weight) on the device:
-// bias += balance_rate * sign(mean_load - load), load = the fraction of the
-// step's (token, block) pairs each routed block received.
+// zero score), so the gate learns through that product.
+//
+// Load balancing (DeepSeek-V3's auxiliary-loss-free rule,
+// https://arxiv.org/abs/2412.19437, section 2.1.2): a balancing bias (a
+// buffer, never a weight) is added to the scores for the selection only. In
+// training mode with balance_rate > 0, forward only counts how many
+// (token, block) pairs each routed block received (load_counts(), int64, on
+// the input's device); update_balance() then moves the bias
+//   balance_bias += balance_rate * sign(mean(counts) - counts)
+// and zeroes the counts. Call it once after each optimizer step:
+//
+//   loss.backward(); optimizer.step(); ffn->update_balance();
+//
+// The bias is not changed inside forward because a recomputation of the
+// forward (activation checkpointing) must route exactly as the original
+// forward did, and because the rule moves the bias once per optimizer step,
+// over all of that step's micro-batches, not once per micro-batch. Everything
+// stays on the device: no host synchronisation.
 
 #include <ATen/core/Tensor.h>
 #include <torch/arg.h>
@@ -56,6 +70,14 @@ class GatedSparseFFNImpl : public torch::nn::Cloneable<GatedSparseFFNImpl> {
   // Per routed block, the fraction of the last forward's pairs it received
   // (a device tensor: reading it is the caller's choice).
   const at::Tensor& block_load() const { return load_; }
+  // Per routed block, the (token, block) pairs it received in the training
+  // forwards since the last update_balance() (int64 [n_blocks - shared_blocks],
+  // on the device of the last input).
+  const at::Tensor& load_counts() const { return load_counts_; }
+  // balance_bias += balance_rate * sign(mean(c) - c) for c = load_counts(),
+  // then zeroes the counts; nothing changes while every count is zero. On the
+  // device, without a host synchronisation. Call after each optimizer step.
+  void update_balance();
 
   int64_t n_blocks() const { return n_blocks_; }
   int64_t k() const { return k_; }
@@ -66,7 +88,7 @@ class GatedSparseFFNImpl : public torch::nn::Cloneable<GatedSparseFFNImpl> {
 
  private:
   int64_t n_blocks_ = 0, k_ = 0;
-  at::Tensor aux_loss_, load_;
+  at::Tensor aux_loss_, load_, load_counts_;
 };
 
 TORCH_MODULE(GatedSparseFFN);
