@@ -27,7 +27,7 @@
 // into the kernel's layout; a transposed `a` is gathered once into rows.
 // AMX reads bfloat16 subnormals as zero, as torch's own
 // bfloat16 matmul does on these CPUs. DEEPSEEK_EXT_CPU_BF16_GEMM=0 keeps the
-// float32 route (for comparisons).
+// float32 route (common/runtime_options.h).
 //
 // On CPUs where torch's float16 GEMM is oneDNN's (AVX512-FP16),
 // float16 inputs with a float16 output take it directly, inv_scale as its
@@ -61,6 +61,7 @@
 
 #include "common/cpu_alloc.h"
 #include "common/cpu_float_bits.h"
+#include "common/runtime_options.h"
 #include "deepseek_ext/detail/float_formats.h"
 #include "matmul_unscale_check/matmul_unscale_check.h"
 
@@ -184,9 +185,9 @@ at::Tensor float32_for_blas(const at::Tensor& t) {
 }
 
 // Output tile of the brgemm route: 128 rows by 32 columns (16 KiB of float32)
-// stays in L1/L2 between the micro-kernel and the epilogue. Chosen by timing
-// 32..256 x 32..64 tiles, with K blocked or not, at 1024^3..4096-deep shapes
-// on a 2-core AMX VM; 128 x 32 over the whole K was among the fastest everywhere.
+// stays in L1/L2 between the micro-kernel and the epilogue, and K is not
+// blocked: one pass of the micro-kernel over the whole K per tile. Other
+// tiles (32 to 256 rows, 32 to 64 columns, K blocked or not) are no faster.
 constexpr int64_t kTileM = 128;
 constexpr int64_t kTileN = 32;  // also the packed B's leading dimension: a multiple of 16
 constexpr int64_t kPackedPanelBytes = int64_t{1} << 20;
@@ -319,11 +320,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) bool convert_che
   return bits::max_magnitude_is_nonfinite<bits::Bf16Format>(m);
 }
 
-// DEEPSEEK_EXT_DISABLE_AVX512=1 (read once per process) forces at::vec's AVX2
+// DEEPSEEK_EXT_DISABLE_AVX512 (common/runtime_options.h) forces at::vec's AVX2
 // conversion, to test it on an AVX-512 machine.
 bool cpu_has_avx512_bf16() {
   static const bool yes = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && std::getenv("DEEPSEEK_EXT_DISABLE_AVX512") == nullptr;
+                          __builtin_cpu_supports("avx512vl") && !runtime_options::avx512_disabled();
   return yes;
 }
 #endif
@@ -569,22 +570,21 @@ bool native_bf16_gemm() {
     at::cpu::init_amx();
     return true;
   }();
-  const char* env = std::getenv("DEEPSEEK_EXT_CPU_BF16_GEMM");
-  return available && !(env != nullptr && std::strcmp(env, "0") == 0);
+  return available && runtime_options::cpu_bf16_gemm_allowed();
 }
 
 // Whether float16 inputs with a float16 output take torch's own float16 GEMM
 // (oneDNN, on CPUs with AVX512-FP16, which every AMX-FP16 CPU also has, when
 // torch's mkldnn backend is on) instead of float32 copies through the float32
-// BLAS. DEEPSEEK_EXT_CPU_FP16_GEMM=0 keeps the float32 route (for comparisons).
+// BLAS. DEEPSEEK_EXT_CPU_FP16_GEMM=0 keeps the float32 route
+// (common/runtime_options.h).
 bool native_fp16_gemm() {
 #if defined(__GNUC__) && defined(__x86_64__) && (__GNUC__ >= 12 || defined(__clang__))
   static const bool available = __builtin_cpu_supports("avx512fp16");
 #else
   static const bool available = false;
 #endif
-  const char* env = std::getenv("DEEPSEEK_EXT_CPU_FP16_GEMM");
-  return available && at::globalContext().userEnabledMkldnn() && !(env != nullptr && std::strcmp(env, "0") == 0);
+  return available && at::globalContext().userEnabledMkldnn() && runtime_options::cpu_fp16_gemm_allowed();
 }
 
 int64_t matmul_unscale_check_cpu_checks_from_inputs() { return checks_from_inputs.load(); }

@@ -32,6 +32,7 @@
 #include <type_traits>
 
 #include "common/cpu_alloc.h"
+#include "common/runtime_options.h"
 #include "deepseek_ext/detail/int8_quant.h"
 #include "deepseek_ext/detail/philox.h"
 #include "quantize/quantize.h"
@@ -326,12 +327,11 @@ __attribute__((target("avx512f"))) void philox_words_avx512(uint64_t seed, uint6
 }
 #endif
 
-// The best philox_words for this CPU. DEEPSEEK_EXT_DISABLE_AVX512=1 forces
-// the AVX2 path (to test it on an AVX-512 machine).
+// The best philox_words for this CPU. DEEPSEEK_EXT_DISABLE_AVX512
+// (common/runtime_options.h) forces the AVX2 path, to test it on an AVX-512 machine.
 void philox_words(uint64_t seed, uint64_t first, int64_t count, uint32_t* words) {
 #if defined(DSX_HAVE_AVX512_PHILOX)
-  static const bool use_avx512 = __builtin_cpu_supports("avx512f") &&
-                                 std::getenv("DEEPSEEK_EXT_DISABLE_AVX512") == nullptr;
+  static const bool use_avx512 = __builtin_cpu_supports("avx512f") && !runtime_options::avx512_disabled();
   if (use_avx512) return philox_words_avx512(seed, first, count, words);
 #endif
   philox_words_avx2(seed, first, count, words);
