@@ -14,8 +14,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
-#include <cstdlib>
-
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
@@ -79,31 +77,13 @@ namespace sm90 {
 
 using namespace cutlass::epilogue::fusion;
 
-// The persistent tile scheduler's swizzle (CUTLASS max_swizzle_size: 1, 2, 4
-// or 8 neighbouring output tiles visited together, which changes how much of A
-// and B the CTAs of one wave share in L2). 8: on the H200 (2026-11-28 19:35)
-// it was the fastest of 1, 2, 4 and 8 at 8192^3 (+3.3% float16, +2.5%
-// bfloat16 over CUTLASS's default 1) and at the (16384x4096)^T (16384x4096)
-// weight gradient (+0.9% / +0.7%). DEEPSEEK_EXT_GEMM_SWIZZLE=1, 2 or 4 (read
-// at every call) overrides it, for bench_gemm's swizzle columns. Results do
-// not depend on it.
-inline int scheduler_swizzle() {
-  const char* v = std::getenv("DEEPSEEK_EXT_GEMM_SWIZZLE");
-  const int s = v == nullptr ? 8 : std::atoi(v);
-  return (s == 1 || s == 2 || s == 4) ? s : 8;
-}
-
-// The persistent tile scheduler's raster order: CUTLASS's heuristic (walk
-// along N unless the output has more tiles along N than along M) unless
-// DEEPSEEK_EXT_GEMM_RASTER=m or n (read at every call) forces one, for
-// bench_gemm's raster column. Results do not depend on it.
-template <class Options>
-Options scheduler_raster() {
-  const char* v = std::getenv("DEEPSEEK_EXT_GEMM_RASTER");
-  if (v != nullptr && (v[0] == 'm' || v[0] == 'M')) return Options::AlongM;
-  if (v != nullptr && (v[0] == 'n' || v[0] == 'N')) return Options::AlongN;
-  return Options::Heuristic;
-}
+// The persistent tile scheduler's swizzle: CUTLASS's max_swizzle_size, how
+// many neighbouring output tiles (1, 2, 4 or 8) the CTAs of one wave visit
+// together, which decides how much of A and B they share in L2. 8 rather than
+// CUTLASS's default 1: on large square GEMMs the wider swizzle reuses more of
+// A and B from L2 (benchmarks/gpu_notes.md has the comparison); where B fits
+// in L2 it makes no difference. Results do not depend on it.
+constexpr int kSchedulerSwizzle = 8;
 
 // KernelSchedule, EpilogueSchedule and TileScheduler default to what the
 // library instantiates; benchmarks/gpu/ times other choices against them.
@@ -161,8 +141,9 @@ struct FusedWgradGemm {
          reinterpret_cast<const ElementAB*>(b.const_data_ptr()), stride_b},
         {{}, nullptr, stride_d, out.data_ptr<float>(), stride_d},
         hw};
-    args.scheduler.max_swizzle_size = scheduler_swizzle();
-    args.scheduler.raster_order = scheduler_raster<decltype(args.scheduler.raster_order)>();
+    args.scheduler.max_swizzle_size = kSchedulerSwizzle;
+    // The raster order is CUTLASS's heuristic (walk along N unless the output
+    // has more tiles along N than along M), the scheduler's default.
     // EVT arguments: {child..., node}. Reduction(child = multiplies(broadcast, acc)).
     args.epilogue.thread = {
         {
