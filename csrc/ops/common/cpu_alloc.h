@@ -3,9 +3,8 @@
 // pages where the kernel allows it.
 //
 // A fresh at::empty of hundreds of MiB is untouched memory: the kernel writing
-// it takes one page fault per 4 KiB page, and on this project's CI machine
-// those faults cost more than the writes (a 64M-element float32 dequantize
-// went from 154 ms to 53 ms when only its output moved to 2 MiB pages).
+// it takes one page fault per 4 KiB page, and those faults can cost more than
+// the writes themselves.
 // Linux in its default THP mode ("madvise") backs a range with 2 MiB pages
 // only when asked. torch asks
 // for every large allocation when THP_MEM_ALLOC_ENABLE=1 is set; these ops ask

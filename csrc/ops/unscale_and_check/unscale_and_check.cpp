@@ -14,8 +14,9 @@ void unscale_and_check_(at::TensorList grads, const at::Tensor& found_inf,
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("deepseek_ext::unscale_and_check_", "")
                        .typed<void(at::TensorList, const at::Tensor&, const at::Tensor&)>();
-  // Validated before dispatch too: a CPU tensor in a CUDA list crashed the process on an
-  // H200 (GPU check 2026-11-28) instead of reaching the kernel's own check.
+  // Validated before dispatch too, so that a tensor of another device in the list is
+  // an error that names it, never a fault inside a kernel (the dispatcher picks one
+  // kernel for the whole list).
   if (found_inf.defined()) {
     ops::check_unscale_and_check_inputs(grads, found_inf, inv_scale, found_inf.device().type());
   }

@@ -222,9 +222,9 @@ DSX_INLINE float quantize_rne(float y, float scale) {
 // as quantize_rne. Below 0.5 both give 0, and the residual y - q s is y either
 // way. (Stochastic rounding sees tiny quotients; it keeps the division.)
 // The tests compare both with the division bit for bit. The CUDA quantize
-// kernel divides this way by default (DEEPSEEK_EXT_QUANT_DIVISION=1 selects
-// the division per element, to measure the difference); on the CPU this was
-// 20-30% slower than the vector division and is not used.
+// kernel divides this way (a division per value is a reciprocal, fmas, a
+// range check and a branch to a slow path); the CPU kernels keep the vector
+// division, which is cheaper there than this sequence.
 struct ScaleDivisor {
   float scale;
   float inv;  // RN(1 / scale)
@@ -259,7 +259,7 @@ DSX_INLINE float quantize_rne_by(float y, ScaleDivisor d) {
 // y / scale. Not the correctly rounded quotient: it differs from y / scale by
 // less than 2^-22 relative, and the rounding's expectation is this value (see
 // the top of this file), so the error is float32 rounding, not a bias of the
-// quantiser. It replaced the division per value (2026-12-05) because
+// quantiser. A multiplication instead of a division per value because
 // stochastic rounding on the GPU is bound by instructions per value.
 DSX_INLINE bool sr_by_reciprocal(float scale) { return rne_by_reciprocal(scale); }
 
