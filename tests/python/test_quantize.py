@@ -688,53 +688,17 @@ def test_cuda_matches_cpu_bitwise(dtype, stochastic, n, block_size, offset):
                        ops.dequantize_reduce_int8(q2, s2, block_size, 0.3, out_dtype))
 
 
-CUDA_QUANT_MODES = {  # environment switches of kernels/quantize_int8.cu
-    "reciprocal": {},
-    "division": {"DEEPSEEK_EXT_QUANT_DIVISION": "1"},
-    "wide": {"DEEPSEEK_EXT_QUANT_WIDE": "1"},
-    "wide_division": {"DEEPSEEK_EXT_QUANT_WIDE": "1", "DEEPSEEK_EXT_QUANT_DIVISION": "1"},
-}
-
-
 @pytest.mark.cuda
-@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset"])
-@pytest.mark.parametrize("block_size", [32, 96, 256, 1024, 4096])
-@pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_wide_quantize_matches_cpu_bitwise(dtype, n, block_size, aligned, monkeypatch):
-    """DEEPSEEK_EXT_QUANT_WIDE=1 (16-bit input, 32 elements a thread, for block
-    sizes dividing 1024; the others keep the regular kernel): q and scales equal
-    the CPU's for every size (partial tails), block size and a 2-byte offset
-    view (scalar loads), with an inf and a NaN block."""
-    monkeypatch.setenv("DEEPSEEK_EXT_QUANT_WIDE", "1")
-    x = rand(n + 1, torch.float32, "cpu", seed=n)
-    if n > 3 * block_size:
-        x[block_size + 3] = float("inf")
-        x[2 * block_size + 5] = float("nan")
-    x = x.to(dtype)
-    x_g = x.cuda()
-    x, x_g = (x[:n], x_g[:n]) if aligned else (x[1:], x_g[1:])  # x_g[1:]: 2 bytes past 16-byte alignment
-    q_c, s_c = ops.quantize_int8(x, block_size)
-    q_g, s_g = ops.quantize_int8(x_g, block_size)
-    assert_bitwise(q_g.cpu(), q_c)
-    assert_bitwise(s_g.cpu(), s_c)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("mode", list(CUDA_QUANT_MODES))
 @pytest.mark.parametrize("stochastic", [False, True], ids=["rne", "sr"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_quantize_division_paths_match_cpu_bitwise(dtype, stochastic, mode, monkeypatch):
+def test_cuda_quantize_division_paths_match_cpu_bitwise(dtype, stochastic):
     """The CUDA kernel's round-to-nearest divides through one reciprocal per
-    thread by default and by a division per value with
-    DEEPSEEK_EXT_QUANT_DIVISION=1 (stochastic rounding multiplies by the
-    reciprocal, int8q::sr_quotient, whatever the switch);
-    DEEPSEEK_EXT_QUANT_WIDE=1 runs 16-bit round-to-nearest input 32 elements a
-    thread. All keep q, scales and the residual equal to the CPU's, for blocks
-    across the whole exponent range (also outside 2^-90..2^90, where the kernel
-    always divides, stochastic rounding too), zeros of both signs, subnormals, tiny quotients and near-ties."""
-    for k, v in CUDA_QUANT_MODES[mode].items():
-        monkeypatch.setenv(k, v)
+    thread where the scale allows it and by a division per value elsewhere
+    (stochastic rounding multiplies by the reciprocal, int8q::sr_quotient).
+    Both keep q, scales and the residual equal to the CPU's, for blocks across
+    the whole exponent range (also outside 2^-90..2^90, where the kernel always
+    divides, stochastic rounding too), zeros of both signs, subnormals, tiny
+    quotients and near-ties."""
     n, bs = 1_000_003, 256
     gen = torch.Generator().manual_seed(11)
     x = exponent_range_input(n, bs, dtype, gen)

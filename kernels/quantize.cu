@@ -1,4 +1,5 @@
-// int8 gradient quantisation on CUDA.
+// int8 gradient quantisation on CUDA: quantize_int8, quantize_int8_ef_,
+// dequantize_int8 and dequantize_reduce_int8.
 //
 // quantize_int8 / quantize_int8_ef_: each block of kThreads threads owns a
 // tile of whole quantisation blocks (at most 4096 elements); each thread owns
@@ -10,50 +11,38 @@
 // divide a warp's 512 elements then reduce across warps (one shared atomicMax
 // per warp and block, two barriers), so with the default 256 the warps run
 // independently. q (16 bytes per thread) and the new residual are written
-// once. Stochastic rounding draws 4 or 5 Philox counter blocks per thread.
-// Per element, round-to-nearest quantize does no division and no
+// once.
+//
+// These kernels are bound by instructions per element rather than by bytes
+// (float32 and 16-bit input reach the same element rate), so the per-element
+// work is kept small. Round-to-nearest quantize does no division and no
 // quarter-rate instruction: the quotient comes from one correctly rounded
-// reciprocal per thread and two fmas (int8q::div_by), and rint and the int8
-// conversion are one FADD of 1.5 * 2^23 (int8q::rne_code), whose low byte is
-// q, packed with byte permutes. Stochastic rounding (its own kernel) rounds the
-// same way (int8q::sr_code: floor is an FADD rounding down). Until 2026-12-05
-// it kept the correctly rounded division per value (55% / 34% of copy
-// bandwidth, float32 / bfloat16, below); it now rounds y * RN(1 / scale)
-// (int8q::sr_quotient, one FMUL), decides u < frac with an fma rounding up and
-// an integer compare instead of converting the random word to float (a
-// quarter-rate I2F), draws its Philox blocks one at a time, and is bounded to
-// 4 resident blocks for 16-bit input (3 otherwise, and with error feedback).
-// A thread's work is 35 sm_90a instructions per value instead of 49
-// (benchmarks/gpu/sass/count.sh, a static count; Philox4x32-10 is 14 of
-// them); not yet run on a GPU. On the H200 the previous version (a
-// correctly rounded division, FRND and F2I per element, barriers for every
-// block size) ran float32 at 73% of copy bandwidth and bfloat16 at 49%, the
-// same element rate for both: bound by instructions per element. This one
-// (2026-11-28 19:47, 256M elements): 99% / 75%, bfloat16 helped by a fifth
-// resident block (kQuantMinBlocks); stochastic 55% / 34%, error feedback
-// 81% / 92%. DEEPSEEK_EXT_QUANT_DIVISION=1 brings the division back, to measure.
-// DEEPSEEK_EXT_QUANT_WIDE=1 runs 16-bit round-to-nearest input 32 elements a
-// thread (quantize_int8_wide16_kernel): an experiment, not yet run on a GPU.
-// dequantize_reduce_int8 and dequantize_int8 (W = 1) have one kernel each,
-// chosen by what the H200 measured (256M elements, float32 out):
+// reciprocal per thread and two fmas (int8q::div_by, exact: Markstein), and
+// rint and the int8 conversion are one FADD of 1.5 * 2^23 (int8q::rne_code),
+// whose low byte is q, packed with byte permutes. Stochastic rounding has its
+// own kernel (its Philox words would cost the round-to-nearest one registers):
+// it rounds y * RN(1 / scale) (int8q::sr_quotient, one FMUL), decides
+// u < frac with an fma rounding up and an integer compare instead of
+// converting the random word to float (a quarter-rate I2F), and draws its
+// Philox counter blocks one at a time (4 or 5 per thread). Lower bounds on
+// resident blocks (kQuantMinBlocks, kSr16MinBlocks, kSrMinBlocks) keep more
+// loads in flight, which 16-bit input needs most.
+//
+// dequantize_reduce_int8 and dequantize_int8 (W = 1) have one kernel each:
 //   * W > 1: each thread owns 16 consecutive elements, one 16-byte q load and
-//     one scale load per rank, accumulated in registers; 80% of copy bandwidth
-//     at W = 8 (84% / 86%, float32 / bfloat16 out, in the 19:47 sm_90a run). (Its stores are four 16-byte stores at a 64-byte lane stride,
-//     which matters little when the output is 1/W of the input.)
-//   * W = 1: that layout wrote its 4x larger output at 44%. Here each thread
-//     owns 8 groups of 4 elements (warp-contiguous 4-byte q loads and 16/8-byte
-//     stores), the scale index is a shift for power-of-two block sizes (a
-//     64-bit division costs dozens of instructions), the kernel is bounded to
-//     3 blocks per SM (it had 125 registers, 2 blocks), and on sm_90 one
-//     thread asks the L2 for the block's next tile ahead of its loads
+//     one scale load per rank, accumulated in registers in rank order. Its
+//     stores are four 16-byte stores at a 64-byte lane stride, which matters
+//     little when the output is 1/W of the input.
+//   * W = 1: the output is up to 4x the input, so the stores must be
+//     coalesced: each thread owns 8 groups of 4 elements (warp-contiguous
+//     4-byte q loads and 16/8-byte stores), the scale index is a shift for
+//     power-of-two block sizes (a 64-bit division costs dozens of
+//     instructions), the kernel is bounded to 3 blocks per SM, and on sm_90
+//     one thread asks the L2 for the block's next tile ahead of its loads
 //     (cp.async.bulk.prefetch: no registers, no wait; a hint, results do not
-//     depend on it): 90% (float32 out), 84% (bfloat16 out); 89% / 93% at 19:47.
-//   The W = 1 layout with a prefetch of all ranks ran W = 8 at 66% / 58%
-//   (37% / 31% before the shift and the register bound), below the W > 1
-//   kernel's 80%. The same prefetch in quantize (a tile about 8 MB ahead)
-//   changed nothing measurable (73% -> 71%, 49% -> 51%) and made bfloat16
-//   error feedback slower (77% -> 68%), so quantize has none: its limit then
-//   was instructions per element.
+//     depend on it).
+// quantize has no such prefetch: its limit is instructions, not latency.
+// Measured bandwidths: benchmarks/gpu_notes.md and benchmarks/results/.
 //
 // All math is detail/int8_quant.h (the _rn intrinsics: nothing contracted), so
 // the results equal the CPU kernels' bit for bit. No host synchronisation.
@@ -68,7 +57,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <tuple>
 
 #include "deepseek_ext/detail/int8_quant.h"
@@ -225,7 +213,6 @@ struct QuantParams {
   bool stochastic;
   uint64_t seed;
   uint64_t offset;
-  bool division;  // DEEPSEEK_EXT_QUANT_DIVISION=1 (round to nearest), see division_forced()
 };
 
 // kSR: stochastic rounding, its own kernel so that the round-to-nearest one
@@ -296,7 +283,7 @@ __global__ void __launch_bounds__(kThreads, quant_min_blocks<scalar_t, kEF, kSR>
     } else {
       sr_codes16<false>(y, int8q::ScaleDivisor{scale, 0.0f}, p.seed, g0, t);
     }
-  } else if (!p.division && int8q::rne_by_reciprocal(scale)) {
+  } else if (int8q::rne_by_reciprocal(scale)) {
     rne_codes16<true>(y, scale, t);
   } else {
     rne_codes16<false>(y, scale, t);
@@ -327,120 +314,6 @@ __global__ void __launch_bounds__(kThreads, quant_min_blocks<scalar_t, kEF, kSR>
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-// The wide experiment (DEEPSEEK_EXT_QUANT_WIDE=1, see wide_enabled()):
-// round-to-nearest quantize of 16-bit input without error feedback, 32
-// elements a thread kept as raw 16-bit values (16 registers), so that a thread
-// has 64 bytes of loads in flight, as with float32 input. absmax is taken on
-// the 16-bit magnitudes (their order is that of the float magnitudes: the
-// conversion is exact and monotonic, and inf/NaN stay above every finite
-// value); each value is converted to float only to be quantised. Needs a block
-// size that divides a warp's 32 * 32 = 1024 elements. Same q and scales as
-// quantize_int8_kernel (the CUDA tests compare both with the CPU bit for bit).
-constexpr int kWidePer = 32;
-constexpr int64_t kWideTile = int64_t{kThreads} * kWidePer;
-
-template <typename scalar_t>
-__device__ __forceinline__ float half_to_float(uint32_t bits16) {
-  return static_cast<float>(scalar_t(static_cast<uint16_t>(bits16), scalar_t::from_bits()));
-}
-
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, 5)
-    quantize_int8_wide16_kernel(const scalar_t* __restrict__ x, int8_t* __restrict__ q,
-                                float* __restrict__ scales, QuantParams p) {
-  static_assert(sizeof(scalar_t) == 2, "16-bit input");
-  const int local = threadIdx.x * kWidePer;
-  const int64_t e0 = static_cast<int64_t>(blockIdx.x) * kWideTile + local;
-  const bool active = e0 < p.n;
-  const int64_t valid = active ? min(static_cast<int64_t>(kWidePer), p.n - e0) : 0;
-  const int lb = active ? local / p.block_size : -1;  // quantisation block within the tile
-
-  // raw[k]: elements 2k (low half) and 2k + 1 (high half); 0 past `valid`.
-  uint32_t raw[kWidePer / 2];
-  if (p.vec_ok && valid == kWidePer) {
-#pragma unroll
-    for (int k = 0; k < kWidePer / 8; ++k) {
-      const uint4 v = reinterpret_cast<const uint4*>(x + e0)[k];
-      raw[4 * k] = v.x;
-      raw[4 * k + 1] = v.y;
-      raw[4 * k + 2] = v.z;
-      raw[4 * k + 3] = v.w;
-    }
-  } else {
-    const auto* xb = reinterpret_cast<const uint16_t*>(x);
-#pragma unroll
-    for (int k = 0; k < kWidePer / 2; ++k) {
-      const uint32_t lo = 2 * k < valid ? xb[e0 + 2 * k] : 0u;
-      const uint32_t hi = 2 * k + 1 < valid ? xb[e0 + 2 * k + 1] : 0u;
-      raw[k] = lo | (hi << 16);
-    }
-  }
-  uint32_t m2 = 0;
-#pragma unroll
-  for (int k = 0; k < kWidePer / 2; ++k) m2 = __vmaxu2(m2, raw[k] & 0x7fff7fffu);
-  uint32_t mag = int8q::magnitude_bits(half_to_float<scalar_t>(max(m2 & 0xffffu, m2 >> 16)));
-  const unsigned peers = __match_any_sync(0xffffffffu, lb);
-  mag = __reduce_max_sync(peers, mag);
-  if (!active) return;
-
-  const float scale = int8q::scale_from_absmax_bits(mag);
-  if (local % p.block_size == 0) {
-    scales[static_cast<int64_t>(blockIdx.x) * (kWideTile / p.block_size) + lb] = scale;
-  }
-  // Codes (int8q::rne_code) packed four to a word as they are made.
-  uint32_t packed[kWidePer / 4];
-  if (!int8q::quantizes(scale)) {
-#pragma unroll
-    for (int k = 0; k < kWidePer / 4; ++k) packed[k] = 0u;
-  } else {
-    const bool reciprocal = !p.division && int8q::rne_by_reciprocal(scale);
-    const int8q::ScaleDivisor d = int8q::scale_divisor(scale);
-#pragma unroll
-    for (int k = 0; k < kWidePer / 4; ++k) {
-      float c[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint32_t word = raw[2 * k + j / 2];
-        const float y = half_to_float<scalar_t>(j % 2 == 0 ? (word & 0xffffu) : (word >> 16));
-        c[j] = int8q::rne_code(reciprocal ? int8q::div_by(y, d) : int8q::div_rn(y, scale));
-      }
-      packed[k] = pack4(c[0], c[1], c[2], c[3]);
-    }
-  }
-  if (valid == kWidePer) {  // q + e0 is 32-byte aligned: fresh tensor, e0 % 32 == 0
-    reinterpret_cast<uint4*>(q + e0)[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-    reinterpret_cast<uint4*>(q + e0)[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kWidePer; ++i) {  // constant indices: packed stays in registers
-      if (i < valid) q[e0 + i] = static_cast<int8_t>((packed[i / 4] >> (8 * (i % 4))) & 0xffu);
-    }
-  }
-}
-
-// DEEPSEEK_EXT_QUANT_WIDE=1 (read at every call) runs quantize_int8_wide16_kernel
-// where it applies: an experiment for the next GPU check (bench_quant's
-// quantize_wide rows). On the H200 bfloat16 quantize gained 11 points of copy
-// bandwidth (64% -> 75%) from a fifth resident block, i.e. from more loads in
-// flight; this doubles the bytes each thread has in flight.
-bool wide_enabled() {
-  const char* v = std::getenv("DEEPSEEK_EXT_QUANT_WIDE");
-  return v != nullptr && v[0] == '1' && v[1] == '\0';
-}
-
-
-// DEEPSEEK_EXT_QUANT_DIVISION=1 (read at every call) makes quantize divide
-// every value by its block's scale (__fdiv_rn: a reciprocal, fused
-// multiply-adds, a range check and a branch to a slow path) instead of going
-// through one reciprocal per thread (int8q::div_by), in round-to-nearest
-// quantize (stochastic rounding has its own quotient, int8q::sr_quotient,
-// either way). The results are the same; the
-// switch exists to measure the difference (bench_quant's *_div rows).
-bool division_forced() {
-  const char* v = std::getenv("DEEPSEEK_EXT_QUANT_DIVISION");
-  return v != nullptr && v[0] == '1' && v[1] == '\0';
-}
-
 template <typename scalar_t, typename res_t, bool kEF>
 void launch_quantize(const at::Tensor& x, const at::Tensor& residual, at::Tensor& q,
                      at::Tensor& scales, QuantParams p, cudaStream_t stream) {
@@ -449,15 +322,6 @@ void launch_quantize(const at::Tensor& x, const at::Tensor& residual, at::Tensor
   p.vec_ok = aligned16(xp) && (!kEF || aligned16(rp));
   const int64_t nblocks = num_quant_blocks(p.n, p.block_size);
   const int64_t tiles = (nblocks + p.blocks_per_tile - 1) / p.blocks_per_tile;
-  if constexpr (sizeof(scalar_t) == 2 && !kEF) {
-    if (!p.stochastic && (32 * kWidePer) % p.block_size == 0 && wide_enabled()) {
-      const auto grid = static_cast<unsigned>((p.n + kWideTile - 1) / kWideTile);
-      quantize_int8_wide16_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-          xp, q.mutable_data_ptr<int8_t>(), scales.mutable_data_ptr<float>(), p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
-  }
   const auto kernel = p.stochastic ? quantize_int8_kernel<scalar_t, res_t, kEF, true>
                                    : quantize_int8_kernel<scalar_t, res_t, kEF, false>;
   kernel<<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(xp, rp, q.mutable_data_ptr<int8_t>(),
@@ -494,7 +358,6 @@ std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x_in, const a
   p.stochastic = stochastic;
   p.seed = static_cast<uint64_t>(seed);
   p.offset = static_cast<uint64_t>(offset);
-  p.division = division_forced();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   switch (x.scalar_type()) {
     case at::kFloat: dispatch_quantize<float>(x, residual, q, scales, p, stream); break;
@@ -528,8 +391,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_ef_cuda(const at::Tensor& x,
 constexpr int kDqVec = 4;
 constexpr int kDqGroups = 8;
 constexpr int64_t kDqTile = int64_t{kThreads} * kDqVec * kDqGroups;  // elements per block step
-// At least 3 resident blocks per SM (68 registers a thread, no spills; the
-// measured version, with a rank loop, had 80 here and 125 without the bound).
+// At least 3 resident blocks per SM (68 registers a thread, no spills).
 constexpr int kDqMinBlocks = 3;
 
 template <typename T>
