@@ -7,7 +7,7 @@
 #include <torch/library.h>
 
 #include "deepseek_ext/detail/loss_scale.h"
-#include "loss_scale/loss_scale.h"
+#include "update_scale/update_scale.h"
 
 namespace deepseek_ext {
 namespace ops {

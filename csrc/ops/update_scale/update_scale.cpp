@@ -6,7 +6,7 @@
 #include <cmath>
 
 #include "deepseek_ext/ops.h"
-#include "loss_scale/loss_scale.h"
+#include "update_scale/update_scale.h"
 
 namespace deepseek_ext {
 

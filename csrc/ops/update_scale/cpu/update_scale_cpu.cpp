@@ -3,7 +3,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#include "loss_scale/loss_scale.h"
+#include "update_scale/update_scale.h"
 
 namespace deepseek_ext {
 namespace ops {
