@@ -64,7 +64,7 @@ TORCH_LIBRARY(deepseek_ext, m) {
   // n_kv_heads key/value heads (grouped-query when fewer) -> SDPA (causal
   // and/or key_padding_mask [B, T] bool, True = padding; dropout_p when
   // training) -> linear(., w_out, b_out) -> [B, T, d_model]. A composition of
-  // ATen ops (CompositeImplicitAutograd, csrc/ops/attention/).
+  // ATen ops (CompositeImplicitAutograd, csrc/ops/shared_attention/).
   m.def("shared_attention(Tensor x, Tensor w_qkv, Tensor? b_qkv, Tensor w_out, Tensor? b_out, "
         "int n_heads, int n_kv_heads, bool causal=False, Tensor? key_padding_mask=None, "
         "float dropout_p=0.0, bool training=False) -> Tensor");

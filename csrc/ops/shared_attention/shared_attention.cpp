@@ -6,7 +6,7 @@
 // The C++ module deepseek_ext::nn::SharedAttention and the Python module
 // deepseek_ext.nn.SharedAttention both call this op, so the math lives here only.
 
-#include "attention/shared_attention.h"
+#include "shared_attention/shared_attention.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>

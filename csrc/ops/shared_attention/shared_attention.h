@@ -1,5 +1,5 @@
 #pragma once
-// Internal helpers of the shared_attention op (csrc/ops/attention/shared_attention.cpp).
+// Internal helpers of the shared_attention op (csrc/ops/shared_attention/shared_attention.cpp).
 
 #include <ATen/core/Tensor.h>
 
