@@ -6,7 +6,7 @@
 // stable device sort of the block ids and the offsets come from a device-side
 // count + cumulative sum. Nothing is read by the host.
 //
-// sparse_ffn / sparse_ffn_backward: the grouped-GEMM route of sparse_ffn.cpp:
+// sparse_ffn / sparse_ffn_backward: the grouped-GEMM route of sparse_ffn_grouped.cpp:
 // at::_grouped_mm with the block offsets as a device tensor (PyTorch's CUTLASS
 // grouped GEMM on sm90 for bfloat16; PyTorch's fallback elsewhere), gathers and
 // the per-token sum through the inverse permutation (no atomics).
