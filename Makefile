@@ -3,7 +3,7 @@
 #
 #   make demo        the main job: train a small LM, baseline vs low-cost recipe (runs/demo-*)
 #   make test        build everything, run CTest (GoogleTest + C++ example) and pytest
-#   make build       the Python extension, in place (incremental)
+#   make build       the Python extension: pip install -e . (editable, incremental)
 #   make build-cpp   the C++ library with CMake, installed to build/install, + example
 #   make bench       every benchmark; tables go to benchmarks/results/
 #   make gpu-prep    stage build inputs a GPU machine without network needs (third_party/)
@@ -17,19 +17,32 @@ PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.requirements-installed
 export MAX_JOBS ?= $(shell nproc)
 
-# A compiler cache for g++ and nvcc when ccache is installed.
 NVCC := $(or $(shell command -v nvcc),$(wildcard /usr/local/cuda/bin/nvcc))
-ifneq ($(shell command -v ccache),)
-export PATH := /usr/lib/ccache:$(PATH)
-# Paths under the checkout are hashed relative to it: clones share the cache.
-export CCACHE_BASEDIR ?= $(CURDIR)
-ifneq ($(NVCC),)
-export PYTORCH_NVCC ?= ccache $(NVCC)
-endif
-CMAKE_CACHE_FLAGS := -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache
+# A compiler cache for g++ and nvcc when ccache is installed. Decided when a
+# recipe runs, not when make reads this file: `sysdeps` may install ccache on
+# the first run, and the build commands must not change on the next one.
+# Paths under the checkout are hashed relative to it, and not the folder a
+# compiler runs in (it differs per clone, and -g would hash it): clones share the cache.
+WITH_CCACHE = if command -v ccache >/dev/null; then \
+	  export PATH="/usr/lib/ccache:$$PATH" CCACHE_BASEDIR="$${CCACHE_BASEDIR:-$(CURDIR)}" \
+	    CCACHE_NOHASHDIR="$${CCACHE_NOHASHDIR-1}"; \
+	  $(if $(NVCC),export PYTORCH_NVCC="$${PYTORCH_NVCC:-ccache $(NVCC)}";) fi;
+CMAKE_CACHE_FLAGS = $$(command -v ccache >/dev/null && \
+	  echo -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
+
+# `make build` runs pip only when a source, setup.py, pyproject.toml, the
+# version, the pinned packages or a build switch changed, or the library is
+# missing; pip's editable build compiles in build/temp.* (setup.py keeps that
+# folder), where ninja recompiles only what changed.
+BUILD_STAMP := build/.python-ext-built
+BUILD_SWITCHES := $(strip $(DEEPSEEK_EXT_CPU_ONLY)|$(TORCH_CUDA_ARCH_LIST)|$(DEEPSEEK_EXT_CPU_ISA)|$(DEBUG)|$(DEEPSEEK_EXT_CUTLASS_DIR))
+EXT_INPUTS := $(shell find csrc kernels -type f 2>/dev/null) setup.py pyproject.toml deepseek_ext/_version.py
+REBUILD := $(if $(wildcard deepseek_ext/_C*.so),,FORCE)
+ifneq ($(BUILD_SWITCHES),$(strip $(shell cat $(BUILD_STAMP) 2>/dev/null)))
+REBUILD := FORCE
 endif
 
-.PHONY: help sysdeps deps build build-cpp test test-cpp test-python demo bench gpu-prep gpu-check install-check clean
+.PHONY: FORCE help sysdeps deps build build-cpp test test-cpp test-python demo bench gpu-prep gpu-check install-check clean
 
 help:
 	@sed -n '2,13p' Makefile
@@ -47,13 +60,16 @@ $(DEPS_STAMP): requirements.txt | $(PY)
 
 deps: sysdeps $(DEPS_STAMP)
 
-build: deps
-	$(PY) setup.py -q build_ext --inplace
+build: deps $(BUILD_STAMP)
+
+$(BUILD_STAMP): $(EXT_INPUTS) $(DEPS_STAMP) $(REBUILD) | sysdeps
+	$(WITH_CCACHE) $(PY) -m pip install --no-build-isolation --no-deps -v -e .
+	@echo '$(BUILD_SWITCHES)' > $@
 
 build-cpp: deps
 	@[ -f build/cmake/build.ninja ] || cmake -S . -B build/cmake -G Ninja $(CMAKE_CACHE_FLAGS) \
 	  -DPython3_EXECUTABLE=$(abspath $(PY))
-	cmake --build build/cmake
+	$(WITH_CCACHE) cmake --build build/cmake
 	cmake --install build/cmake --prefix build/install > /dev/null
 	@[ -f build/example/build.ninja ] || cmake -S tests/cpp/example -B build/example -G Ninja \
 	  -DCMAKE_PREFIX_PATH="$(abspath build/install);$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
@@ -94,14 +110,14 @@ gpu-prep: deps
 	@du -sh third_party/cutlass third_party/site
 
 gpu-check:
-	bash benchmarks/gpu_check.sh
+	$(WITH_CCACHE) bash benchmarks/gpu_check.sh
 
 install-check: deps
 	rm -rf build/install-check && $(PYTHON) -m venv build/install-check/venv
 	build/install-check/venv/bin/pip install -q -r requirements.txt
-	build/install-check/venv/bin/pip install -q --no-build-isolation .
+	$(WITH_CCACHE) build/install-check/venv/bin/pip install -q --no-build-isolation .
 	cd /tmp && $(abspath build/install-check/venv/bin/python) -c \
 	  "import torch, deepseek_ext; print(torch.ops.deepseek_ext.unscale_and_check_)"
 
 clean:
-	rm -rf build deepseek_ext/_C*.so deepseek_ext/_build_config.py
+	rm -rf build deepseek_ext/_C*.so deepseek_ext/_build_config.py deepseek_ext.egg-info

@@ -17,6 +17,7 @@ import os
 import sys
 import platform
 import shutil
+import sysconfig
 from pathlib import Path
 
 import torch
@@ -137,7 +138,19 @@ print(
     flush=True,
 )
 
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, compiling in build/temp.* even under pip's editable
+    build (`pip install -e .`), which would use a new temporary folder each time:
+    ninja there recompiles only what changed."""
+
+    def finalize_options(self):
+        if self.build_temp is None:
+            self.build_temp = str(ROOT / "build" / f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+        super().finalize_options()
+
+
 setup(
     ext_modules=[ext],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
