@@ -1,11 +1,12 @@
 """deepseek_ext: a PyTorch extension that makes training cheaper.
 
-Importing the package loads the compiled library when it is built for the
-installed torch (that registers every operator as ``torch.ops.deepseek_ext.*``,
-then the fake kernels of :mod:`deepseek_ext.ops`). Without one, the package
-still imports: :mod:`deepseek_ext.data`, :mod:`deepseek_ext.train` and the
-pure-Python parts of :mod:`deepseek_ext.distributed` work, and the first call of
-an op raises an error that says why the library is missing and how to build it.
+Importing the package loads the compiled library (that registers every operator
+as ``torch.ops.deepseek_ext.*``, then the fake kernels of :mod:`deepseek_ext.ops`);
+one built for another torch minor version or CPU raises an ImportError that
+says so. In a source tree where it is not built, the package still imports:
+:mod:`deepseek_ext.data`, :mod:`deepseek_ext.train` and the pure-Python parts of
+:mod:`deepseek_ext.distributed` work, and the first call of an op raises an
+error that says how to build the library.
 """
 
 from deepseek_ext import _loader

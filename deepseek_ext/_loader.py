@@ -1,8 +1,9 @@
 """Loads the compiled library after checking the torch it was built against.
 
-``import deepseek_ext`` tries once (:func:`try_load`); when the library is
-missing or does not fit the installed torch, the package still imports and
-:func:`library` raises the reason, with how to build, when an op is called.
+``import deepseek_ext`` tries once (:func:`try_load`). When the library is not
+built, the package still imports and :func:`library` raises, when an op is
+called, an error that says how to build it; a library built for another torch
+or CPU is an ImportError at once.
 Fake kernels (:func:`register_fake`) are registered only once the library has
 defined their ops.
 """
@@ -21,6 +22,10 @@ _error = None  # why it could not be loaded (an ImportError), once tried
 _pending_fakes = []  # (qualname, fn) waiting for the library to define their op
 
 
+class NotBuiltError(ImportError):
+    """The source tree has no compiled library."""
+
+
 def _minor(version: str):
     m = re.match(r"(\d+)\.(\d+)", version)
     return (int(m.group(1)), int(m.group(2))) if m else None
@@ -32,7 +37,7 @@ def load_library():
     try:
         from deepseek_ext import _build_config
     except ImportError:
-        raise ImportError(f"deepseek_ext's compiled library is not built: {_BUILD_HINT}") from None
+        raise NotBuiltError(f"deepseek_ext's compiled library is not built: {_BUILD_HINT}") from None
     installed = torch.__version__
     built = _build_config.TORCH_VERSION
     if _minor(installed) not in SUPPORTED_TORCH:
@@ -59,16 +64,17 @@ def load_library():
     except ModuleNotFoundError as e:
         if e.name != "deepseek_ext._C":
             raise
-        raise ImportError(f"deepseek_ext's compiled library (deepseek_ext/_C*.so) is missing: {_BUILD_HINT}") from None
+        raise NotBuiltError(f"deepseek_ext's compiled library (deepseek_ext/_C*.so) is missing: {_BUILD_HINT}") from None
 
 
 def try_load():
-    """Loads the library once; returns it, or None and keeps the reason."""
+    """Loads the library once; returns it, or None when it is not built (the
+    reason is kept for :func:`library`). Other load errors propagate."""
     global _lib, _error
     if _lib is None and _error is None:
         try:
             _lib = load_library()
-        except ImportError as e:
+        except NotBuiltError as e:
             _error = e
             return None
         while _pending_fakes:

@@ -84,3 +84,14 @@ def test_imports_without_the_compiled_library(tmp_path, keep_build_config):
     error = out.stdout.split("error: ", 1)[-1]
     assert "deepseek_ext's operators are not available" in error and "run `make build`" in error, out.stdout
     assert ("missing" if keep_build_config else "not built") in error
+
+
+def test_library_built_for_another_torch_fails_at_import(tmp_path):
+    src = os.path.dirname(os.path.abspath(deepseek_ext.__file__))
+    shutil.copytree(src, tmp_path / "deepseek_ext", ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    config = tmp_path / "deepseek_ext" / "_build_config.py"
+    config.write_text(re.sub(r"TORCH_VERSION = .*", "TORCH_VERSION = '2.10.0'", config.read_text()))
+    script = _WITHOUT_LIBRARY.split("import torch\n")[0] + "import deepseek_ext.data\n"
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=tmp_path,
+                         env=python_env(root=str(tmp_path)), capture_output=True, text=True)
+    assert out.returncode != 0 and "ImportError: deepseek_ext was built against torch 2.10.0" in out.stderr, out.stderr
