@@ -1,7 +1,8 @@
 # deepseek_ext — every target sets up what it needs (venv, pinned packages,
 # Debian packages, build) and is quick when that is already done.
 #
-#   make demo        the main job: train a small LM, baseline vs low-cost recipe (runs/demo-*)
+#   make demo        the main job: train a small LM, baseline vs low-cost recipe (runs/demo-*,
+#                    benchmarks/results/demo_<device>.md)
 #   make test        build everything, run CTest (GoogleTest + C++ example) and pytest
 #   make build       the Python extension: pip install -e . (editable, incremental)
 #   make build-cpp   the C++ library with CMake, installed to build/install, + example
@@ -45,7 +46,7 @@ endif
 .PHONY: FORCE help sysdeps deps build build-cpp test test-cpp test-python demo bench gpu-prep gpu-check install-check clean
 
 help:
-	@sed -n '2,13p' Makefile
+	@sed -n '2,12p' Makefile
 
 sysdeps:
 	@bash tools/install_system_deps.sh
@@ -85,12 +86,18 @@ test-python: build
 test: test-cpp test-python
 
 # The main job (python -m deepseek_ext.demo); DEMO_ARGS e.g. "--ablate" or "--device cuda".
+# Its table also goes to benchmarks/results/demo_<device class>.md (not for --smoke runs).
 DEMO_ARGS ?=
 demo: build
-	$(PY) -m deepseek_ext.demo $(DEMO_ARGS)
+	$(PY) -m deepseek_ext.demo $(if $(findstring --smoke,$(DEMO_ARGS)),,--results-dir benchmarks/results) $(DEMO_ARGS)
 
+# bench_comm.py builds hosts in network namespaces: only as root, through netns_launch.sh.
 bench: build
-	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in benchmarks/bench_*.py; do \
+	  if [ "$$b" = benchmarks/bench_comm.py ]; then continue; fi; \
+	  echo "== $$b"; $(PY) $$b || exit 1; done
+	@if [ "$$(id -u)" = 0 ]; then echo "== benchmarks/bench_comm.py"; PY=$(abspath $(PY)) bash benchmarks/netns_launch.sh; \
+	  else echo "== benchmarks/bench_comm.py skipped: needs root (sudo benchmarks/netns_launch.sh)"; fi
 
 # The GPU machine has no network: stage the CUTLASS headers (from the pinned
 # nvidia-cutlass package) and bitsandbytes (bench_quant's peer baseline; a

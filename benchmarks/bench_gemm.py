@@ -7,7 +7,7 @@ For each shape (M, N, K) and dtype, in one run:
     (for a bfloat16 output on CUDA, which that kernel rejects, the eager composition
     benchmarks.common.torch_unscale_check_)
   * three ops: the matmul, out.mul_(inv), then found_inf from torch.isfinite(out)
-    -- the issue's "matmul + mul + check" written as separate torch ops
+    -- "matmul + mul + check" written as separate torch ops
   * ours: deepseek_ext.ops.matmul_unscale_check(a, b, inv, found, out_dtype)
 On the CPU, for float16/bfloat16 inputs, the baselines are also timed by the
 float32 route a user would take there (torch's 16-bit CPU GEMM is slow):
@@ -245,7 +245,7 @@ def main(argv=None):
     text += ("- 'three ops': the matmul (on the CPU, for 16-bit inputs, by the float32 route, except "
              "bfloat16 on a CPU with native bfloat16 GEMMs and float16 where torch's float16 matmul is fast: "
              "torch.matmul in the input dtype), then "
-             "out.mul_(inv_scale), then found_inf from torch.isfinite(out) (the issue's 'matmul + mul + check' as "
+             "out.mul_(inv_scale), then found_inf from torch.isfinite(out) ('matmul + mul + check' as "
              "separate ops; 'unfused' above is the stronger baseline)\n")
     if dev == "cpu":
         text += (f"- CPU with native bfloat16 GEMMs (AMX-BF16, oneDNN): "

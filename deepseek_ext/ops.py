@@ -59,8 +59,8 @@ def unscale_and_check_(
         # complain about the backend instead of naming the argument).
         if g.layout != torch.strided:
             raise ValueError(f"grads[{i}] must be a strided (dense) tensor, got {g.layout}")
-        # Checked here as well as in the kernels: a CPU tensor in a CUDA list crashed the
-        # process on an H200 (GPU check 2026-11-28) instead of raising the kernel's error.
+        # Checked here as well as in the kernels: a CPU tensor in a CUDA list can crash
+        # the process inside the CUDA kernel's launch instead of raising its error.
         if g.device != found_inf.device:
             raise RuntimeError(
                 f"grads[{i}] must be on the same device as found_inf ({found_inf.device}), got {g.device}")
@@ -516,7 +516,7 @@ def _sparse_ffn_backward_fake(grad_out, x, w1, w2, gate, hidden, order, offsets,
             gate.new_empty(gate.shape))
 # ---- Shared-attention layers ----
 # shared_attention is a composition of ATen ops registered for
-# CompositeImplicitAutograd in C++ (csrc/ops/attention/): autograd and meta
+# CompositeImplicitAutograd in C++ (csrc/ops/shared_attention/): autograd and meta
 # come from those ops, so it needs no fake kernel here.
 
 

@@ -81,12 +81,12 @@ using namespace cutlass::epilogue::fusion;
 // many neighbouring output tiles (1, 2, 4 or 8) the CTAs of one wave visit
 // together, which decides how much of A and B they share in L2. 8 rather than
 // CUTLASS's default 1: on large square GEMMs the wider swizzle reuses more of
-// A and B from L2 (benchmarks/gpu_notes.md has the comparison); where B fits
+// A and B from L2 (results/gemm_h200.md, the swizzle columns); where B fits
 // in L2 it makes no difference. Results do not depend on it.
 constexpr int kSchedulerSwizzle = 8;
 
 // KernelSchedule, EpilogueSchedule and TileScheduler default to what the
-// library instantiates; benchmarks/gpu/ times other choices against them.
+// library instantiates.
 template <class ElementAB, class TileShape, class ClusterShape,
           class KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative,
           class EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative,

@@ -42,7 +42,7 @@
 //     (cp.async.bulk.prefetch: no registers, no wait; a hint, results do not
 //     depend on it).
 // quantize has no such prefetch: its limit is instructions, not latency.
-// Measured bandwidths: benchmarks/gpu_notes.md and benchmarks/results/.
+// Measured bandwidths: benchmarks/results/quant_<gpu>.md; ceilings: benchmarks/GPU.md.
 //
 // All math is detail/int8_quant.h (the _rn intrinsics: nothing contracted), so
 // the results equal the CPU kernels' bit for bit. No host synchronisation.
