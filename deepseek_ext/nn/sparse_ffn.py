@@ -225,13 +225,20 @@ class GatedSparseFFN(nn.Module):
         m = 2 if self.activation == "swiglu" else 1
         x2 = x.reshape(-1, self.d_model)
         scores, _, order, offsets, gate = self.route(x2)
+        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
+        if torch.is_autocast_enabled(x2.device.type):
+            # As nn.Linear under autocast: compute in the autocast dtype, whatever the
+            # input's dtype; the casts are differentiable, so gradients reach the
+            # float32 parameters in their own dtype.
+            dtype = torch.get_autocast_dtype(x2.device.type)
+            x2, w1, b1, w2, b2 = (t.to(dtype) for t in (x2, w1, b1, w2, b2))
         r1, r2 = s * m * bs, s * bs
-        w1, b1, w2 = ((self.w1, self.b1, self.w2) if s == 0 else (self.w1[r1:], self.b1[r1:], self.w2[r2:]))
-        out = ops.sparse_ffn(x2, w1, b1, w2, gate.to(x2.dtype), order, offsets, bs, self.activation)
+        routed = (w1, b1, w2) if s == 0 else (w1[r1:], b1[r1:], w2[r2:])
+        out = ops.sparse_ffn(x2, *routed, gate.to(x2.dtype), order, offsets, bs, self.activation)
         if s > 0:
-            a = F.linear(x2, self.w1[:r1], self.b1[:r1])
-            out = out + _dense_blocks_activation(a, self.activation, bs) @ self.w2[:r2]
-        out = out + self.b2
+            a = F.linear(x2, w1[:r1], b1[:r1])
+            out = out + _dense_blocks_activation(a, self.activation, bs) @ w2[:r2]
+        out = out + b2
 
         counts = offsets[1:] - offsets[:-1]
         load = counts.float() / max(x2.shape[0] * self.k, 1)

@@ -238,3 +238,23 @@ def test_balancing_state_is_identical_on_every_rank(mode):
     for b0, b1 in zip(*biases):
         assert b0.abs().sum() > 0  # it moved
         assert torch.equal(b0, b1), (b0, b1)
+
+
+@pytest.mark.parametrize("shared_blocks", [0, 1])
+def test_autocast_computes_in_the_autocast_dtype(shared_blocks):
+    """Under torch.autocast the module computes in the autocast dtype, as nn.Linear
+    does, from a float32 or a bfloat16 input; gradients reach the float32 weights."""
+    torch.manual_seed(0)
+    f = ffn(32, shared_blocks=shared_blocks, balance_rate=0.0)
+    x = torch.randn(40, 32)
+    ref = f(x)
+    for inp in (x, x.bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = f(inp)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
+        y.float().sum().backward()
+        assert f.w1.grad.dtype == torch.float32 and f.w1.grad.abs().sum() > 0
+        f.zero_grad()
+    with pytest.raises(RuntimeError, match="dtype"):
+        f(x.bfloat16())  # outside autocast the dtypes must agree
