@@ -43,9 +43,9 @@ from typing import Iterable, Optional, Union
 
 import torch
 import torch.distributed as dist
-from torch.optim.optimizer import register_optimizer_step_post_hook
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from deepseek_ext import ops
 
@@ -317,6 +317,8 @@ def update_balance(modules: Union[nn.Module, Iterable[GatedSparseFFN]]) -> None:
         if not isinstance(m, GatedSparseFFN):
             raise TypeError(f"modules must hold GatedSparseFFN modules, got {type(m).__name__}")
         if m.balance_rate > 0:
+            if m._load_counts.device != m.balance_bias.device:  # no forward since FSDP2 moved the module
+                m._load_counts = torch.zeros_like(m._load_counts, device=m.balance_bias.device)
             group = _process_group(m)
             batches.setdefault((m._load_counts.device, id(group)), (group, []))[1].append(m)
     for group, mods in batches.values():

@@ -4,6 +4,7 @@ buffer broadcast and FSDP2. The bias must move once per optimizer step, never
 inside forward, and agree bit for bit on every rank."""
 
 import copy
+import gc
 import os
 import tempfile
 
@@ -189,7 +190,9 @@ def _rank_worker(rank, world, init_file, mode, steps, out_dir):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         wrapped = DDP(model, broadcast_buffers=False)
-        loss_fn = lambda b: F.cross_entropy(wrapped(b)[:, :-1].flatten(0, 1), b[:, 1:].flatten())  # noqa: E731
+
+        def loss_fn(b):
+            return F.cross_entropy(wrapped(b)[:, :-1].flatten(0, 1), b[:, 1:].flatten())
     else:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -207,8 +210,15 @@ def _rank_worker(rank, world, init_file, mode, steps, out_dir):
         opt.zero_grad(set_to_none=True)
     biases = [f.balance_bias.clone() for f in sparse_ffns(model)]
     torch.save(biases, os.path.join(out_dir, f"bias{rank}.pt"))
+    # An orderly teardown (as in test_shared_attention's FSDP worker): every collective
+    # done, the wrappers released while the group is alive, then the group; the process
+    # then skips interpreter teardown, where Gloo's threads have aborted a finished rank
+    # ("terminate called without an active exception").
     dist.barrier()
+    del model, opt, loss_fn
+    gc.collect()
     dist.destroy_process_group()
+    os._exit(0)
 
 
 def _run_ranks(target, world, *args):
