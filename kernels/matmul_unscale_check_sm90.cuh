@@ -2,8 +2,8 @@
 // CUTLASS 3 mainloop (TMA + warp-specialised wgmma) and an epilogue visitor
 // tree that multiplies by *inv_scale, flags values that are inf/NaN after
 // conversion and stores D. kernels/matmul_unscale_check_sm90.cu instantiates
-// the library's two configurations; benchmarks/gpu/ instantiates others to
-// time them. Include only from .cu files compiled for sm_90a.
+// the library's two configurations. Include only from .cu files compiled for
+// sm_90a.
 #pragma once
 
 // found_inf accumulates over all GEMMs of a step: the scalar reduction must
