@@ -8,29 +8,16 @@ history. The header records date, machine, torch version and commit.
 
 import datetime
 import os
-import platform
-import re
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 import torch.utils.benchmark as tb
 
+from deepseek_ext._provenance import cpu_model, git_commit, gpu_class  # noqa: F401 (re-exported)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-
-
-def cpu_model() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return model
 
 
 def device_class(device: str) -> str:
@@ -40,16 +27,6 @@ def device_class(device: str) -> str:
     if not str(device).startswith("cuda"):
         return "cpu"
     return gpu_class(torch.cuda.get_device_name())
-
-
-def gpu_class(name: str) -> str:
-    words = [w for w in re.split(r"[\s_]+", name) if w.lower() not in ("nvidia", "geforce", "tesla", "quadro")]
-    if not words:
-        return "gpu"
-    first = words[0].split("-")[0].lower()
-    if first in ("rtx", "gtx") and len(words) > 1:
-        first += words[1].split("-")[0].lower()
-    return re.sub(r"[^a-z0-9]", "", first) or "gpu"
 
 
 def machine(device: str) -> str:
@@ -62,20 +39,8 @@ def machine(device: str) -> str:
 
 
 def commit() -> str:
-    """The git short hash of the checkout ("+ uncommitted changes" when tracked
-    files differ from it). BENCH_COMMIT overrides it, for copies of the tree
-    without .git (a GPU machine's)."""
-    if os.environ.get("BENCH_COMMIT"):
-        return os.environ["BENCH_COMMIT"]
-    try:
-        git = ["git", "-C", str(ROOT)]
-        head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=30, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no git checkout; set BENCH_COMMIT)"
-    return f"{head} + uncommitted changes" if dirty else head
+    """The checkout's commit (BENCH_COMMIT overrides it): see deepseek_ext._provenance."""
+    return git_commit(ROOT)
 
 
 def header(title: str, device: str) -> str:

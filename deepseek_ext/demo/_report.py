@@ -5,14 +5,13 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import re
 import shutil
-import subprocess
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
+from deepseek_ext._provenance import cpu_model, git_commit, gpu_class
 from deepseek_ext.demo._config import DemoConfig
 
 
@@ -80,34 +79,13 @@ def machine_line(cfg: DemoConfig) -> str:
     if cfg.device == "cuda":
         dev = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
     else:
-        model = platform.processor() or "cpu"
-        try:
-            model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        dev = f"{model}, {os.cpu_count()} cores"
+        dev = f"{cpu_model()}, {os.cpu_count()} cores"
     return f"{dev}; torch {torch.__version__}; Python {platform.python_version()}"
 
 
 def device_class(cfg: DemoConfig) -> str:
     """"cpu", or the GPU model in lower case ("NVIDIA H100 80GB HBM3" -> "h100")."""
-    if cfg.device != "cuda":
-        return "cpu"
-    words = [w for w in re.split(r"[\s_-]+", torch.cuda.get_device_name())
-             if w.lower() not in ("nvidia", "geforce", "tesla")]
-    return re.sub(r"[^a-z0-9]", "", "".join(words[:1]).lower()) or "gpu"
-
-
-def _commit() -> str:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return os.environ.get("BENCH_COMMIT", "unknown (not a git checkout)")
-    return f"{head} + uncommitted changes" if dirty else head
+    return gpu_class(torch.cuda.get_device_name()) if cfg.device == "cuda" else "cpu"
 
 
 def write_results(report: dict, cfg: DemoConfig, results_dir: Path, plot: Optional[Path], command: str) -> Path:
@@ -123,7 +101,7 @@ def write_results(report: dict, cfg: DemoConfig, results_dir: Path, plot: Option
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- machine: {report['machine']}",
         f"- torch: {torch.__version__}",
-        f"- commit: {_commit()}",
+        f"- commit: {git_commit()}",
         f"- command: {command}",
         f"- budget: {cfg.steps} steps x {cfg.tokens_per_step:,} tokens = {budget:,} tokens per run, "
         f"{cfg.world_size} processes",
