@@ -328,7 +328,7 @@ def update_balance(modules: Union[nn.Module, Iterable[GatedSparseFFN]]) -> None:
         for m, c in zip(mods, counts.split([m.n_routed for m in mods])):
             # sign(mean(c) - c) = sign(sum(c) - n * c), exact in int64.
             step = torch.sign(c.sum() - m.n_routed * c).to(torch.float32)
-            m.balance_bias.add_(step.to(m.balance_bias.device), alpha=m.balance_rate)
+            m.balance_bias.add_(step, alpha=m.balance_rate)
             m._load_counts.zero_()
 
 

@@ -13,6 +13,8 @@ from torch import nn
 from deepseek_ext.distributed import fully_shard_per_block, modules_shared_by_blocks
 from deepseek_ext.nn import SharedAttentionTransformer
 
+from utils import run_ranks, sgd_logsumexp_steps
+
 # (sharing, n_unique, share_ffn, embed_dim): every plan, shared FFNs, a factorised embedding.
 PLANS = [("none", None, False, None), ("all", None, False, None), ("sequence", 2, False, None),
          ("cycle", 2, False, 8), ("cycle_reverse", 2, True, None)]
@@ -22,16 +24,6 @@ def make(plan):
     sharing, n_unique, share_ffn, embed_dim = plan
     return SharedAttentionTransformer(50, 16, 4, 2, 32, 8, sharing=sharing, n_unique=n_unique,
                                       share_ffn=share_ffn, embed_dim=embed_dim)
-
-
-def train(model, batches):
-    """SGD with momentum (not Adam: the key bias's gradient is zero up to rounding,
-    which Adam would turn into lr-sized steps)."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for tokens in batches:
-        model(tokens).logsumexp(-1).mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
 
 def _worker(rank, world, init_file, states, batches, out_dir):
@@ -48,7 +40,7 @@ def _worker(rank, world, init_file, states, batches, out_dir):
         model.load_state_dict(state)
         fully_shard_per_block(model, mesh=mesh)
         units = sum(isinstance(m, FSDPModule) for m in model.modules())
-        train(model, [b.chunk(world)[rank] for b in batches])
+        sgd_logsumexp_steps(model, [b.chunk(world)[rank] for b in batches])
         results.append((units, {n: p.full_tensor() for n, p in model.named_parameters()}))
         del model
     if rank == 0:
@@ -62,29 +54,18 @@ def _worker(rank, world, init_file, states, batches, out_dir):
 
 
 def test_every_sharing_plan_sharded_per_block_matches_one_process():
-    import torch.multiprocessing as mp
-
     torch.manual_seed(0)
     models = [make(plan) for plan in PLANS]
     states = [copy.deepcopy(m.state_dict()) for m in models]
     batches = [torch.randint(0, 50, (4, 6)) for _ in range(3)]
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(r, 2, os.path.join(tmp, "init"), states, batches, tmp))
-                 for r in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=180)
-            if p.is_alive():
-                p.kill()
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+        run_ranks(_worker, states, batches, tmp, timeout=180)
         results = torch.load(os.path.join(tmp, "fsdp.pt"))
     for plan, model, (units, params) in zip(PLANS, models, results):
         shared = modules_shared_by_blocks(model.layers)
         # A unit per shared module, per block, and the root.
         assert units == len(shared) + len(model.layers) + 1, plan
-        train(model, batches)
+        sgd_logsumexp_steps(model, batches)
         for name, p in model.named_parameters():
             torch.testing.assert_close(params[name], p.detach(), atol=1e-5, rtol=1e-4,
                                        msg=lambda m: f"{plan} {name}: {m}")

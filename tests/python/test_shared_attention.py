@@ -22,7 +22,7 @@ from deepseek_ext.nn import (
 )
 from deepseek_ext.nn.shared_attention import SHARING_PLANS
 
-from utils import DEVICES
+from utils import DEVICES, run_ranks, sgd_logsumexp_steps
 
 OP = torch.ops.deepseek_ext.shared_attention.default
 
@@ -502,29 +502,13 @@ def _ddp_worker(rank, world, init_file, tokens, state, out_dir, embed_dim):
     dist.destroy_process_group()
 
 
-def _run_two_ranks(target, tmp, *args):
-    """target(rank, 2, init_file, *args) in two spawned processes (a file-based rendezvous in
-    tmp); both must exit cleanly within 90 s."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=target, args=(r, 2, os.path.join(tmp, "init"), *args)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=90)
-        if p.is_alive():
-            p.kill()
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-
-
 @pytest.mark.parametrize("embed_dim", [None, 8])
 def test_ddp_two_processes_match_single_process(embed_dim):
     torch.manual_seed(0)
     model = SharedAttentionTransformer(**small(sharing="cycle", n_unique=2, embed_dim=embed_dim))
     tokens = torch.randint(0, 50, (4, 6))
     with tempfile.TemporaryDirectory() as tmp:
-        _run_two_ranks(_ddp_worker, tmp, tokens, model.state_dict(), tmp, embed_dim)
+        run_ranks(_ddp_worker, tokens, model.state_dict(), tmp, embed_dim)
         grads = [torch.load(os.path.join(tmp, f"grad{r}.pt")) for r in range(2)]
     # The mean over the whole batch equals the mean of the two shards' means.
     model(tokens).logsumexp(-1).mean().backward()
@@ -534,17 +518,6 @@ def test_ddp_two_processes_match_single_process(embed_dim):
 
 
 # ---- FSDP2 ----
-
-def _fsdp_train(model, batches):
-    """SGD steps (momentum 0.9) on the mean of logsumexp over each batch (a stand-in loss).
-    Not Adam: the key bias's gradient is zero up to rounding (softmax ignores a shift),
-    and Adam's g / sqrt(v) turns that rounding noise into lr-sized steps."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for tokens in batches:
-        model(tokens).logsumexp(-1).mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
 
 def _fsdp_worker(rank, world, init_file, batches, state, out_dir):
     import torch.distributed as dist
@@ -565,7 +538,7 @@ def _fsdp_worker(rank, world, init_file, batches, state, out_dir):
         # The shared module is still one object, so its sharded parameters too.
         "shared_is_same": model.layers[0].attn.qkv_weight is model.layers[2].attn.qkv_weight,
     }
-    _fsdp_train(model, [b.chunk(world)[rank] for b in batches])
+    sgd_logsumexp_steps(model, [b.chunk(world)[rank] for b in batches])
     full = {n: p.full_tensor() for n, p in model.named_parameters()}  # a collective: every rank
     if rank == 0:
         torch.save({"info": info, "params": full}, os.path.join(out_dir, "fsdp.pt"))
@@ -590,13 +563,13 @@ def test_fsdp2_two_processes_match_single_process():
     state = copy.deepcopy(model.state_dict())
     batches = [torch.randint(0, 50, (4, 6)) for _ in range(3)]
     with tempfile.TemporaryDirectory() as tmp:
-        _run_two_ranks(_fsdp_worker, tmp, batches, state, tmp)
+        run_ranks(_fsdp_worker, batches, state, tmp)
         result = torch.load(os.path.join(tmp, "fsdp.pt"))
     unique = len(list(model.parameters()))
     assert unique == len(model.state_dict()) - 4 * 2  # layers 2, 3 repeat layers 0, 1's attention (4 tensors each)
     assert result["info"] == {"n_params": (unique, unique), "all_dtensor": True, "shared_is_same": True}
     # FSDP averages the gradients over ranks: the mean over the whole batch.
-    _fsdp_train(model, batches)
+    sgd_logsumexp_steps(model, batches)
     assert not torch.equal(model.tok_emb.weight, state["tok_emb.weight"])  # the steps moved the weights
     assert set(result["params"]) == {n for n, _ in model.named_parameters()}
     for name, p in model.named_parameters():

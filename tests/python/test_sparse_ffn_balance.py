@@ -16,6 +16,8 @@ from torch.utils.checkpoint import checkpoint
 
 from deepseek_ext.nn import GatedSparseFFN, update_balance
 
+from utils import run_ranks
+
 # Large enough that one update flips the routes of many tokens (the gate scores
 # of these small models are of order 0.1-1).
 RATE = 0.05
@@ -221,29 +223,14 @@ def _rank_worker(rank, world, init_file, mode, steps, out_dir):
     os._exit(0)
 
 
-def _run_ranks(target, world, *args):
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=target, args=(r, world, os.path.join(tmp, "init"), *args, tmp))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=120)
-            if p.is_alive():
-                p.kill()
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-        return [torch.load(os.path.join(tmp, f"bias{r}.pt")) for r in range(world)]
-
-
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_balancing_state_is_identical_on_every_rank(mode):
     """2 Gloo ranks with different batches, DDP without buffer broadcast or FSDP2
     sharded per block: after 8 steps every rank's balancing bias is bit-identical
     (the step's counts are summed over the ranks before each update)."""
-    biases = _run_ranks(_rank_worker, 2, mode, 8)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_ranks(_rank_worker, mode, 8, tmp)
+        biases = [torch.load(os.path.join(tmp, f"bias{r}.pt")) for r in range(2)]
     assert len(biases[0]) == 2
     for b0, b1 in zip(*biases):
         assert b0.abs().sum() > 0  # it moved

@@ -41,3 +41,36 @@ def run_script(script, out_path, env_overrides=None):
     torch.load(out_path). For settings read once per process."""
     subprocess.run([sys.executable, "-c", script, str(out_path)], env=python_env(env_overrides), check=True)
     return torch.load(out_path)
+
+
+def run_ranks(target, *args, world=2, timeout=120):
+    """target(rank, world, init_file, *args) in `world` spawned processes joined by a
+    file-based rendezvous in a temporary folder; every process must exit cleanly
+    within `timeout` seconds."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        procs = [ctx.Process(target=target, args=(r, world, init_file, *args)) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=timeout)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+def sgd_logsumexp_steps(model, batches):
+    """SGD steps (momentum 0.9) on the mean of logsumexp over each batch of tokens (a
+    stand-in loss). Not Adam: an attention key bias's gradient is zero up to rounding
+    (softmax ignores a shift), and Adam's g / sqrt(v) turns that rounding noise into
+    lr-sized steps."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for tokens in batches:
+        model(tokens).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
