@@ -388,12 +388,13 @@ def _dequantize_reduce_int8_fake(q, scales, block_size, multiplier, dtype):
 #
 # The FFN's d_ff hidden units are cut into n_blocks blocks of block_size units.
 # w1 [n_blocks * m * block_size, d_model] (m = 2 for "swiglu": per block,
-# block_size gate rows then block_size up rows; m = 1 for "gelu" and "silu"),
+# block_size gate rows then block_size up rows; m = 1 for "gelu", "gelu_tanh"
+# and "silu"),
 # b1 [n_blocks * m * block_size] (optional), w2 [n_blocks * block_size, d_model]
 # (hidden-major: the transpose of nn.Linear's weight). Token t's j-th selected
 # block is the pair p = t * k + j. See csrc/include/deepseek_ext/ops.h.
 
-_SPARSE_FFN_ACTIVATIONS = ("gelu", "silu", "swiglu")
+_SPARSE_FFN_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "swiglu")
 _SPARSE_FFN_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -456,7 +457,9 @@ def sparse_ffn(
         gate: ``[T, k]`` weights of the selected blocks (x's dtype).
         order, offsets: from :func:`sparse_ffn_route`.
         block_size: hidden units per block.
-        activation: ``"gelu"`` (exact), ``"silu"`` or ``"swiglu"``.
+        activation: ``"gelu"`` (exact, erf), ``"gelu_tanh"`` (the tanh
+            approximation, ``F.gelu(approximate="tanh")``), ``"silu"`` or
+            ``"swiglu"`` (``silu(gate) * up``).
 
     Returns:
         ``[T, d_model]``.
@@ -473,7 +476,7 @@ def sparse_ffn_backward(grad_out, x, w1, w2, gate, hidden, order, offsets, block
 
 
 def _check_sparse_ffn(x, w1, b1, w2, gate, order, offsets, block_size, activation):
-    torch._check(activation in _SPARSE_FFN_ACTIVATIONS, lambda: f'activation must be "gelu", "silu" or "swiglu", got "{activation}"')
+    torch._check(activation in _SPARSE_FFN_ACTIVATIONS, lambda: f'activation must be "gelu", "gelu_tanh", "silu" or "swiglu", got "{activation}"')
     torch._check(x.dtype in _SPARSE_FFN_DTYPES, lambda: f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
     torch._check(x.dim() == 2, lambda: f"x must be a 2-D tensor [tokens, d_model], got shape {tuple(x.shape)}")
     for t, name in ((w1, "w1"), (w2, "w2"), (gate, "gate")) + (((b1, "b1"),) if b1 is not None else ()):

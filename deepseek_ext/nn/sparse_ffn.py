@@ -1,8 +1,8 @@
 """Gated sparse FFN: a learned gate picks ~30% of the FFN's blocks per token and
 only those are computed, forward and backward (block-sparse grouped GEMMs).
 
-The hidden units of the FFN are cut into ``n_blocks = d_ff / block_size``
-blocks. The first ``shared_blocks`` blocks are always computed (gate weight 1);
+The hidden units of the FFN are cut into ``n_blocks`` blocks of ``block_size
+= d_ff / n_blocks`` units. The first ``shared_blocks`` blocks are always computed (gate weight 1);
 each token picks the top ``k = clamp(round(density * n_blocks), 1, n_blocks -
 shared_blocks)`` of the other (routed) blocks by ``gate score + balancing
 bias``, and a selected block's output is multiplied by its gate weight
@@ -51,45 +51,69 @@ from deepseek_ext import ops
 
 __all__ = ["GatedSparseFFN", "ffn_flops", "update_balance"]
 
-_ACTIVATIONS = ("gelu", "silu", "swiglu")
+_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "swiglu")
+# Block width when neither n_blocks nor block_size is given.
+_DEFAULT_BLOCK_SIZE = 128
 
 
-def _check_config(d_model: int, d_ff: int, block_size: int, density: float, shared_blocks: int,
-                  activation: str) -> tuple[int, int]:
-    """(n_blocks, k) of a configuration; ValueError naming the bad argument."""
+def _check_config(d_model: int, d_ff: int, n_blocks: Optional[int], block_size: Optional[int],
+                  density: float, shared_blocks: int, activation: str) -> tuple[int, int, int]:
+    """(n_blocks, block_size, k) of a configuration; ValueError naming the bad argument.
+
+    The block count comes from ``n_blocks`` (block width ``d_ff / n_blocks``)
+    or from ``block_size`` (``n_blocks = d_ff / block_size``); given both, they
+    must agree. k rounds half up, as ``std::llround`` in the C++ module does.
+    """
     if d_model <= 0:
         raise ValueError(f"d_model must be positive, got {d_model}")
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    if d_ff <= 0 or d_ff % block_size != 0:
-        raise ValueError(f"block_size must divide d_ff: d_ff = {d_ff}, block_size = {block_size}")
+    if d_ff <= 0:
+        raise ValueError(f"d_ff must be positive, got {d_ff}")
+    if n_blocks is not None:
+        if n_blocks <= 0:
+            raise ValueError(f"n_blocks must be positive, got {n_blocks}")
+        if d_ff % n_blocks != 0:
+            raise ValueError(f"n_blocks must divide d_ff: d_ff = {d_ff}, n_blocks = {n_blocks}")
+        if block_size is not None and block_size * n_blocks != d_ff:
+            raise ValueError(f"n_blocks and block_size disagree: n_blocks * block_size must equal "
+                             f"d_ff = {d_ff}, got n_blocks = {n_blocks}, block_size = {block_size}")
+        block_size = d_ff // n_blocks
+    else:
+        if block_size is None:
+            block_size = _DEFAULT_BLOCK_SIZE
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        if d_ff % block_size != 0:
+            raise ValueError(f"block_size must divide d_ff: d_ff = {d_ff}, block_size = {block_size}")
+        n_blocks = d_ff // block_size
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     if activation not in _ACTIVATIONS:
-        raise ValueError(f'activation must be "gelu", "silu" or "swiglu", got "{activation}"')
-    n_blocks = d_ff // block_size
+        raise ValueError(f'activation must be "gelu", "gelu_tanh", "silu" or "swiglu", got "{activation}"')
     if not 0 <= shared_blocks < n_blocks:
         raise ValueError(f"shared_blocks must be in [0, n_blocks = {n_blocks}), got {shared_blocks}")
-    k = min(max(round(density * n_blocks), 1), n_blocks - shared_blocks)
-    return n_blocks, k
+    k = min(max(math.floor(density * n_blocks + 0.5), 1), n_blocks - shared_blocks)
+    return n_blocks, block_size, k
 
 
-def ffn_flops(d_model: int, d_ff: int, *, block_size: int = 128, density: float = 1.0,
-              shared_blocks: int = 0, activation: str = "gelu") -> dict:
+def ffn_flops(d_model: int, d_ff: int, *, n_blocks: Optional[int] = None,
+              block_size: Optional[int] = None, density: float = 1.0, shared_blocks: int = 0,
+              activation: str = "gelu") -> dict:
     """Forward FLOPs per token (multiply-add = 2) of a gated sparse FFN vs the dense FFN.
 
     Counts the GEMMs: ``dense = 2 * d_model * d_ff * (m + 1)`` (``m = 2`` for
     swiglu's gate and up projections); the sparse FFN computes ``active = k +
     shared_blocks`` blocks of ``block_size`` units and adds the gate GEMM
     ``2 * d_model * (n_blocks - shared_blocks)``. Activations, the top-k and
-    biases are O(d_ff) and left out of both.
+    biases are O(d_ff) and left out of both. ``n_blocks`` / ``block_size`` as
+    in :class:`GatedSparseFFN`.
 
     Returns:
         dict with ``dense``, ``sparse`` (gate included), ``gate``, ``ratio``
         (sparse / dense), ``saved`` (1 - ratio), ``k``, ``active_blocks``,
-        ``n_blocks`` and ``active_fraction``.
+        ``n_blocks``, ``block_size`` and ``active_fraction``.
     """
-    n_blocks, k = _check_config(d_model, d_ff, block_size, density, shared_blocks, activation)
+    n_blocks, block_size, k = _check_config(d_model, d_ff, n_blocks, block_size, density,
+                                            shared_blocks, activation)
     m = 2 if activation == "swiglu" else 1
     dense = 2 * d_model * d_ff * (m + 1)
     active = k + shared_blocks
@@ -97,13 +121,15 @@ def ffn_flops(d_model: int, d_ff: int, *, block_size: int = 128, density: float 
     sparse = 2 * d_model * active * block_size * (m + 1) + gate
     return {"dense": dense, "sparse": sparse, "gate": gate, "ratio": sparse / dense,
             "saved": 1.0 - sparse / dense, "k": k, "active_blocks": active, "n_blocks": n_blocks,
-            "active_fraction": active / n_blocks}
+            "block_size": block_size, "active_fraction": active / n_blocks}
 
 
 def _dense_blocks_activation(a: torch.Tensor, activation: str, block_size: int) -> torch.Tensor:
     """act over whole blocks: ``[T, S * m * block_size] -> [T, S * block_size]``."""
     if activation == "gelu":
         return F.gelu(a)
+    if activation == "gelu_tanh":
+        return F.gelu(a, approximate="tanh")
     if activation == "silu":
         return F.silu(a)
     v = a.view(a.shape[0], -1, 2, block_size)
@@ -115,11 +141,21 @@ class GatedSparseFFN(nn.Module):
 
     Args:
         d_model: model width (input and output features).
-        d_ff: hidden width, a multiple of ``block_size``.
-        block_size: hidden units per block.
-        density: fraction of the blocks each token routes to, in (0, 1].
+        d_ff: hidden width, a multiple of the block count.
+        n_blocks: number of blocks the hidden units are cut into (block width
+            ``d_ff / n_blocks``).
+        block_size: hidden units per block, the other way to say the same
+            (``n_blocks = d_ff / block_size``); given with ``n_blocks``, the
+            two must agree. With neither, blocks are 128 wide.
+        density: fraction of the blocks each token routes to, in (0, 1]:
+            ``k = clamp(round(density * n_blocks), 1, n_blocks - shared_blocks)``
+            (half rounds up).
         shared_blocks: blocks every token computes (the first ones), not gated.
-        activation: ``"gelu"`` (exact), ``"silu"`` or ``"swiglu"``.
+        activation: ``"gelu"`` (erf), ``"gelu_tanh"`` (the tanh approximation,
+            Hugging Face's ``gelu_new``), ``"silu"`` or ``"swiglu"``
+            (``silu(gate) * up``; per block, the gate rows then the up rows of ``w1``).
+        bias: whether the projections have biases ``b1`` and ``b2``; without,
+            both are registered as ``None`` (no keys in ``state_dict``).
         balance_rate: step of the balancing-bias update (0 turns it off).
         aux_loss_weight: weight of the optional auxiliary balance loss.
         auto_balance: update the balancing bias after every ``optimizer.step()``
@@ -137,17 +173,19 @@ class GatedSparseFFN(nn.Module):
     (hidden-major), ``b2`` ``[d_model]``, ``gate_weight`` ``[n_routed,
     d_model]``. Buffer: ``balance_bias`` float32 ``[n_routed]``; the step's
     block counts so far (int64 ``[n_routed]``, not a buffer, so that DDP does not
-    broadcast them) are :meth:`load_counts`.
+    broadcast them) are :meth:`load_counts`. With ``gate_weight = 0`` every
+    selected block has weight 1, so at density 1.0 the module is the dense FFN.
     The LibTorch module ``deepseek_ext::nn::GatedSparseFFN`` is the same.
     """
 
-    def __init__(self, d_model: int, d_ff: int, block_size: int = 128, density: float = 0.3,
-                 shared_blocks: int = 0, activation: str = "gelu", balance_rate: float = 1e-3,
-                 aux_loss_weight: float = 0.0, *, auto_balance: bool = True,
+    def __init__(self, d_model: int, d_ff: int, *, n_blocks: Optional[int] = None,
+                 block_size: Optional[int] = None, density: float = 0.3, shared_blocks: int = 0,
+                 activation: str = "gelu", bias: bool = True, balance_rate: float = 1e-3,
+                 aux_loss_weight: float = 0.0, auto_balance: bool = True,
                  balance_group: Optional["dist.ProcessGroup"] = None, device=None, dtype=None):
         super().__init__()
-        self.n_blocks, self.k = _check_config(d_model, d_ff, block_size, density, shared_blocks,
-                                              activation)
+        self.n_blocks, block_size, self.k = _check_config(d_model, d_ff, n_blocks, block_size, density,
+                                                          shared_blocks, activation)
         if balance_rate < 0:
             raise ValueError(f"balance_rate must be >= 0, got {balance_rate}")
         if aux_loss_weight < 0:
@@ -160,9 +198,13 @@ class GatedSparseFFN(nn.Module):
         m = 2 if activation == "swiglu" else 1
         kw = {"device": device, "dtype": dtype}
         self.w1 = nn.Parameter(torch.empty(d_ff * m, d_model, **kw))
-        self.b1 = nn.Parameter(torch.empty(d_ff * m, **kw))
         self.w2 = nn.Parameter(torch.empty(d_ff, d_model, **kw))
-        self.b2 = nn.Parameter(torch.empty(d_model, **kw))
+        if bias:
+            self.b1 = nn.Parameter(torch.empty(d_ff * m, **kw))
+            self.b2 = nn.Parameter(torch.empty(d_model, **kw))
+        else:
+            self.register_parameter("b1", None)
+            self.register_parameter("b2", None)
         self.gate_weight = nn.Parameter(torch.empty(self.n_routed, d_model, **kw))
         self.register_buffer("balance_bias", torch.zeros(self.n_routed, device=device, dtype=torch.float32))
         self._load_counts = torch.zeros(self.n_routed, device=device, dtype=torch.int64)
@@ -177,7 +219,8 @@ class GatedSparseFFN(nn.Module):
         b_in, b_hid = 1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_ff)
         for p, bound in ((self.w1, b_in), (self.b1, b_in), (self.gate_weight, b_in), (self.w2, b_hid),
                          (self.b2, b_hid)):
-            nn.init.uniform_(p, -bound, bound)
+            if p is not None:
+                nn.init.uniform_(p, -bound, bound)
         with torch.no_grad():
             self.balance_bias.zero_()
             self._load_counts = torch.zeros_like(self._load_counts)
@@ -231,14 +274,15 @@ class GatedSparseFFN(nn.Module):
             # input's dtype; the casts are differentiable, so gradients reach the
             # float32 parameters in their own dtype.
             dtype = torch.get_autocast_dtype(x2.device.type)
-            x2, w1, b1, w2, b2 = (t.to(dtype) for t in (x2, w1, b1, w2, b2))
+            x2, w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (x2, w1, b1, w2, b2))
         r1, r2 = s * m * bs, s * bs
-        routed = (w1, b1, w2) if s == 0 else (w1[r1:], b1[r1:], w2[r2:])
+        routed = (w1, b1, w2) if s == 0 else (w1[r1:], None if b1 is None else b1[r1:], w2[r2:])
         out = ops.sparse_ffn(x2, *routed, gate.to(x2.dtype), order, offsets, bs, self.activation)
         if s > 0:
-            a = F.linear(x2, w1[:r1], b1[:r1])
+            a = F.linear(x2, w1[:r1], None if b1 is None else b1[:r1])
             out = out + _dense_blocks_activation(a, self.activation, bs) @ w2[:r2]
-        out = out + b2
+        if b2 is not None:
+            out = out + b2
 
         counts = offsets[1:] - offsets[:-1]
         load = counts.float() / max(x2.shape[0] * self.k, 1)
@@ -276,7 +320,7 @@ class GatedSparseFFN(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, block_size={self.block_size}, "
                 f"n_blocks={self.n_blocks}, k={self.k}, shared_blocks={self.shared_blocks}, "
-                f"activation={self.activation!r}")
+                f"activation={self.activation!r}, bias={self.b1 is not None}")
 
 
 def _recomputing() -> bool:

@@ -46,6 +46,7 @@ Sample make_sample(at::ScalarType dtype, const std::string& activation, int64_t 
 
 at::Tensor act_ref(const at::Tensor& a, const std::string& activation, int64_t bs) {
   if (activation == "gelu") return at::gelu(a);
+  if (activation == "gelu_tanh") return at::gelu(a, "tanh");
   if (activation == "silu") return at::silu(a);
   auto v = a.view({a.size(0), -1, 2, bs});
   return (at::silu(v.select(2, 0)) * v.select(2, 1)).reshape({a.size(0), -1});
@@ -121,8 +122,8 @@ TEST_P(SparseFFN, GroupedRouteMatchesCpuKernels) {
 INSTANTIATE_TEST_SUITE_P(
     DtypesAndActivations, SparseFFN,
     ::testing::Combine(::testing::Values(at::kFloat, at::kDouble, at::kBFloat16),
-                       ::testing::Values(std::string("gelu"), std::string("silu"),
-                                         std::string("swiglu"))));
+                       ::testing::Values(std::string("gelu"), std::string("gelu_tanh"),
+                                         std::string("silu"), std::string("swiglu"))));
 
 TEST(SparseFFNRoute, GroupsPairsByBlock) {
   at::manual_seed(3);
@@ -248,8 +249,40 @@ TEST(GatedSparseFFNModule, UpdateBalanceMovesBiasTowardBalance) {
   EXPECT_TRUE(torch::equal(ffn->balance_bias, bias1));
 }
 
+// n_blocks / block_size, bias(false), gelu_tanh, and the zero gate that makes
+// the module at density 1 the dense FFN (what a converter relies on).
+TEST(GatedSparseFFNModule, NBlocksNoBiasAndZeroGateIsDense) {
+  using deepseek_ext::nn::GatedSparseFFNOptions;
+  torch::manual_seed(0);
+  deepseek_ext::nn::GatedSparseFFN ffn(GatedSparseFFNOptions(16, 64)
+                                           .n_blocks(4)
+                                           .density(1.0)
+                                           .activation("gelu_tanh")
+                                           .bias(false));
+  EXPECT_EQ(ffn->block_size(), 16);
+  EXPECT_EQ(ffn->k(), 4);
+  EXPECT_FALSE(ffn->b1.defined());
+  EXPECT_FALSE(ffn->b2.defined());
+  EXPECT_EQ(ffn->named_parameters().size(), 3u);  // w1, w2, gate_weight
+  ffn->to(torch::kDouble);
+  {
+    torch::NoGradGuard no_grad;
+    ffn->gate_weight.zero_();
+  }
+  auto x = torch::randn({9, 16}, torch::kDouble);
+  auto dense = at::mm(at::gelu(at::mm(x, ffn->w1.t()), "tanh"), ffn->w2);
+  EXPECT_TRUE(torch::allclose(ffn->forward(x), dense, 1e-12, 1e-12));
+  EXPECT_EQ(deepseek_ext::nn::GatedSparseFFN(GatedSparseFFNOptions(16, 256))->block_size(), 128);
+  // k = round(density * n_blocks), half up as in the Python module.
+  EXPECT_EQ(deepseek_ext::nn::GatedSparseFFN(GatedSparseFFNOptions(8, 40).n_blocks(10).density(0.25))->k(), 3);
+}
+
 TEST(GatedSparseFFNModule, BadOptions) {
   using deepseek_ext::nn::GatedSparseFFNOptions;
+  expect_error([] { deepseek_ext::nn::GatedSparseFFN(GatedSparseFFNOptions(16, 64).n_blocks(5)); },
+               "n_blocks must divide d_ff");
+  expect_error([] { deepseek_ext::nn::GatedSparseFFN(GatedSparseFFNOptions(16, 64).n_blocks(4).block_size(8)); },
+               "n_blocks and block_size disagree");
   expect_error([] { deepseek_ext::nn::GatedSparseFFN(GatedSparseFFNOptions(16, 100).block_size(16)); },
                "block_size must divide d_ff");
   expect_error([] { deepseek_ext::nn::GatedSparseFFN(GatedSparseFFNOptions(16, 64).block_size(16).density(0)); },

@@ -12,7 +12,7 @@ from deepseek_ext.nn import GatedSparseFFN, ffn_flops
 ops = deepseek_ext.ops
 ROUTE = torch.ops.deepseek_ext.sparse_ffn_route.default
 FFN = torch.ops.deepseek_ext.sparse_ffn.default
-ACTIVATIONS = ("gelu", "silu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "swiglu")
 
 # ---------------------------------------------------------------- reference
 
@@ -33,6 +33,8 @@ def route_ref(scores, bias, k):
 def act_ref(a, activation, block_size):
     if activation == "gelu":
         return F.gelu(a)
+    if activation == "gelu_tanh":
+        return F.gelu(a, approximate="tanh")
     if activation == "silu":
         return F.silu(a)
     v = a.view(a.shape[0], -1, 2, block_size)
@@ -130,6 +132,31 @@ def test_gradcheck_float64(activation):
         (s["x"], s["w1"], s["b1"], s["w2"], s["gate"]))
 
 
+@pytest.mark.parametrize("activation", ["gelu_tanh", "swiglu"])
+def test_gradcheck_float64_without_bias(activation):
+    s, _ = sample_inputs("cpu", torch.float64, T=7, d_model=5, block_size=3, nb=4, k=2,
+                         activation=activation, bias=False, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w1, w2, gate: ops.sparse_ffn(
+        x, w1, None, w2, gate, s["order"], s["offsets"], 3, activation),
+        (s["x"], s["w1"], s["w2"], s["gate"]))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_grads_float64_match_masked_dense(activation, bias):
+    s, idx = sample_inputs("cpu", torch.float64, T=53, d_model=16, block_size=8, nb=5, k=3,
+                           activation=activation, bias=bias, requires_grad=True)
+    out = ops.sparse_ffn(*op_args(s))
+    ref = ffn_ref(s["x"], s["w1"], s["b1"], s["w2"], s["gate"], idx, s["block_size"], activation)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    names = ["x", "w1", "w2", "gate"] + (["b1"] if bias else [])
+    got = torch.autograd.grad(out, [s[n] for n in names], grad)
+    want = torch.autograd.grad(ref, [s[n] for n in names], grad)
+    for n, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11, msg=n)
+
+
 def test_unselected_blocks_get_zero_weight_grads():
     s, idx = sample_inputs("cpu", requires_grad=True, nb=6, k=1, T=3)
     ops.sparse_ffn(*op_args(s)).sum().backward()
@@ -142,11 +169,13 @@ def test_unselected_blocks_get_zero_weight_grads():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_density_one_equals_dense_ffn(device):
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_density_one_equals_dense_ffn(device, activation):
     """All blocks selected with gate 1: exactly the dense FFN (two linears + GELU)."""
-    s, _ = sample_inputs(device, nb=4, k=4)
+    s, _ = sample_inputs(device, nb=4, k=4, activation=activation)
     s["gate"] = torch.ones_like(s["gate"])
-    dense = F.linear(F.gelu(F.linear(s["x"], s["w1"], s["b1"])), s["w2"].t())
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    dense = F.linear(F.gelu(F.linear(s["x"], s["w1"], s["b1"]), approximate=approximate), s["w2"].t())
     assert rel_err(ops.sparse_ffn(*op_args(s)), dense) <= 1e-5
 
 
@@ -160,8 +189,9 @@ def test_empty_tokens():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    for activation, requires_grad in (("gelu", True), ("swiglu", False)):
-        s, _ = sample_inputs(device, activation=activation, requires_grad=requires_grad)
+    for activation, requires_grad, bias in (("gelu", True, True), ("swiglu", False, True),
+                                            ("gelu_tanh", True, True), ("gelu_tanh", True, False)):
+        s, _ = sample_inputs(device, activation=activation, requires_grad=requires_grad, bias=bias)
         opcheck(FFN, op_args(s))
     scores = torch.randn(33, 7, device=device)
     opcheck(ROUTE, (scores, torch.zeros(7, device=device), 3))
@@ -207,6 +237,119 @@ def test_module_matches_masked_dense_reference():
     want = torch.autograd.grad(ref.sum(), params)
     for a, b in zip(got, want):
         assert rel_err(a, b) <= 1e-4
+
+
+def module_ref(ffn, x2):
+    """A GatedSparseFFN's output for x2 [T, d_model], every block computed densely and masked."""
+    s, T = ffn.shared_blocks, x2.shape[0]
+    scores = F.linear(x2, ffn.gate_weight)
+    idx, _, _ = route_ref(scores.detach(), ffn.balance_bias, ffn.k)
+    gate = torch.sigmoid(scores).gather(1, idx) * 2
+    full_idx = torch.cat([torch.arange(s).expand(T, s), idx + s], 1)
+    full_gate = torch.cat([torch.ones(T, s, dtype=x2.dtype), gate], 1)
+    out = ffn_ref(x2, ffn.w1, ffn.b1, ffn.w2, full_gate, full_idx, ffn.block_size, ffn.activation)
+    return out if ffn.b2 is None else out + ffn.b2
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_module_float64_matches_masked_dense(activation, bias):
+    torch.manual_seed(0)
+    ffn = GatedSparseFFN(16, 64, n_blocks=8, density=0.4, shared_blocks=1, activation=activation,
+                         bias=bias, dtype=torch.float64)
+    assert ffn.block_size == 8 and ffn.k == 3
+    x = torch.randn(3, 11, 16, dtype=torch.float64, requires_grad=True)
+    y = ffn(x)
+    ref = module_ref(ffn, x.reshape(-1, 16))
+    torch.testing.assert_close(y.reshape(-1, 16), ref, rtol=1e-12, atol=1e-12)
+    params = [x] + [p for p in ffn.parameters()]
+    got = torch.autograd.grad(y.sum(), params)
+    want = torch.autograd.grad(ref.sum(), params)
+    for p, a, b in zip(["x"] + [n for n, _ in ffn.named_parameters()], got, want):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11, msg=p)
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "swiglu"])
+def test_module_gradcheck_without_bias(activation):
+    torch.manual_seed(0)
+    ffn = GatedSparseFFN(6, 12, n_blocks=4, density=0.5, activation=activation, bias=False,
+                         dtype=torch.float64)
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ffn, (x,))
+
+
+def test_bias_false_has_no_bias_parameters():
+    ffn = GatedSparseFFN(16, 64, n_blocks=4, bias=False)
+    assert ffn.b1 is None and ffn.b2 is None
+    assert set(ffn.state_dict()) == {"w1", "w2", "gate_weight", "balance_bias"}
+    assert "bias=False" in repr(ffn)
+    assert set(GatedSparseFFN(16, 64, n_blocks=4).state_dict()) == {
+        "w1", "b1", "w2", "b2", "gate_weight", "balance_bias"}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ffn(torch.randn(4, 16))
+    assert y.dtype == torch.bfloat16
+
+
+def dense_mlp(ffn, x):
+    """The dense FFN with a GatedSparseFFN's weights (swiglu: per block, gate rows then up rows)."""
+    b1 = ffn.b1 if ffn.b1 is not None else torch.zeros(ffn.w1.shape[0], dtype=x.dtype)
+    a = F.linear(x, ffn.w1, b1)
+    if ffn.activation == "swiglu":
+        v = a.view(x.shape[0], ffn.n_blocks, 2, ffn.block_size)
+        h = (F.silu(v[:, :, 0]) * v[:, :, 1]).reshape(x.shape[0], -1)
+    else:
+        h = act_ref(a, ffn.activation, ffn.block_size)
+    out = h @ ffn.w2
+    return out if ffn.b2 is None else out + ffn.b2
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_zero_gate_at_density_one_is_the_dense_ffn(activation, bias):
+    """gate_weight = 0 gives every block weight 2 * sigmoid(0) = 1 (what a converter relies on)."""
+    torch.manual_seed(0)
+    ffn = GatedSparseFFN(16, 64, n_blocks=4, density=1.0, activation=activation, bias=bias,
+                         dtype=torch.float64)
+    with torch.no_grad():
+        ffn.gate_weight.zero_()
+    x = torch.randn(9, 16, dtype=torch.float64)
+    torch.testing.assert_close(ffn(x), dense_mlp(ffn, x), rtol=1e-12, atol=1e-12)
+
+
+def test_n_blocks_and_block_size():
+    assert GatedSparseFFN(16, 64, n_blocks=4).block_size == 16
+    assert GatedSparseFFN(16, 64, block_size=16).n_blocks == 4
+    assert GatedSparseFFN(16, 64, n_blocks=4, block_size=16).n_blocks == 4
+    assert GatedSparseFFN(16, 256).block_size == 128  # neither given: 128 wide
+    with pytest.raises(ValueError, match="n_blocks and block_size disagree"):
+        GatedSparseFFN(16, 64, n_blocks=4, block_size=8)
+    with pytest.raises(ValueError, match="n_blocks must divide d_ff"):
+        GatedSparseFFN(16, 64, n_blocks=5)
+    with pytest.raises(ValueError, match="n_blocks must be positive"):
+        GatedSparseFFN(16, 64, n_blocks=0)
+    with pytest.raises(TypeError):
+        GatedSparseFFN(16, 64, 16)  # everything after d_ff is a keyword
+
+
+def test_k_rounds_half_up():
+    # 0.25 * 10 = 2.5 -> 3 (as std::llround in the C++ module), 0.3 * 16 = 4.8 -> 5.
+    assert GatedSparseFFN(8, 40, n_blocks=10, density=0.25).k == 3
+    assert GatedSparseFFN(8, 64, n_blocks=16, density=0.3).k == 5
+    assert GatedSparseFFN(8, 64, n_blocks=16, density=1.0, shared_blocks=2).k == 14
+    assert ffn_flops(8, 40, n_blocks=10, density=0.25)["k"] == 3
+
+
+def test_compile_fullgraph_gelu_tanh_without_bias():
+    torch.manual_seed(0)
+    ffn = GatedSparseFFN(32, 64, n_blocks=4, density=0.5, activation="gelu_tanh", bias=False,
+                         balance_rate=0.0)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    y = torch.compile(ffn, fullgraph=True, backend="aot_eager")(x)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    y_eager = ffn(x)
+    (gx_eager,) = torch.autograd.grad(y_eager.sum(), x)
+    torch.testing.assert_close(y, y_eager)
+    torch.testing.assert_close(gx, gx_eager)
 
 
 def test_shared_blocks_always_active():
@@ -329,6 +472,8 @@ def test_bad_module_config():
         GatedSparseFFN(16, 64, block_size=16, density=1.5)
     with pytest.raises(ValueError, match="activation must be"):
         GatedSparseFFN(16, 64, block_size=16, activation="relu")
+    with pytest.raises(ValueError, match="activation must be"):
+        GatedSparseFFN(16, 64, block_size=16, activation="gelu_new")
     with pytest.raises(ValueError, match="shared_blocks"):
         GatedSparseFFN(16, 64, block_size=16, shared_blocks=4)
     with pytest.raises(ValueError, match="d_model"):

@@ -86,7 +86,7 @@ at::Tensor dequantize_reduce_int8(const at::Tensor& q, const at::Tensor& scales,
 // The FFN's d_ff hidden units are cut into n_blocks blocks of block_size units.
 //   w1 [n_blocks * m * block_size, d_model]: the first projection, m = 2 for
 //      "swiglu" (per block: block_size gate rows, then block_size up rows),
-//      m = 1 for "gelu" (exact, erf) and "silu";
+//      m = 1 for "gelu" (exact, erf), "gelu_tanh" (tanh approximation) and "silu";
 //   b1 [n_blocks * m * block_size] (optional);
 //   w2 [n_blocks * block_size, d_model]: the second projection, hidden-major
 //      (the transpose of nn.Linear's weight), so that each block is a row range.

@@ -20,9 +20,11 @@
 namespace deepseek_ext {
 namespace ops {
 
-enum class Activation { kGelu, kSilu, kSwiglu };
+// kGelu: GELU with erf; kGeluTanh: GELU's tanh approximation (F.gelu(x,
+// approximate="tanh"), Hugging Face's "gelu_new"); kSwiglu: silu(gate) * up.
+enum class Activation { kGelu, kGeluTanh, kSilu, kSwiglu };
 
-// "gelu" (exact, erf), "silu" or "swiglu"; anything else throws naming `activation`.
+// "gelu" (exact, erf), "gelu_tanh", "silu" or "swiglu"; anything else throws naming `activation`.
 Activation parse_activation(std::string_view activation);
 
 // Rows of w1 per hidden unit: 2 for swiglu, 1 otherwise.

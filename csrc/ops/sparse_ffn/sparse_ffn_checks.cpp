@@ -29,10 +29,12 @@ void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x,
 
 Activation parse_activation(std::string_view activation) {
   if (activation == "gelu") return Activation::kGelu;
+  if (activation == "gelu_tanh") return Activation::kGeluTanh;
   if (activation == "silu") return Activation::kSilu;
   if (activation == "swiglu") return Activation::kSwiglu;
-  TORCH_CHECK(false, "activation must be \"gelu\", \"silu\" or \"swiglu\", got \"", activation,
-              "\"");
+  TORCH_CHECK(false,
+              "activation must be \"gelu\", \"gelu_tanh\", \"silu\" or \"swiglu\", got \"",
+              activation, "\"");
 }
 
 void check_route_inputs(const at::Tensor& scores, const at::Tensor& bias, int64_t k,

@@ -15,6 +15,8 @@ at::Tensor activation_forward(const at::Tensor& a, Activation act, int64_t block
   switch (act) {
     case Activation::kGelu:
       return at::gelu(a);
+    case Activation::kGeluTanh:
+      return at::gelu(a, "tanh");
     case Activation::kSilu:
       return at::silu(a);
     case Activation::kSwiglu:
@@ -28,6 +30,8 @@ at::Tensor activation_backward(const at::Tensor& dh, const at::Tensor& a, Activa
   switch (act) {
     case Activation::kGelu:
       return at::gelu_backward(dh, a);
+    case Activation::kGeluTanh:
+      return at::gelu_backward(dh, a, "tanh");
     case Activation::kSilu:
       return at::silu_backward(dh, a);
     case Activation::kSwiglu: {

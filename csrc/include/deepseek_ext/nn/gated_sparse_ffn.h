@@ -8,12 +8,16 @@
 //   auto y = ffn->forward(x);                   // x [..., 512] -> [..., 512]
 //   auto loss = task_loss(y) + ffn->aux_loss(); // zero unless aux_loss_weight > 0
 //
-// The hidden units are cut into n_blocks = d_ff / block_size blocks; the first
+// The hidden units are cut into n_blocks blocks of block_size = d_ff / n_blocks
+// units (say either n_blocks or block_size; given both, they must agree; with
+// neither, blocks are 128 wide); the first
 // shared_blocks blocks are always computed (gate weight 1), and each token
 // picks the top k = clamp(round(density * n_blocks), 1, n_blocks - shared_blocks)
 // of the other (routed) blocks by gate score + balancing bias. A selected
 // block's output is multiplied by its gate weight 2 * sigmoid(score) (1 at a
-// zero score), so the gate learns through that product.
+// zero score), so the gate learns through that product; with gate_weight = 0
+// every block has weight 1, and at density 1 the module is the dense FFN.
+// bias(false) leaves out b1 and b2 (undefined tensors, not registered).
 //
 // Load balancing (DeepSeek-V3's auxiliary-loss-free rule,
 // https://arxiv.org/abs/2412.19437, section 2.1.2): a balancing bias (a
@@ -48,10 +52,14 @@ struct GatedSparseFFNOptions {
   GatedSparseFFNOptions(int64_t d_model, int64_t d_ff) : d_model_(d_model), d_ff_(d_ff) {}
   TORCH_ARG(int64_t, d_model);
   TORCH_ARG(int64_t, d_ff);
-  TORCH_ARG(int64_t, block_size) = 128;
+  // 0: not given. With neither n_blocks nor block_size, block_size is 128.
+  TORCH_ARG(int64_t, n_blocks) = 0;
+  TORCH_ARG(int64_t, block_size) = 0;
   TORCH_ARG(double, density) = 0.3;
   TORCH_ARG(int64_t, shared_blocks) = 0;
-  TORCH_ARG(std::string, activation) = "gelu";  // "gelu", "silu" or "swiglu"
+  // "gelu" (erf), "gelu_tanh" (tanh approximation), "silu" or "swiglu".
+  TORCH_ARG(std::string, activation) = "gelu";
+  TORCH_ARG(bool, bias) = true;
   TORCH_ARG(double, balance_rate) = 1e-3;
   TORCH_ARG(double, aux_loss_weight) = 0.0;
 };
@@ -80,14 +88,15 @@ class GatedSparseFFNImpl : public torch::nn::Cloneable<GatedSparseFFNImpl> {
   void update_balance();
 
   int64_t n_blocks() const { return n_blocks_; }
+  int64_t block_size() const { return block_size_; }
   int64_t k() const { return k_; }
 
   GatedSparseFFNOptions options;
-  at::Tensor w1, b1, w2, b2, gate_weight;  // parameters
+  at::Tensor w1, b1, w2, b2, gate_weight;  // parameters (b1, b2 undefined without bias)
   at::Tensor balance_bias;                  // buffer, float32 [n_blocks - shared_blocks]
 
  private:
-  int64_t n_blocks_ = 0, k_ = 0;
+  int64_t n_blocks_ = 0, block_size_ = 0, k_ = 0;
   at::Tensor aux_loss_, load_, load_counts_;
 };
 
