@@ -47,7 +47,7 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["ModelConfig", "Recipe", "TECHNIQUES"]
+__all__ = ["ConversionSummary", "ModelConfig", "Recipe", "TECHNIQUES"]
 
 TECHNIQUES = ("mixed_precision", "shared_attention", "sparse_ffn", "int8_comm", "progressive", "data_pipeline")
 
@@ -66,6 +66,29 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class ConversionSummary:
+    """What :meth:`Recipe.apply` changed: the modules each converter replaced or
+    tied (``share_attention_``: the layers that now use another layer's
+    weights), unique parameters and the converted MLPs' forward FLOPs per token
+    before and after."""
+
+    converted: dict
+    parameters_before: int
+    parameters_after: int
+    ffn_flops_before: int
+    ffn_flops_after: int
+
+    def __str__(self) -> str:
+        lines = [f"{op}: {len(mods)} modules" for op, mods in self.converted.items()]
+        lines.append(f"parameters: {self.parameters_before:,} -> {self.parameters_after:,} "
+                     f"({self.parameters_after / max(self.parameters_before, 1):.3f}x)")
+        if self.ffn_flops_before:
+            lines.append(f"FFN FLOPs/token: {self.ffn_flops_before:,} -> {self.ffn_flops_after:,} "
+                         f"({self.ffn_flops_after / self.ffn_flops_before:.3f}x)")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
 class Recipe:
     mixed_precision: bool = False
     shared_attention: bool = False
@@ -76,7 +99,8 @@ class Recipe:
     # Knobs of the techniques.
     sharing: str = "all"
     ffn_density: float = 0.3
-    ffn_block_size: int = 64
+    ffn_block_size: int = 64  # the recipe's own model (build_model)
+    ffn_n_blocks: int = 16  # models converted by apply()
     comm_block_size: int = 256
     progressive_start_frac: float = 0.5  # start with this fraction of the layers
     progressive_freeze_top: Optional[int] = None  # layers left trainable in phase 3 (default: half)
@@ -182,6 +206,36 @@ class Recipe:
             if type(m).__name__ == "GatedSparseFFN" and getattr(m, "aux_loss_weight", 0.0):
                 total = m.aux_loss if total is None else total + m.aux_loss
         return total
+
+    # -- models users bring --------------------------------------------------
+    def apply(self, model: torch.nn.Module) -> "ConversionSummary":
+        """Apply this recipe's model techniques to a model built elsewhere (a
+        Hugging Face or torchtitan model, your own), in place, with the
+        converters of :mod:`deepseek_ext.convert`: ``sparse_ffn`` ->
+        ``sparsify_ffn_`` (``ffn_density``, ``ffn_n_blocks``),
+        ``shared_attention`` -> ``share_attention_`` (``sharing``),
+        ``mixed_precision`` -> ``use_fused_linear_`` on every ``nn.Linear``
+        whose weight is not tied to another module. The other techniques act on
+        the training loop (:meth:`register_comm_hook`, :meth:`make_scaler`,
+        :meth:`make_schedule`), not on the model."""
+        from deepseek_ext import convert
+        from deepseek_ext.convert._linear import untied_linears
+
+        params_before = sum(p.numel() for p in model.parameters())
+        converted, flops = {}, {"before": 0, "after": 0}
+        if self.sparse_ffn:
+            r = convert.sparsify_ffn_(model, density=self.ffn_density, n_blocks=self.ffn_n_blocks)
+            converted["sparsify_ffn_"] = r["converted"]
+            flops = {"before": r["ffn_flops"]["dense"], "after": r["ffn_flops"]["sparse"]}
+        if self.shared_attention:
+            r = convert.share_attention_(model, self.sharing)
+            converted["share_attention_"] = [g for group in r["groups"] for g in group[1:]]
+        if self.mixed_precision:
+            keep = set(untied_linears(model))  # HF GPT-2's projections are Conv1D: none to swap
+            converted["use_fused_linear_"] = convert.use_fused_linear_(
+                model, filter_fn=lambda _m, fqn: fqn in keep)["converted"] if keep else []
+        return ConversionSummary(converted, params_before, sum(p.numel() for p in model.parameters()),
+                                 flops["before"], flops["after"])
 
     # -- communication -------------------------------------------------------
     def register_comm_hook(self, ddp_model, process_group=None, state=None, **state_kwargs):

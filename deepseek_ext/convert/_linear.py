@@ -8,7 +8,30 @@ from torch import nn
 
 from deepseek_ext.nn.linear import Linear
 
-__all__ = ["use_fused_linear_"]
+__all__ = ["untied_linears", "use_fused_linear_"]
+
+
+def _uses(model: nn.Module) -> Dict[int, List[str]]:
+    uses: Dict[int, List[str]] = {}
+    for fqn, module in model.named_modules(remove_duplicate=False):
+        for name, p in module.named_parameters(recurse=False):
+            uses.setdefault(id(p), []).append(f"{fqn}.{name}" if fqn else name)
+    return uses
+
+
+def _tied_elsewhere(model: nn.Module, fqn: str, module: nn.Module, uses: Dict[int, List[str]]) -> List[str]:
+    """The other modules' names for ``module``'s parameters (a module shared by
+    several layers is one module, not a tie)."""
+    paths = {f for f, m in model.named_modules(remove_duplicate=False) if m is module}
+    return sorted({u for _, p in module.named_parameters(recurse=False) for u in uses[id(p)]
+                   if u.rpartition(".")[0] not in paths})
+
+
+def untied_linears(model: nn.Module) -> List[str]:
+    """The ``torch.nn.Linear`` modules of ``model`` whose parameters no other module uses."""
+    uses = _uses(model)
+    return [fqn for fqn, m in model.named_modules() if type(m) is nn.Linear
+            and not _tied_elsewhere(model, fqn, m, uses)]
 
 
 def use_fused_linear_(model: nn.Module, *, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> dict:
@@ -28,10 +51,7 @@ def use_fused_linear_(model: nn.Module, *, filter_fn: Optional[Callable[[nn.Modu
 
     Returns ``{"converted": [fqn, ...], "already_fused": n}``.
     """
-    uses: Dict[int, List[str]] = {}
-    for fqn, module in model.named_modules(remove_duplicate=False):
-        for name, p in module.named_parameters(recurse=False):
-            uses.setdefault(id(p), []).append(f"{fqn}.{name}" if fqn else name)
+    uses = _uses(model)
     targets = []
     seen = set()
     for fqn, module in model.named_modules():
@@ -40,12 +60,10 @@ def use_fused_linear_(model: nn.Module, *, filter_fn: Optional[Callable[[nn.Modu
         seen.add(id(module))
         if filter_fn is not None and not filter_fn(module, fqn):
             continue
-        owners = set()
-        for n, p in module.named_parameters(recurse=False):
-            owners.update(u for u in uses[id(p)] if u.rpartition(".")[0] not in _paths_of(model, module))
+        owners = _tied_elsewhere(model, fqn, module, uses)
         if owners:
             raise ValueError(
-                f"{fqn}.weight is tied to {sorted(owners)}: deepseek_ext.nn.Linear unscales its own weight "
+                f"{fqn}.weight is tied to {owners}: deepseek_ext.nn.Linear unscales its own weight "
                 "gradient, and the other use's share would arrive scaled. Keep this layer a torch.nn.Linear "
                 f"with filter_fn (e.g. filter_fn=lambda m, fqn: fqn != {fqn!r})")
         targets.append((fqn, module))
@@ -65,10 +83,6 @@ def use_fused_linear_(model: nn.Module, *, filter_fn: Optional[Callable[[nn.Modu
                 setattr(new, attr, getattr(module, attr))
         _replace_everywhere(model, module, new)
     return {"converted": [f for f, _ in targets], "already_fused": already}
-
-
-def _paths_of(model: nn.Module, target: nn.Module) -> set:
-    return {fqn for fqn, m in model.named_modules(remove_duplicate=False) if m is target}
 
 
 def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module) -> None:

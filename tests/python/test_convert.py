@@ -407,3 +407,29 @@ def test_distributed_training_of_the_converted_model(worker, tol):
         moved = (p.detach() - start[name]).abs().max()
         err = (params[name] - p.detach()).abs().max()
         assert err <= tol * max(float(moved), 1e-6) + 1e-6, (name, float(err), float(moved))
+
+
+# -- Recipe.apply ---------------------------------------------------------------
+@pytest.mark.parametrize("name", MODELS)
+def test_recipe_apply_summary(name):
+    from deepseek_ext.nn import Linear
+    from deepseek_ext.recipe import Recipe
+
+    model = MODELS[name]()
+    n = model.config.num_hidden_layers
+    before = sum(p.numel() for p in model.parameters())
+    summary = Recipe.low_cost(ffn_n_blocks=8).apply(model)
+    assert len(summary.converted["sparsify_ffn_"]) == n
+    assert len(summary.converted["share_attention_"]) == n - 1
+    assert summary.parameters_before == before
+    assert summary.parameters_after == sum(p.numel() for p in model.parameters()) < before
+    assert 0 < summary.ffn_flops_after < 0.5 * summary.ffn_flops_before
+    # GPT-2's LM head is tied to the embedding: it stays a torch.nn.Linear (its other
+    # projections are Conv1D). Llama's (untied here) and its 4 shared attention
+    # projections are swapped.
+    assert (type(model.lm_head) is nn.Linear) == (name == "gpt2")
+    assert len(summary.converted["use_fused_linear_"]) == (0 if name == "gpt2" else 4 + 1)
+    assert all(isinstance(model.get_submodule(f), Linear) for f in summary.converted["use_fused_linear_"])
+    assert "parameters:" in str(summary)
+    x = tokens()
+    assert torch.isfinite(model(x, labels=x).loss)
