@@ -374,3 +374,63 @@ def test_cuda_scaler_pickles_and_deepcopies_after_many_updates():
         clone.update()
         p.grad = None
         assert clone._scale.device.type == "cuda"
+
+
+class CountHostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (item(), bool(), tolist())."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+class DeviceSkipSGD(ProtocolSGD):
+    """GradScaler's protocol without host reads: unscales by grad_scale and
+    applies the step times (1 - found_inf)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        keep = 1 - self.found_inf
+        for g in self.param_groups:
+            for p in g["params"]:
+                grad = p.grad if self.grad_scale is None else p.grad / self.grad_scale
+                p.sub_(torch.nan_to_num(grad) * (g["lr"] * keep))
+
+
+@pytest.mark.parametrize("linear,opt_kind,growth_factor,reads", [
+    (torch.nn.Linear, "fused", 2.0, 0),   # GradScaler's protocol: check-only pass, grad_scale to the optimizer
+    (torch.nn.Linear, "fused", 3.0, 0),   # the any-factor rule runs on the device too
+    ("ours", "fused", 2.0, 0),            # deepseek_ext.nn.Linear: the scaler unscales the rest, grad_scale None
+    (torch.nn.Linear, "plain", 2.0, 1),   # the one found_inf read that decides whether to step
+    (torch.nn.Linear, "protocol", 3.0, 0),
+])
+def test_host_reads_per_step(linear, opt_kind, growth_factor, reads):
+    import deepseek_ext.nn
+    lin = deepseek_ext.nn.Linear if linear == "ours" else linear
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(lin(8, 16), torch.nn.LayerNorm(16), lin(16, 1))
+    if opt_kind == "protocol":
+        opt = DeviceSkipSGD(model.parameters(), lr=0.1)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=opt_kind == "fused")
+    scaler = DynamicLossScaler("cpu", growth_factor=growth_factor, growth_interval=2)
+    x, y = torch.randn(4, 8), torch.randn(4, 1)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(x)
+        scaler.scale(torch.nn.functional.mse_loss(out.float(), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    mode = CountHostReads()
+    with mode:
+        for _ in range(3):  # updates 2-4: the stuck check reads its copy only every 8th
+            step()
+    assert mode.count == 3 * reads
