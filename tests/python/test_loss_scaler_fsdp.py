@@ -43,7 +43,14 @@ def train(model, opt, scaler, data, plant):
     return scales
 
 
-def _worker(rank, world, init_file, linear_name, out_dir):
+def make_opt(model, fused):
+    # fused: GradScaler's protocol (grad_scale and found_inf handed to the optimizer's kernel)
+    if fused:
+        return torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def _worker(rank, world, init_file, linear_name, fused, out_dir):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -55,7 +62,7 @@ def _worker(rank, world, init_file, linear_name, out_dir):
     for layer in (model[0], model[3]):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = make_opt(model, fused)
     scaler = DynamicLossScaler("cpu", init_scale=2.0**10, growth_interval=3)
     # A LayerNorm's gradient: the scaler checks it (deepseek_ext.nn.Linear's
     # gradients were checked in their GEMMs, before anything could change them).
@@ -76,14 +83,14 @@ def _worker(rank, world, init_file, linear_name, out_dir):
     os._exit(0)
 
 
-@pytest.mark.parametrize("linear_name", ["torch", "ours"])
-def test_inf_on_one_rank_skips_the_step_on_every_rank(linear_name):
+@pytest.mark.parametrize("linear_name,fused", [("torch", False), ("ours", False), ("torch", True)])
+def test_inf_on_one_rank_skips_the_step_on_every_rank(linear_name, fused):
     with tempfile.TemporaryDirectory() as tmp:
-        run_ranks(_worker, linear_name, tmp, world=2, timeout=180)
+        run_ranks(_worker, linear_name, fused, tmp, world=2, timeout=180)
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
     # One process, the whole batch, the same steps skipped.
     model = make(nn.Linear)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = make_opt(model, fused)
     scaler = DynamicLossScaler("cpu", init_scale=2.0**10, growth_interval=3)
 
     def plant(step):
