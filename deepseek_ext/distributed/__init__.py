@@ -7,12 +7,16 @@
   plain averaging allreduce, counted the same way (a like-for-like baseline).
 - :class:`AdaptiveLocalSGD` + :func:`adaptive_local_sgd_hook`: local SGD with
   an averaging period that adapts to how far the ranks drift apart.
+- :func:`enable_int8_reduce_scatter` (:class:`Int8ReduceScatterState`,
+  :class:`Int8ReduceScatter`): FSDP2's gradient reduce-scatter sent as int8
+  with error feedback.
 - :func:`fully_shard_per_block`: FSDP2 per block for models whose blocks share
   modules (cross-layer attention sharing).
 """
 
 from deepseek_ext.distributed.allreduce_hook import CountingAllreduceState, counting_allreduce_hook
 from deepseek_ext.distributed.fsdp import fully_shard_per_block, modules_shared_by_blocks
+from deepseek_ext.distributed.fsdp_int8 import Int8ReduceScatter, Int8ReduceScatterState, enable_int8_reduce_scatter
 from deepseek_ext.distributed.int8_hook import int8_compress_hook
 from deepseek_ext.distributed.int8_state import Int8CompressionState
 from deepseek_ext.distributed.local_sgd import AdaptiveLocalSGD, adaptive_local_sgd_hook
@@ -24,6 +28,9 @@ __all__ = [
     "counting_allreduce_hook",
     "AdaptiveLocalSGD",
     "adaptive_local_sgd_hook",
+    "Int8ReduceScatterState",
+    "Int8ReduceScatter",
+    "enable_int8_reduce_scatter",
     "fully_shard_per_block",
     "modules_shared_by_blocks",
 ]

@@ -47,7 +47,8 @@ class Counters:
     def __init__(self):
         self._lock = threading.Lock()
         self.values = {"hook_calls": 0, "compressed_calls": 0, "allreduce_calls": 0, "bytes_sent": 0,
-                       "bytes_sent_inter_node": 0, "bytes_fp32_equivalent": 0, "hook_time_s": 0.0}
+                       "bytes_sent_inter_node": 0, "bytes_fp32_equivalent": 0, "hook_time_s": 0.0,
+                       "policy_allreduce_calls": 0}
 
     def add(self, **deltas):
         with self._lock:

@@ -22,13 +22,21 @@ class CountingAllreduceState:
     """State of :func:`counting_allreduce_hook`: DDP's default full-precision
     averaging allreduce, counting bytes like :class:`Int8CompressionState`
     (a ring allreduce sends ``2 * N * (p - 1) / p`` elements per rank), with
-    the same :meth:`stats` keys."""
+    the same :meth:`stats` keys. Binds its process group when built if
+    ``torch.distributed`` is initialised, else on first use."""
 
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None):
-        self.process_group = check_process_group(process_group, "CountingAllreduceState")
-        self.world_size = self.process_group.size()
+        self._requested_group = process_group
+        self.process_group, self.world_size = None, None
         self.iteration = 0
         self._counters = Counters()
+        if dist.is_available() and dist.is_initialized():  # else on first use
+            self._ensure_bound()
+
+    def _ensure_bound(self) -> None:
+        if self.process_group is None:
+            self.process_group = check_process_group(self._requested_group, "CountingAllreduceState")
+            self.world_size = self.process_group.size()
 
     def stats(self) -> dict:
         out = self._counters.snapshot()
@@ -40,8 +48,8 @@ class CountingAllreduceState:
 
     def load_state_dict(self, state_dict: dict, process_group: Optional[dist.ProcessGroup] = None) -> None:
         if process_group is not None:
-            self.process_group = check_process_group(process_group, "CountingAllreduceState")
-            self.world_size = self.process_group.size()
+            self._requested_group, self.process_group = process_group, None
+            self._ensure_bound()
         self.iteration = int(state_dict["iteration"])
         self._counters.load(state_dict["counters"])
 
@@ -49,6 +57,7 @@ class CountingAllreduceState:
 def counting_allreduce_hook(state: CountingAllreduceState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Plain averaging allreduce (what DDP does without a hook), counted."""
     t0 = time.perf_counter()
+    state._ensure_bound()
     buffer = bucket.buffer()
     if bucket.is_last():
         state.iteration += 1

@@ -38,6 +38,7 @@ from deepseek_ext.distributed._pipeline import (
     completed_future,
     ring_allreduce_bytes,
 )
+from deepseek_ext.distributed._policy import calibrate
 from deepseek_ext.distributed.allreduce_hook import allreduce_mean
 from deepseek_ext.distributed.int8_state import Int8CompressionState
 
@@ -92,8 +93,10 @@ class _Pipeline:
 
     def _run(self, k: int, payload) -> None:
         try:
+            self.state._mark(f"stage{k}_start", self.idx, self.iteration)
             with HostTimer(self.state._counters):
                 fut, payload = self.stages[k](payload)
+            self.state._mark(f"stage{k}_launched", self.idx, self.iteration)
         except BaseException as e:  # noqa: BLE001 -- must reach the future, or DDP waits forever
             self._fail(k, e)
             return
@@ -102,6 +105,7 @@ class _Pipeline:
     def _done(self, k: int, fut, payload) -> None:
         try:
             fut.value()  # raises what the collective raised (peer gone, timeout)
+            self.state._mark(f"stage{k}_done", self.idx, self.iteration)
             if k == 0:
                 self.state._mark("sent", self.idx, self.iteration)
             if k + 1 < len(self.stages):
@@ -139,6 +143,7 @@ def int8_compress_hook(state: Int8CompressionState, bucket: dist.GradBucket) -> 
     ``torch.distributed.GradBucket`` has.
     """
     t0 = time.perf_counter()
+    state._ensure_bound()
     buffer = bucket.buffer()
     idx = bucket.index()
     last = bucket.is_last()
@@ -168,16 +173,67 @@ def _average(state, buffer, idx, iteration, signature) -> torch.futures.Future:
     ``idx``: its residuals) and counts it; returns the future of the result."""
     n, p = buffer.numel(), state.world_size
     fp32_bytes = ring_allreduce_bytes(n, p, 4)
-    if p == 1 or iteration < state.start_iter or n < state.min_compress_numel:
+    compress = p > 1 and iteration >= state.start_iter and n >= state.min_compress_numel
+    if compress and state.policy == "auto":
+        if state.calibration is None:
+            state.calibration = calibrate(state.process_group, buffer.device, state.block_size,
+                                          state.chunk_numel, state.link_bandwidth)
+        compress = state._compress_wins(n, buffer.element_size(), _int8_bytes(state, n))
+        state._decisions[idx] = "int8" if compress else "allreduce"
+        if not compress:
+            state._counters.add(policy_allreduce_calls=1)
+    if not compress:
         sent = ring_allreduce_bytes(n, p, buffer.element_size())
         state._counters.add(allreduce_calls=1, bytes_sent=sent, bytes_sent_inter_node=sent,
                             bytes_fp32_equivalent=fp32_bytes)
         return allreduce_mean(buffer, state.process_group) if p > 1 else completed_future(buffer)
-    build = _hierarchical_stages if state.hierarchical else _flat_stages
-    stages, finish, sent, inter = build(state, buffer, idx, signature)
-    state._counters.add(compressed_calls=1, bytes_sent=sent, bytes_sent_inter_node=inter,
+    if state.hierarchical:
+        stages, finish, sent, inter = _hierarchical_stages(state, buffer, idx, signature)
+        state._counters.add(compressed_calls=1, bytes_sent=sent, bytes_sent_inter_node=inter,
+                            bytes_fp32_equivalent=fp32_bytes)
+        return _Pipeline(state, next(state._seq), idx, iteration, buffer, stages, finish).start()
+    chunks, sent = _flat_chunks(state, buffer, idx, signature)
+    state._counters.add(compressed_calls=1, bytes_sent=sent, bytes_sent_inter_node=sent,
                         bytes_fp32_equivalent=fp32_bytes)
-    return _Pipeline(state, next(state._seq), idx, iteration, buffer, stages, finish).start()
+    if len(chunks) == 1:
+        stages, finish = chunks[0]
+        return _Pipeline(state, next(state._seq), idx, iteration, buffer, stages, finish).start()
+    join = FutureJoin(len(chunks), buffer)
+    for stages, finish in chunks:
+        fut = _Pipeline(state, next(state._seq), idx, iteration, buffer, stages, finish).start()
+        fut.then(lambda f: _join_part(f, join))
+    return join.result
+
+
+def _join_part(fut, join) -> None:
+    try:
+        fut.value()
+        join.done()
+    except BaseException as e:  # noqa: BLE001 -- must reach the joined future, or DDP waits forever
+        join.fail(e)
+
+
+def _chunk_bounds(state, n: int):
+    """[(lo, hi), ...]: the chunks a bucket of n elements is sent as, each a
+    whole number of p * block_size pieces except the last."""
+    unit = state.world_size * state.block_size
+    size = max(state.chunk_numel // unit, 1) * unit
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+def _int8_bytes(state, n: int) -> int:
+    """Bytes one rank sends to average a bucket of n elements compressed."""
+    p, bs = state.world_size, state.block_size
+    if state.hierarchical:
+        L, M = state.local_world_size, state.num_nodes
+        sub = round_up(n, p * bs) // L // M
+        row = sub + 4 * (sub // bs)
+        return 2 * (M - 1) * row + (L - 1) * sub * M * 2 + (L - 1) * M * row
+    total = 0
+    for lo, hi in _chunk_bounds(state, n):
+        shard = round_up(hi - lo, p * bs) // p
+        total += 2 * (p - 1) * (shard + 4 * (shard // bs))
+    return total
 
 
 def _replay(state, bucket, buffer, keys, saved, iteration) -> torch.futures.Future:
@@ -210,33 +266,47 @@ def _write_back(fut, parts, join) -> None:
         join.fail(e)
 
 
-def _flat_stages(state, buffer, idx, signature):
+def _flat_chunks(state, buffer, idx, signature):
+    """The pipelines (stages, finish) of a flat bucket, one per chunk, and the
+    bytes they send. Each chunk is quantised with its slice of the bucket's
+    residual and averaged into its slice of ``buffer`` (which the hook's
+    future returns: DDP then copies nothing). Its random offsets are its
+    position in the bucket's stream, so one chunk equals the unchunked scheme."""
     p, bs, n = state.world_size, state.block_size, buffer.numel()
-    npad = round_up(n, p * bs)
-    shard = npad // p
     device = buffer.device
+    bounds = _chunk_bounds(state, n)
+    pads = [round_up(hi - lo, p * bs) for lo, hi in bounds]
+    shards = [npad // p for npad in pads]
     res = state._bucket_residuals(idx, signature,
-                                  {"bucket": (n, device), "shard": (shard, device)})
-    off1, off2 = state.rng_offset, state.rng_offset + npad
-    state.rng_offset += npad + shard
+                                  {"bucket": (n, device), "shard": (sum(shards), device)})
+    base, total_pad = state.rng_offset, sum(pads)
+    state.rng_offset += total_pad + sum(shards)
     g1, g2 = state._stage_groups
+    chunks, sent, shard_lo = [], 0, 0
+    for (lo, hi), npad, shard in zip(bounds, pads, shards):
+        x, r1 = buffer[lo:hi], res["bucket"][lo:hi]
+        r2 = res["shard"][shard_lo: shard_lo + shard]
+        off1, off2 = base + lo, base + total_pad + shard_lo
+        shard_lo += shard
 
-    def all_to_all(_):
-        q, s = _quantize(state, buffer, res["bucket"], off1)
-        send = Packed(p, shard, bs, device)
-        send.fill(q.view(-1), s)
-        recv = Packed(p, shard, bs, device)
-        return dist.all_to_all_single(recv.buf, send.buf, group=g1, async_op=True).get_future(), recv
+        def all_to_all(_, x=x, r1=r1, off1=off1, shard=shard):
+            q, s = _quantize(state, x, r1, off1)
+            send = Packed(p, shard, bs, device)
+            send.fill(q.view(-1), s)
+            recv = Packed(p, shard, bs, device)
+            return dist.all_to_all_single(recv.buf, send.buf, group=g1, async_op=True).get_future(), recv
 
-    def all_gather(recv):
-        return _gather_requantized_mean(state, recv, res["shard"], off2, p, shard, g2)
+        def all_gather(recv, r2=r2, off2=off2, shard=shard):
+            return _gather_requantized_mean(state, recv, r2, off2, p, shard, g2)
 
-    def finish(gathered):
-        deq = ops.dequantize_int8(gathered.q.reshape(-1), gathered.scales.reshape(-1), bs, buffer.dtype, npad)
-        return deq[:n]  # DDP copies the hook's result into the gradients; no copy into the bucket first
+        def finish(gathered, x=x, npad=npad):
+            deq = ops.dequantize_int8(gathered.q.reshape(-1), gathered.scales.reshape(-1), bs, buffer.dtype, npad)
+            x.copy_(deq[: x.numel()])  # this chunk's slice of the bucket: read by its quantisation only
+            return buffer
 
-    packed = 2 * (p - 1) * (shard + 4 * (shard // bs))
-    return [all_to_all, all_gather], finish, packed, packed
+        chunks.append(([all_to_all, all_gather], finish))
+        sent += 2 * (p - 1) * (shard + 4 * (shard // bs))
+    return chunks, sent
 
 
 def _hierarchical_stages(state, buffer, idx, signature):

@@ -12,12 +12,13 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
-from deepseek_ext.distributed._pipeline import Counters, OrderedLauncher, check_process_group
+from deepseek_ext.distributed._pipeline import Counters, OrderedLauncher, check_process_group, ring_allreduce_bytes
+from deepseek_ext.distributed._policy import check_policy, compress_wins
 
 __all__ = ["Int8CompressionState"]
 
 _MAX_BLOCK_SIZE = 4096
-_STATE_DICT_VERSION = 2  # 2: adds "layout" (version 1 still loads, without it)
+_STATE_DICT_VERSION = 3  # 2: adds "layout"; 3: adds "calibration" (older versions still load)
 
 
 def _new_group(ranks, backend):
@@ -39,8 +40,12 @@ class Int8CompressionState:
     """State of :func:`int8_compress_hook`: configuration, error-feedback
     residuals, counters and the process groups of the pipeline stages.
 
-    Construct it on every rank at the same point of the program (it creates
-    process groups) and register it once per DDP model::
+    Construct it on every rank and register it once per DDP model. It binds
+    its process group (and creates the groups of its pipeline stages) when
+    constructed if ``torch.distributed`` is initialised, else at the first
+    hook call, as torch's ``PowerSGDState(process_group=None)`` does: it can
+    be built before ``init_process_group`` (Lightning's
+    ``DDPStrategy(ddp_comm_state=...)``)::
 
         state = Int8CompressionState()
         ddp_model.register_comm_hook(state, int8_compress_hook)
@@ -64,10 +69,33 @@ class Int8CompressionState:
         min_compress_numel: buckets smaller than this go through a plain
             allreduce (two latency-bound collectives cost more than they save).
         seed: base seed of stochastic rounding.
+        policy: ``"auto"`` (default): compress a bucket only when the cost
+            model (see below) predicts that int8 is faster than a plain
+            allreduce of it; ``"always"``: compress every bucket of at least
+            ``min_compress_numel`` elements.
+        link_bandwidth: bits per second of the slowest link between ranks, a
+            hint that replaces the measured one in the ``"auto"`` policy
+            (e.g. ``1e9`` for 1 Gbit/s); None measures it.
+        chunk_numel: buckets larger than this are sent as chunks of about
+            this many elements, each its own all-to-all and all-gather, so
+            that quantising one chunk overlaps sending another and several
+            transfers are in flight at once.
         record_timeline: append ``(time.perf_counter(), event, bucket_index,
             iteration)`` tuples to ``self.timeline`` (events: ``"hook"`` when DDP
             hands over a bucket, ``"sent"`` when its first collective completes,
             ``"done"`` when the averaged bucket is ready). For benchmarks.
+
+    Policy (``"auto"``): at the first hook call of iteration ``start_iter``
+    every rank calibrates once, with blocking collectives on the group: the
+    latency ``a`` of a one-element allreduce, the seconds per byte ``b`` of a
+    4 MB allreduce (or ``8 / link_bandwidth``), and the seconds per element
+    ``c`` of this hook's quantise / dequantise-reduce / re-quantise /
+    dequantise ops on this rank's device. The ranks take the maximum of each
+    (one more allreduce), so every rank holds the same numbers and decides
+    every bucket alike. A bucket of ``N`` elements is then compressed iff
+    ``2 a + b * int8_bytes + c * N < a + b * allreduce_bytes`` (compute counted
+    as if it did not overlap the transfers), else averaged by a plain
+    allreduce. :meth:`stats` gives the numbers and each bucket's decision.
 
     Checkpoints: :meth:`state_dict` also saves the bucket layout the residuals
     belong to, each bucket as a list of ``(stable key, shape)`` pairs, one per
@@ -96,6 +124,9 @@ class Int8CompressionState:
         hierarchical: Union[bool, int, str] = "auto",
         min_compress_numel: int = 1 << 16,
         seed: int = 0,
+        policy: str = "auto",
+        link_bandwidth: Optional[float] = None,
+        chunk_numel: int = 1 << 22,
         record_timeline: bool = False,
     ):
         if not isinstance(block_size, int) or block_size <= 0 or block_size % 32 or block_size > _MAX_BLOCK_SIZE:
@@ -107,6 +138,14 @@ class Int8CompressionState:
         if not (hierarchical in (True, False, "auto") or (type(hierarchical) is int and hierarchical > 0)):
             raise ValueError(f"hierarchical must be True, False, 'auto' or a positive int (ranks per node), "
                              f"got {hierarchical!r}")
+        check_policy(policy, link_bandwidth)
+        if not isinstance(chunk_numel, int) or chunk_numel < block_size:
+            raise ValueError(f"chunk_numel must be an int >= block_size ({block_size}), got {chunk_numel!r}")
+        self.policy = policy
+        self.link_bandwidth = None if link_bandwidth is None else float(link_bandwidth)
+        self.chunk_numel = chunk_numel
+        self.calibration = None  # {"latency_s", "s_per_byte", "s_per_element"} once measured
+        self._decisions = {}  # bucket index -> "int8" or "allreduce" (the latest decision)
         self.block_size = block_size
         self.error_feedback = bool(error_feedback)
         self.stochastic_rounding = bool(stochastic_rounding)
@@ -131,9 +170,23 @@ class Int8CompressionState:
         self._replay_owner = {}  # (key, shape) -> the loaded bucket holding it
         self._replayed_now = False
         self._counters = Counters()
-        self._bind(process_group)
+        # Bound now when the process group exists, else on first use (as torch's
+        # PowerSGDState(process_group=None) is): frameworks such as Lightning build
+        # the hook's state before they initialise torch.distributed.
+        self._requested_group = process_group
+        self.process_group, self.world_size, self.rank, self.hierarchical = None, None, None, None
+        self._pending_load = None
+        if dist.is_available() and dist.is_initialized():
+            self._bind(process_group)
 
     # ---- process groups
+
+    def _ensure_bound(self) -> None:
+        """Binds to the requested group (WORLD for None) on first use; every
+        rank's first hook call is the same bucket, so the pipeline groups are
+        created in the same order everywhere."""
+        if self.process_group is None:
+            self._bind(self._requested_group)
 
     def _bind(self, process_group) -> None:
         group = check_process_group(process_group, "Int8CompressionState")
@@ -161,6 +214,9 @@ class Int8CompressionState:
             self._stage_groups = [_new_group(intra, backend), _new_group(inter, backend),
                                   _new_group(inter, backend), _new_group(intra, backend)]
         self._launchers = [None] + [OrderedLauncher() for _ in self._stage_groups[1:]]
+        if self._pending_load is not None:
+            pending, self._pending_load = self._pending_load, None
+            self.load_state_dict(pending)
 
     def _local_world_size(self, group) -> Optional[int]:
         """Ranks per node when hierarchical mode applies, else None."""
@@ -193,11 +249,25 @@ class Int8CompressionState:
         (hierarchical mode: the part sent to other nodes; flat: equal to
         ``bytes_sent``), ``bytes_fp32_equivalent`` (an fp32 ring allreduce of
         the same buckets), ``compression_ratio`` (fp32 bytes / our bytes),
-        ``hook_time_s`` (host time in the hook and its callbacks) and
-        ``iteration``."""
+        ``hook_time_s`` (host time in the hook and its callbacks),
+        ``policy_allreduce_calls`` (buckets the ``"auto"`` policy sent as a
+        plain allreduce because int8 would not have been faster),
+        ``iteration``, ``calibration`` (the policy's agreed numbers, None
+        before it calibrated) and ``decisions`` (bucket index -> ``"int8"``
+        or ``"allreduce"``, the latest decision for each bucket)."""
         out = self._counters.snapshot()
         out["iteration"] = self.iteration
+        out["calibration"] = None if self.calibration is None else dict(self.calibration)
+        out["decisions"] = dict(self._decisions)
         return out
+
+    # ---- the policy
+
+    def _compress_wins(self, n: int, element_size: int, int8_bytes: int) -> bool:
+        """Whether the "auto" policy compresses a bucket of n elements (the same
+        answer on every rank: the calibration is agreed)."""
+        return compress_wins(self.calibration, n, ring_allreduce_bytes(n, self.world_size, element_size), 1,
+                             int8_bytes, 2)
 
     def state_dict(self) -> dict:
         """Residuals (cloned), the bucket layout they belong to, the iteration
@@ -208,7 +278,10 @@ class Int8CompressionState:
             "config": {"block_size": self.block_size, "error_feedback": self.error_feedback,
                        "stochastic_rounding": self.stochastic_rounding, "start_iter": self.start_iter,
                        "min_compress_numel": self.min_compress_numel, "seed": self.seed,
-                       "hierarchical": self.hierarchical, "world_size": self.world_size},
+                       "hierarchical": self.hierarchical, "world_size": self.world_size,
+                       "policy": self.policy, "link_bandwidth": self.link_bandwidth,
+                       "chunk_numel": self.chunk_numel},
+            "calibration": None if self.calibration is None else dict(self.calibration),
             "iteration": self.iteration,
             "rng_offset": self.rng_offset,
             "counters": self._counters.snapshot(),
@@ -221,18 +294,31 @@ class Int8CompressionState:
     def load_state_dict(self, state_dict: dict, process_group: Optional[dist.ProcessGroup] = None) -> None:
         """Restore what :meth:`state_dict` saved. ``process_group`` re-binds the
         state to a group of this run (its pipeline groups are created again);
-        None keeps the current one. Residuals saved with another world size
+        None keeps the current one (a state not bound yet, before
+        ``init_process_group``, applies it when it binds). Residuals saved with another world size
         or mode are dropped (they would not fit the shards). Load before the
         first backward of the new DDP: its first buckets are then matched
         against the saved layout (see the class docstring)."""
-        if state_dict.get("version") not in (1, _STATE_DICT_VERSION):
-            raise ValueError(f"state_dict version must be 1 or {_STATE_DICT_VERSION}, "
+        if state_dict.get("version") not in (1, 2, _STATE_DICT_VERSION):
+            raise ValueError(f"state_dict version must be 1, 2 or {_STATE_DICT_VERSION}, "
                              f"got {state_dict.get('version')!r}")
         cfg = state_dict["config"]
         if process_group is not None:
+            self._requested_group = process_group
             self._bind(process_group)
+        elif self.process_group is None:
+            if not (dist.is_available() and dist.is_initialized()):
+                self._pending_load = state_dict  # applied when the state binds its group
+                return
+            self._bind(self._requested_group)
         for key in ("block_size", "error_feedback", "stochastic_rounding", "start_iter", "min_compress_numel", "seed"):
             setattr(self, key, cfg[key])
+        for key in ("policy", "link_bandwidth", "chunk_numel"):
+            if key in cfg:
+                setattr(self, key, cfg[key])
+        # The saved decisions' numbers, so that a resumed run decides as the saved one would.
+        cal = state_dict.get("calibration")
+        self.calibration = None if cal is None else dict(cal)
         self.iteration = int(state_dict["iteration"])
         self.rng_offset = int(state_dict["rng_offset"])
         self._counters.load(state_dict["counters"])

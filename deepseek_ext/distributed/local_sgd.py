@@ -49,7 +49,9 @@ class AdaptiveLocalSGD:
 
     Args:
         module: the model whose parameters are averaged (``ddp_model.module``).
-        process_group: the group DDP uses (default WORLD); gloo or nccl.
+        process_group: the group DDP uses (default WORLD); gloo or nccl. Bound
+            when built if ``torch.distributed`` is initialised, else on first
+            use, so the object can be built before ``init_process_group``.
         warmup_steps: steps synchronised every step by DDP before local SGD.
         min_period, max_period: bounds of the averaging period (steps).
         initial_period: first period after warm-up (default ``min_period``).
@@ -86,21 +88,28 @@ class AdaptiveLocalSGD:
             raise ValueError(f"need 0 <= grow_below <= shrink_above, got {grow_below} and {shrink_above}")
         if (inner_state is None) != (inner_hook is None):
             raise ValueError("inner_state and inner_hook go together: give both or neither")
-        self.process_group = check_process_group(process_group, "AdaptiveLocalSGD")
-        self.world_size = self.process_group.size()
+        self._requested_group = process_group
+        self.process_group, self.world_size = None, None
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.warmup_steps = warmup_steps
         self.min_period, self.max_period = min_period, max_period
         self.period = initial_period
         self.grow_below, self.shrink_above = grow_below, shrink_above
         if inner_hook is None:
-            inner_state, inner_hook = CountingAllreduceState(self.process_group), counting_allreduce_hook
+            inner_state, inner_hook = CountingAllreduceState(process_group), counting_allreduce_hook
         self.inner_state, self.inner_hook = inner_state, inner_hook
         self.step_count = 0
         self.last_average = 0
         self.history = []  # (step, drift, new period) at each averaging point
         self._anchor = None
         self._counters = Counters()
+        if dist.is_available() and dist.is_initialized():  # else on first use (before init_process_group)
+            self._ensure_bound()
+
+    def _ensure_bound(self) -> None:
+        if self.process_group is None:
+            self.process_group = check_process_group(self._requested_group, "AdaptiveLocalSGD")
+            self.world_size = self.process_group.size()
 
     @property
     def local(self) -> bool:
@@ -128,6 +137,7 @@ class AdaptiveLocalSGD:
         return True
 
     def _average(self) -> None:
+        self._ensure_bound()
         n = self._anchor.numel()
         buf = torch.empty(n + 1, dtype=torch.float32, device=self._anchor.device)
         torch.sub(self._flat(), self._anchor, out=buf[:n])
@@ -171,8 +181,8 @@ class AdaptiveLocalSGD:
 
     def load_state_dict(self, state_dict: dict, process_group: Optional[dist.ProcessGroup] = None) -> None:
         if process_group is not None:
-            self.process_group = check_process_group(process_group, "AdaptiveLocalSGD")
-            self.world_size = self.process_group.size()
+            self._requested_group, self.process_group = process_group, None
+            self._ensure_bound()
         self.step_count, self.last_average = int(state_dict["step_count"]), int(state_dict["last_average"])
         self.period, self.history = int(state_dict["period"]), list(state_dict["history"])
         anchor = state_dict["anchor"]

@@ -161,7 +161,7 @@ def run_hook(state, buffer, index=0, is_last=True):
 
 def _accuracy_worker(rank, p, hierarchical):
     bs = 256
-    state = Int8CompressionState(block_size=bs, start_iter=0, min_compress_numel=0, hierarchical=hierarchical)
+    state = Int8CompressionState(policy="always", block_size=bs, start_iter=0, min_compress_numel=0, hierarchical=hierarchical)
     assert state.hierarchical == bool(hierarchical)
     # Uneven sizes: smaller than one block per rank, not a multiple of the block, exact multiple.
     for idx, n in enumerate([100, 70_001, p * bs * 8]):
@@ -191,7 +191,7 @@ def _accuracy_worker(rank, p, hierarchical):
     # buckets past a few blocks per rank (the padding to p * block_size is the rest).
     stats = state.stats()
     assert stats["compressed_calls"] == 9 and stats["allreduce_calls"] == 0
-    big = Int8CompressionState(block_size=bs, start_iter=0, min_compress_numel=0, hierarchical=hierarchical)
+    big = Int8CompressionState(policy="always", block_size=bs, start_iter=0, min_compress_numel=0, hierarchical=hierarchical)
     run_hook(big, rank_grad(rank, 1_000_003))
     s = big.stats()
     assert abs(s["compression_ratio"] - s["bytes_fp32_equivalent"] / s["bytes_sent"]) < 1e-12
@@ -204,14 +204,14 @@ def _accuracy_worker(rank, p, hierarchical):
         assert s["bytes_sent_inter_node"] == s["bytes_sent"]
     if p == 4 and not hierarchical:
         with pytest.raises(ValueError, match="hierarchical=3 needs ranks per node"):
-            Int8CompressionState(hierarchical=3)
+            Int8CompressionState(policy="always", hierarchical=3)
     return stats
 
 
 def _error_feedback_worker(rank, p):
     bs, n, steps = 256, 5000, 6
-    state = Int8CompressionState(block_size=bs, start_iter=0, min_compress_numel=0, hierarchical=False)
-    plain = Int8CompressionState(block_size=bs, start_iter=0, min_compress_numel=0, hierarchical=False,
+    state = Int8CompressionState(policy="always", block_size=bs, start_iter=0, min_compress_numel=0, hierarchical=False)
+    plain = Int8CompressionState(policy="always", block_size=bs, start_iter=0, min_compress_numel=0, hierarchical=False,
                                  error_feedback=False)
     delivered = torch.zeros(n, dtype=torch.float64)
     delivered_plain = torch.zeros(n, dtype=torch.float64)
@@ -240,7 +240,7 @@ def _error_feedback_worker(rank, p):
 
     # is_last counts iterations: start_iter=1 -> the whole first iteration is a
     # plain allreduce (exact mean), the next one compressed.
-    st = Int8CompressionState(block_size=bs, start_iter=1, min_compress_numel=0, hierarchical=False)
+    st = Int8CompressionState(policy="always", block_size=bs, start_iter=1, min_compress_numel=0, hierarchical=False)
     grads = [rank_grad(r, 3000, step=9) for r in range(p)]
     mean = torch.stack(grads).mean(0)
     for idx, last in ((0, False), (1, True)):
@@ -250,7 +250,7 @@ def _error_feedback_worker(rank, p):
     out = run_hook(st, grads[rank].clone(), index=0, is_last=False)
     assert st.stats()["compressed_calls"] == 1 and not torch.equal(out, mean)
     # min_compress_numel: small buckets go through a full-precision allreduce.
-    small = Int8CompressionState(block_size=bs, start_iter=0, min_compress_numel=4000, hierarchical=False)
+    small = Int8CompressionState(policy="always", block_size=bs, start_iter=0, min_compress_numel=4000, hierarchical=False)
     torch.testing.assert_close(run_hook(small, grads[rank].clone()), mean, rtol=1e-6, atol=1e-6)
     assert small.stats()["compressed_calls"] == 0
 
@@ -259,7 +259,7 @@ def _error_feedback_worker(rank, p):
     out = counting_allreduce_hook(cs, FakeBucket(grads[rank].clone())).wait()
     torch.testing.assert_close(out, mean, rtol=1e-6, atol=1e-6)
     assert cs.stats()["bytes_sent"] == 2 * 3000 * (p - 1) // p * 4
-    assert set(state.stats()) <= set(cs.stats()) | {"iteration"}
+    assert set(state.stats()) <= set(cs.stats()) | {"iteration", "calibration", "decisions"}
     return gap
 
 
@@ -337,6 +337,7 @@ def _params_identical_across_ranks(model):
 
 def _int8(**kw):
     kw.setdefault("min_compress_numel", 0)
+    kw.setdefault("policy", "always")
     return lambda ddp: (Int8CompressionState(**kw), int8_compress_hook)
 
 
@@ -389,7 +390,7 @@ def _ddp_convergence_and_resume_worker(rank, p, steps):
 
 
 def _ddp_hierarchical_worker(rank, p, steps):
-    make = lambda ddp: (Int8CompressionState(min_compress_numel=0), int8_compress_hook)  # noqa: E731
+    make = lambda ddp: (Int8CompressionState(policy="always", min_compress_numel=0), int8_compress_hook)  # noqa: E731
     base, base_model, _, _ = _train(rank, lambda ddp: (None, None), steps)
     ours, model, _, state = _train(rank, make, steps)
     assert state.hierarchical and state.local_world_size == 2 and state.num_nodes == 2  # from LOCAL_WORLD_SIZE
@@ -405,7 +406,7 @@ def _local_sgd_worker(rank, p, steps):
     base, base_model, _, _ = _train(rank, lambda ddp: (None, None), steps)
 
     def make(ddp):
-        inner = Int8CompressionState(min_compress_numel=0)
+        inner = Int8CompressionState(policy="always", min_compress_numel=0)
         ls = AdaptiveLocalSGD(ddp.module, warmup_steps=40, min_period=2, max_period=16,
                               inner_state=inner, inner_hook=int8_compress_hook)
         return ls, adaptive_local_sgd_hook
@@ -436,7 +437,7 @@ def _layout_mismatch_worker(rank, p):
     assert len(sd["layout"]) == 5 and len(sd["residuals"]) == 5
     torch.manual_seed(0)
     other = DDP(torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)))
-    state = Int8CompressionState(min_compress_numel=0)
+    state = Int8CompressionState(policy="always", min_compress_numel=0)
     state.load_state_dict(sd)
     other.register_comm_hook(state, int8_compress_hook)
     with warnings.catch_warnings(record=True) as caught:
@@ -462,7 +463,7 @@ def _dead_peer_worker(rank, p):
 
     torch.manual_seed(0)
     ddp = DDP(TinyNet())
-    ddp.register_comm_hook(Int8CompressionState(min_compress_numel=0, start_iter=0), int8_compress_hook)
+    ddp.register_comm_hook(Int8CompressionState(policy="always", min_compress_numel=0, start_iter=0), int8_compress_hook)
     for step in range(3):
         x, y = _batch(rank, step)
         torch.nn.functional.mse_loss(ddp(x), y).backward()
@@ -473,6 +474,61 @@ def _dead_peer_worker(rank, p):
     with pytest.raises(RuntimeError, match="int8_compress_hook: bucket 0 .* a peer may have died") as info:
         torch.nn.functional.mse_loss(ddp(x), y).backward()
     return time.monotonic() - t0, str(info.value)[:300]
+
+
+def _policy_and_chunks_worker(rank, p):
+    bs, n = 256, 300_001
+    # Chunks are aligned to p * block_size, so with round-to-nearest every block
+    # holds the same elements as without chunking: the same bits, step after step
+    # (error feedback included).
+    whole = Int8CompressionState(policy="always", block_size=bs, start_iter=0, min_compress_numel=0,
+                                 hierarchical=False, chunk_numel=1 << 22)
+    chunked = Int8CompressionState(policy="always", block_size=bs, start_iter=0, min_compress_numel=0,
+                                   hierarchical=False, chunk_numel=40_000)
+    for step in range(3):
+        g = rank_grad(rank, n, step=step)
+        a, b = run_hook(whole, g.clone()), run_hook(chunked, g.clone())
+        assert torch.equal(a, b), step
+    assert whole.stats()["bytes_sent"] == chunked.stats()["bytes_sent"]  # only the last chunk is padded
+    torch.testing.assert_close(whole.state_dict()["residuals"][0]["tensors"]["bucket"],
+                               chunked.state_dict()["residuals"][0]["tensors"]["bucket"], rtol=0, atol=0)
+
+    # The "auto" policy: a link hint so fast that nothing pays for compression ->
+    # exact allreduce; so slow that everything does -> int8. Calibrated once, the
+    # same numbers on every rank, decisions in stats() and kept by state_dict().
+    grads = [rank_grad(r, n, step=7) for r in range(p)]
+    mean = torch.stack(grads).mean(0)
+    fast = Int8CompressionState(block_size=bs, start_iter=1, min_compress_numel=0, hierarchical=False,
+                                link_bandwidth=1e15)
+    out = run_hook(fast, grads[rank].clone(), index=0, is_last=True)  # iteration 0: before start_iter
+    assert fast.stats()["calibration"] is None
+    out = run_hook(fast, grads[rank].clone(), index=0, is_last=True)
+    torch.testing.assert_close(out, mean, rtol=1e-6, atol=1e-6)
+    s = fast.stats()
+    assert s["decisions"] == {0: "allreduce"} and s["policy_allreduce_calls"] == 1 and s["compressed_calls"] == 0
+    cal = torch.tensor([s["calibration"][k] for k in ("latency_s", "s_per_byte", "s_per_element")],
+                       dtype=torch.float64)
+    everyone = [torch.empty_like(cal) for _ in range(p)]
+    dist.all_gather(everyone, cal)
+    assert all(torch.equal(e, cal) for e in everyone) and (cal > 0).all(), everyone
+    assert s["calibration"]["s_per_byte"] == 8 / 1e15
+    slow = Int8CompressionState(block_size=bs, start_iter=0, min_compress_numel=0, hierarchical=False,
+                                link_bandwidth=1e3)
+    out = run_hook(slow, grads[rank].clone())
+    assert slow.stats()["decisions"] == {0: "int8"} and slow.stats()["compressed_calls"] == 1
+    assert not torch.equal(out, mean)
+    # Measured (no hint): whatever it decides, every rank decides the same.
+    measured = Int8CompressionState(block_size=bs, start_iter=0, min_compress_numel=0, hierarchical=False)
+    for idx, size in enumerate((70_001, 2_000_000)):
+        run_hook(measured, rank_grad(rank, size), index=idx, is_last=idx == 1)
+    mine = [measured.stats()["decisions"]]
+    everyone = [None] * p
+    dist.all_gather_object(everyone, mine[0])
+    assert all(e == mine[0] for e in everyone) and set(mine[0]) == {0, 1}, everyone
+    restored = Int8CompressionState(block_size=bs, start_iter=0, min_compress_numel=0, hierarchical=False)
+    restored.load_state_dict(measured.state_dict())
+    assert restored.calibration == measured.calibration
+    return measured.stats()["calibration"], mine[0]
 
 
 # ---------------------------------------------------------------- tests
@@ -491,6 +547,11 @@ def _world4_worker(rank, p):
 
 def test_world2_mean_within_quantisation_step_error_feedback_is_last_small_buckets():
     launch(_world2_worker, 2)
+
+
+def test_chunks_equal_the_whole_bucket_and_the_policy_decides_alike_on_every_rank():
+    (calibration, decisions), _ = launch(_policy_and_chunks_worker, 2, deadline_s=90)
+    print(f"loopback calibration {calibration}; decisions {decisions}")
 
 
 def test_world4_flat_and_hierarchical_and_ddp_from_torchrun_environment():
@@ -554,8 +615,12 @@ def test_bad_configuration_is_rejected():
     with pytest.raises(ValueError, match="inner_state and inner_hook go together"):
         AdaptiveLocalSGD(TinyNet(), inner_hook=int8_compress_hook)
     if not dist.is_initialized():
-        with pytest.raises(RuntimeError, match="needs an initialised default process group"):
-            Int8CompressionState()
+        # Built before init_process_group (as Lightning does), bound on first use.
+        for state, hook in ((Int8CompressionState(), int8_compress_hook),
+                            (CountingAllreduceState(), counting_allreduce_hook)):
+            assert state.process_group is None
+            with pytest.raises(RuntimeError, match="needs an initialised default process group"):
+                hook(state, FakeBucket(torch.zeros(4)))
 
 
 def test_unsupported_backend_is_rejected():
