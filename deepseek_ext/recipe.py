@@ -16,7 +16,8 @@ the baseline (all off)::
 The techniques:
 
 ``mixed_precision``
-    float16 autocast with :class:`deepseek_ext.amp.DynamicLossScaler` on CUDA.
+    float16 autocast with :class:`deepseek_ext.amp.DynamicLossScaler` on CUDA
+    (``amp_dtype="bfloat16"``: bfloat16 autocast, no loss scale).
     On a CPU the run stays in float32: CPUs without native half-precision
     matrix units (like the 2-core machine the demo defaults target) run
     bf16/fp16 GEMMs slower than fp32, so the switch changes nothing there and
@@ -98,6 +99,7 @@ class Recipe:
     data_pipeline: bool = False
     # Knobs of the techniques.
     sharing: str = "all"
+    amp_dtype: str = "float16"  # mixed_precision's autocast dtype on CUDA: float16 (+ loss scaler) or bfloat16
     ffn_density: float = 0.3
     ffn_block_size: int = 64  # the recipe's own model (build_model)
     ffn_n_blocks: int = 16  # models converted by apply()
@@ -108,6 +110,8 @@ class Recipe:
     def __post_init__(self) -> None:
         if not 0.0 < self.ffn_density <= 1.0:
             raise ValueError(f"ffn_density must be in (0, 1], got {self.ffn_density}")
+        if self.amp_dtype not in ("float16", "bfloat16"):
+            raise ValueError(f'amp_dtype must be "float16" or "bfloat16", got {self.amp_dtype!r}')
         if not 0.0 < self.progressive_start_frac <= 1.0:
             raise ValueError(f"progressive_start_frac must be in (0, 1], got {self.progressive_start_frac}")
 
@@ -137,15 +141,17 @@ class Recipe:
 
     # -- precision -----------------------------------------------------------
     def compute_dtype(self, device) -> torch.dtype:
-        """float16 on CUDA when mixed precision is on; float32 otherwise (see the module doc)."""
+        """``amp_dtype`` on CUDA when mixed precision is on; float32 otherwise (see the module doc)."""
         if self.mixed_precision and torch.device(device).type == "cuda":
-            return torch.float16
+            return getattr(torch, self.amp_dtype)
         return torch.float32
 
     def precision_label(self, device) -> str:
         dt = self.compute_dtype(device)
         if dt == torch.float16:
             return "fp16 autocast + DynamicLossScaler"
+        if dt == torch.bfloat16:
+            return "bf16 autocast"
         if self.mixed_precision:
             return "fp32 (mixed precision is CUDA-only: no fast half GEMM on this CPU)"
         return "fp32"
@@ -261,6 +267,10 @@ class Recipe:
         """The progressive schedule of this recipe, or ``None`` when it is off."""
         if not self.progressive:
             return None
+        if self.start_layers(cfg) >= cfg.n_layers:
+            raise ValueError(f"progressive training starts from {self.start_layers(cfg)} of n_layers = "
+                             f"{cfg.n_layers} layers and has none to grow: give the model more layers "
+                             "(progressive_start_frac, and at least 2 start layers with shared attention)")
         from deepseek_ext.train import ProgressiveSchedule
 
         top = self.progressive_freeze_top or max(1, cfg.n_layers // 2)

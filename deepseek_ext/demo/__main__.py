@@ -4,6 +4,7 @@
     python -m deepseek_ext.demo --ablate    # ... and every technique alone against the baseline
     python -m deepseek_ext.demo --smoke     # a tiny configuration (well under a minute)
     python -m deepseek_ext.demo --device cuda
+    python -m deepseek_ext.demo --model hf-llama  # a Hugging Face Llama, converted by Recipe.apply
 
 Both runs train on the same real text (the Python standard library's source
 files, byte-level tokens: nothing to download), with the same token budget, in
@@ -30,8 +31,10 @@ from typing import Optional
 
 import torch
 
-from deepseek_ext.demo._config import CUDA_DEFAULTS, SMOKE, DemoConfig, demo_corpus
-from deepseek_ext.demo._report import comparison_table, machine_line, plot_losses, write_results
+from deepseek_ext.demo._config import CUDA_DEFAULTS, PRESETS, SMOKE, DemoConfig, demo_corpus
+from deepseek_ext.demo._report import (add_time_to_baseline_loss, comparison_table, machine_line, plot_losses,
+                                       write_results)
+from deepseek_ext.demo._models import MODELS
 from deepseek_ext.demo._train import run_one
 from deepseek_ext.recipe import TECHNIQUES, Recipe
 
@@ -61,24 +64,42 @@ def run_demo(cfg: DemoConfig, out: Path, ablate: bool = False, results_dir: Opti
     print(f"budget: {cfg.steps} steps x {cfg.tokens_per_step:,} tokens = {cfg.steps * cfg.tokens_per_step:,} "
           f"tokens per run, {cfg.world_size} processes ({'NCCL' if cfg.device == 'cuda' else 'Gloo'})")
 
-    runs = [("baseline", Recipe.baseline()), ("low-cost", Recipe.low_cost())]
+    techniques = TECHNIQUES
+    if cfg.model != "gpt":
+        # A Hugging Face model gets the recipe through Recipe.apply (the converters);
+        # progressive growth copies blocks of our own model and is left out.
+        techniques = tuple(t for t in TECHNIQUES if t != "progressive")
+        print(f"model: {cfg.model} (Hugging Face, random init); the low-cost run converts it with "
+              "Recipe.apply; progressive training is for --model gpt only")
+    amp = dict(amp_dtype=cfg.amp_dtype)
+    base = Recipe.baseline(mixed_precision=cfg.baseline_amp, **amp)
+    low = Recipe(**{t: True for t in techniques}, **amp)
+    runs = [("baseline", base), ("low-cost", low)]
+    if cfg.baseline_amp and cfg.amp_dtype == "bfloat16":
+        # The fp16 row: the same recipe with float16 autocast and our loss scaler.
+        runs.append(("low-cost fp16", low.replace(amp_dtype="float16")))
     if ablate:
-        for t in TECHNIQUES:
+        for t in techniques:
             if t == "mixed_precision" and cfg.device != "cuda":
                 print("ablate: mixed_precision skipped on CPU (fp32 either way; see Recipe)")
                 continue
-            runs.append((f"+{t}", Recipe.only(t)))
+            if t == "mixed_precision" and cfg.baseline_amp:
+                continue  # the baseline is already in mixed precision; the fp16 row is its variant
+            runs.append((f"+{t}", base.replace(**{t: True})))
     results = []
     for name, recipe in runs:
         results.append(run_one(name.replace("+", "only-"), recipe, cfg, out, data))
         results[-1]["name"] = name
-    main_table = comparison_table(results[:2])
+    n_main = 3 if len(runs) > 2 and runs[2][0] == "low-cost fp16" else 2
+    if cfg.eval_every:
+        add_time_to_baseline_loss(results)
+    main_table = comparison_table(results[:n_main])
     report = dict(machine=machine_line(cfg), config=asdict(cfg), runs=results, table=main_table)
     print()
     print(f"machine: {report['machine']}")
     print(main_table)
     if ablate:
-        report["ablate_table"] = comparison_table([results[0]] + results[2:])
+        report["ablate_table"] = comparison_table([results[0]] + results[n_main:])
         print("ablation (each technique alone vs the baseline):")
         print(report["ablate_table"])
     plot = plot_losses(results[:2], out / "loss_curves.png")
@@ -103,9 +124,17 @@ def _tokens(info) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m deepseek_ext.demo", description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--model", choices=MODELS, default="gpt",
+                   help="gpt: the demo's own model; hf-gpt2 / hf-llama: a Hugging Face model of the same "
+                   "size (random init, built in code), converted by Recipe.apply for the low-cost run")
     p.add_argument("--smoke", action="store_true", help="a tiny configuration for tests (well under a minute)")
     p.add_argument("--ablate", action="store_true", help="also run each technique alone against the baseline")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/demo-<timestamp>)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="gpt2-small: GPT-2 small's architecture on one GPU, bf16 baseline vs low-cost (bf16, and "
+                   "an fp16 + loss scaler row), time to the baseline's loss, MFU; gpt2-small-tiny: the same "
+                   "at a CPU test's size")
+    p.add_argument("--eval-every", type=int, default=None, help="also evaluate every N steps")
     p.add_argument("--world-size", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--price-per-device-hour", type=float, default=None)
@@ -114,12 +143,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    cfg = DemoConfig(device=args.device)
+    cfg = DemoConfig(device=args.device, model=args.model)
     if args.device == "cuda":
         cfg = replace(cfg, **CUDA_DEFAULTS, world_size=torch.cuda.device_count())
+    if args.preset:
+        cfg = replace(cfg, **PRESETS[args.preset])
     if args.smoke:
         cfg = replace(cfg, **SMOKE)
-    for key in ("world_size", "steps", "price_per_device_hour"):
+    for key in ("world_size", "steps", "price_per_device_hour", "eval_every"):
         if getattr(args, key) is not None:
             cfg = replace(cfg, **{key: getattr(args, key)})
     if cfg.world_size < 1:

@@ -26,16 +26,33 @@ ROWS = [  # (label, key, format)
     ("data-wait fraction", "data_wait_fraction", "{:.1%}"),
     ("final eval loss", "eval_loss", "{:.4f}"),
     ("eval perplexity", "eval_perplexity", "{:.3f}"),
+    ("model FLOPs utilisation (bf16 peak)", "mfu", "{:.1%}"),
     ("training time", "train_s", "{:.1f} s"),
+    ("time to the baseline's final eval loss", "time_to_baseline_loss_s", "{:.1f} s"),
     ("wall time (with start-up, eval)", "wall_s", "{:.1f} s"),
     ("estimated training cost", "estimated_cost_usd", "${:.5f}"),
+    ("cost to the baseline's final eval loss", "cost_to_baseline_loss_usd", "${:.5f}"),
 ]
 
 
 def _fmt(fmt: str, v) -> str:
+    if v is None:
+        return "n/a"
     if fmt == "mb":
         return f"{v / 2**20:,.2f} MiB"
     return fmt.format(v)
+
+
+def add_time_to_baseline_loss(results: List[dict]) -> None:
+    """Each run's training time until its eval loss first reached the baseline's
+    final one (the first run is the baseline): ``time_to_baseline_loss_s``, None
+    where it never did, and the cost of that time."""
+    target = results[0]["eval_loss"]
+    for r in results:
+        reached = [t for step, t, loss in r.get("eval_curve", []) if loss <= target]
+        r["time_to_baseline_loss_s"] = min(reached) if reached else None
+        r["cost_to_baseline_loss_usd"] = (r["time_to_baseline_loss_s"] * r["estimated_cost_usd"] / r["train_s"]
+                                          if reached and r["train_s"] else None)
 
 
 def comparison_table(results: List[dict]) -> str:
@@ -43,9 +60,11 @@ def comparison_table(results: List[dict]) -> str:
     cols = ["metric"] + [r["name"] for r in results] + [f"{r['name']} / {base['name']}" for r in results[1:]]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for label, key, fmt in ROWS:
-        cells = [label] + [_fmt(fmt, r[key]) for r in results]
+        if all(r.get(key) is None for r in results):
+            continue  # MFU on a CPU, time to the baseline's loss without --eval-every
+        cells = [label] + [_fmt(fmt, r.get(key)) for r in results]
         for r in results[1:]:
-            a, b = r[key], base[key]
+            a, b = r.get(key), base.get(key)
             cells.append(f"{a / b:.3f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b
                          else "")
         lines.append("| " + " | ".join(cells) + " |")
@@ -89,14 +108,16 @@ def device_class(cfg: DemoConfig) -> str:
 
 
 def write_results(report: dict, cfg: DemoConfig, results_dir: Path, plot: Optional[Path], command: str) -> Path:
-    """``results_dir/demo_<device class>.md``: the header (date, machine, torch,
+    """``results_dir/demo[_<preset>][_<model>]_<device class>.md``: the header (date, machine, torch,
     commit, command), the baseline vs low-cost table and, after an ``--ablate``
     run, the ablation; the loss-curve plot beside it. Overwrites both."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    name = f"demo_{device_class(cfg)}"
+    name = "_".join(["demo"] + [v for v in (cfg.preset, "" if cfg.model == "gpt" else cfg.model) if v]
+                    + [device_class(cfg)])
     budget = cfg.steps * cfg.tokens_per_step
     lines = [
-        "# Demo: baseline vs low-cost recipe",
+        "# Demo: baseline vs low-cost recipe"
+        + ("" if cfg.model == "gpt" else f" ({cfg.model}, converted by Recipe.apply)"),
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- machine: {report['machine']}",
@@ -105,6 +126,8 @@ def write_results(report: dict, cfg: DemoConfig, results_dir: Path, plot: Option
         f"- command: {command}",
         f"- budget: {cfg.steps} steps x {cfg.tokens_per_step:,} tokens = {budget:,} tokens per run, "
         f"{cfg.world_size} processes",
+        *([f"- preset: {cfg.preset} (d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
+           f"d_ff {cfg.d_ff}, context {cfg.seq_len}); MFU against the GPU's dense bf16 peak"] if cfg.preset else []),
         "",
         report["table"].rstrip(),
     ]

@@ -13,13 +13,15 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 from deepseek_ext.recipe import Recipe
 
-from deepseek_ext.demo._config import DemoConfig
+from deepseek_ext._provenance import gpu_class
+from deepseek_ext.demo._config import BF16_PEAK_FLOPS, DemoConfig
+from deepseek_ext.demo._models import build_model, ffn_flops_per_token, model_flops_per_token
 
 
 class _IndexBatches:
@@ -128,9 +130,9 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
         else:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.world_size))
         torch.manual_seed(cfg.seed)  # the same initial model on every rank
-        mcfg = cfg.model(int(data["vocab_size"]))
+        mcfg = cfg.model_config(int(data["vocab_size"]))
         schedule = recipe.make_schedule(cfg.steps, mcfg)
-        model = recipe.build_model(mcfg, n_layers=recipe.start_layers(mcfg)).to(device)
+        model = build_model(cfg.model, recipe, mcfg, n_layers=recipe.start_layers(mcfg)).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95),
                                 fused=cuda or None)
         scaler = recipe.make_scaler(device)
@@ -180,6 +182,9 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
         shown = _LateValue()
 
         losses: List[torch.Tensor] = []
+        eval_ds = NaiveTextDataset(data["eval_files"], cfg.seq_len) if rank == 0 else None
+        eval_curve: List[List[float]] = []  # [step, training seconds so far, eval loss]
+        eval_s = 0.0
         data_wait = 0.0
         phase = schedule.phase if schedule is not None else None
         dist.barrier()
@@ -188,7 +193,7 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
             if step == 1:  # step 0 (worker start-up, lazy initialisation) is not timed
                 if cuda:
                     torch.cuda.synchronize()
-                t_start, data_wait = time.perf_counter(), 0.0
+                t_start, data_wait, eval_s = time.perf_counter(), 0.0, 0.0
             t0 = time.perf_counter()
             with monitor.data_wait() if monitor is not None else contextlib.nullcontext():
                 x, y = next(stream)
@@ -218,13 +223,23 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
                 monitor.log(step, loss=loss.detach(), lr=lr, data_wait_s=waited,
                             tokens=cfg.tokens_per_step, loss_scale=scaler.get_scale_tensor()
                             if scaler.is_enabled() else 1.0)
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and 1 <= step < cfg.steps - 1:
+                # Evaluation time is not training time: it is taken out of train_s.
+                if cuda:
+                    torch.cuda.synchronize()
+                te = time.perf_counter()
+                if rank == 0:
+                    ev = _evaluate(model, eval_ds, cfg, recipe, device)
+                    eval_curve.append([step + 1, te - t_start - eval_s, ev])
+                dist.barrier()
+                eval_s += time.perf_counter() - te
             if bar is not None:
                 bar.update(1)
                 if step % 10 == 0 and not math.isnan(shown.push(loss)):
                     bar.set_postfix(loss=f"{shown.value:.3f}", refresh=False)
         if cuda:
             torch.cuda.synchronize()
-        train_s = time.perf_counter() - t_start
+        train_s = time.perf_counter() - t_start - eval_s
         if bar is not None:
             bar.close()
 
@@ -238,8 +253,8 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
         if rank == 0:
             # Windows inside each held-out file (no end-of-text token, no cross-file context):
             # what both runs' models can be judged on alike.
-            eval_ds = NaiveTextDataset(data["eval_files"], cfg.seq_len)
             eval_loss = _evaluate(model, eval_ds, cfg, recipe, device)
+            eval_curve.append([cfg.steps, train_s, eval_loss])
             params = _unique_params(model)
             n_params = sum(p.numel() for p in params)
             trainable = sum(p.numel() for p in params if p.requires_grad)
@@ -247,7 +262,11 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
                 name=name, recipe=recipe.enabled(), precision=recipe.precision_label(device),
                 parameters=n_params, trainable_parameters_at_end=trainable,
                 param_grad_adam_bytes=4 * n_params * 4,
-                ffn_flops_per_token=recipe.ffn_flops_per_token(mcfg),
+                ffn_flops_per_token=ffn_flops_per_token(cfg.model, recipe, mcfg, model),
+                model_flops_per_token=model_flops_per_token(mcfg, ffn_flops_per_token(cfg.model, recipe, mcfg, model)),
+                eval_curve=eval_curve,
+                mfu=_mfu(cfg, (cfg.steps - 1) * cfg.tokens_per_step / train_s,
+                         model_flops_per_token(mcfg, ffn_flops_per_token(cfg.model, recipe, mcfg, model))),
                 tokens=cfg.steps * cfg.tokens_per_step, train_s=train_s,
                 tokens_per_s=(cfg.steps - 1) * cfg.tokens_per_step / train_s,  # steps 1.. (step 0 untimed)
                 peak_memory_bytes=int(peak_mem),
@@ -264,6 +283,17 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _mfu(cfg: DemoConfig, tokens_per_s: float, flops_per_token: int) -> Optional[float]:
+    """Model FLOPs utilisation against the GPUs' dense bf16 peak (None on a CPU or
+    an unlisted GPU)."""
+    if cfg.device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    cls = gpu_class(name)
+    peak = BF16_PEAK_FLOPS.get(f"{cls} pcie" if "pcie" in name.lower() else cls, BF16_PEAK_FLOPS.get(cls))
+    return tokens_per_s * flops_per_token / (peak * cfg.world_size) if peak else None
 
 
 def _peak_rss_bytes() -> int:

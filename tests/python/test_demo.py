@@ -15,6 +15,14 @@ from deepseek_ext.demo import _train as demo_train
 from deepseek_ext.recipe import TECHNIQUES, ModelConfig, Recipe
 
 ROOT = Path(__file__).resolve().parents[2]
+OPTIONAL_ROWS = ("mfu", "time_to_baseline_loss_s", "cost_to_baseline_loss_usd")
+
+
+def run_demo(*args, timeout=900):
+    proc = subprocess.run([sys.executable, "-m", "deepseek_ext.demo", *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def test_recipe_switches():
@@ -31,6 +39,15 @@ def test_recipe_switches():
     assert "CUDA-only" in Recipe.low_cost().precision_label("cpu")
     assert Recipe.low_cost().compute_dtype("cuda") == torch.float16
     assert Recipe.baseline().compute_dtype("cuda") == torch.float32
+    bf16 = Recipe.low_cost(amp_dtype="bfloat16")
+    assert bf16.compute_dtype("cuda") == torch.bfloat16 and bf16.precision_label("cuda") == "bf16 autocast"
+    assert not bf16.make_scaler("cpu").is_enabled() and bf16.compute_dtype("cpu") == torch.float32
+    with pytest.raises(ValueError, match="amp_dtype"):
+        Recipe(amp_dtype="float8")
+    # Progressive training with nothing to grow is refused before any step runs.
+    with pytest.raises(ValueError, match="has none to grow"):
+        Recipe.low_cost().make_schedule(10, ModelConfig(vocab_size=8, d_model=8, n_layers=2, n_heads=2, d_ff=16,
+                                                        max_seq_len=8))
 
 
 def test_recipe_models_differ_where_they_should():
@@ -85,6 +102,9 @@ def test_demo_smoke_run_writes_a_complete_report(tmp_path):
     assert [r["name"] for r in report["runs"]] == ["baseline", "low-cost"]
     for run in report["runs"]:
         for _, key, _ in demo_report.ROWS:
+            if key in OPTIONAL_ROWS:
+                assert run.get(key) is None, key  # MFU is for GPUs; time to loss needs --eval-every
+                continue
             assert key in run, f"{run['name']} lacks {key}"
             if key != "precision":
                 assert math.isfinite(float(run[key])), f"{run['name']}.{key} = {run[key]}"
@@ -104,3 +124,46 @@ def test_demo_smoke_run_writes_a_complete_report(tmp_path):
         assert field in results, field
     assert report["table"].strip() in results
     assert (tmp_path / "results" / "demo_cpu_loss_curves.png").is_file()
+
+
+@pytest.mark.parametrize("model", ["hf-gpt2", "hf-llama"])
+def test_demo_on_hugging_face_models(tmp_path, model):
+    """--model hf-*: a Hugging Face model (built in code) that the low-cost run
+    converts with Recipe.apply; the same report, its own results file."""
+    run_demo("--smoke", "--model", model, "--out", tmp_path / "demo", "--results-dir", tmp_path / "results")
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    base, low = report["runs"]
+    assert report["config"]["model"] == model
+    assert low["parameters"] < base["parameters"]
+    assert low["ffn_flops_per_token"] < 0.5 * base["ffn_flops_per_token"]
+    assert low["bytes_communicated"] < base["bytes_communicated"]
+    assert all(math.isfinite(r["eval_loss"]) for r in (base, low))
+    results = (tmp_path / "results" / f"demo_{model}_cpu.md").read_text()
+    assert f"({model}, converted by Recipe.apply)" in results and report["table"].strip() in results
+
+
+def test_gpu_preset_runs_tiny_on_the_cpu(tmp_path):
+    """The GPU preset's code path (model class, recipe switches, bf16 baseline, the
+    fp16 row, evaluation during training, time to the baseline's loss) at a size
+    CI runs: what the one GPU call would fail on fails here first."""
+    from deepseek_ext.demo._config import GPT2_SMALL, GPT2_SMALL_TINY
+
+    sizes = {"d_model", "n_layers", "n_heads", "d_ff", "seq_len", "batch_size", "steps", "warmup_steps",
+             "eval_windows", "eval_every", "train_corpus_mb", "num_workers", "preset"}
+    assert {k for k in GPT2_SMALL if GPT2_SMALL[k] != GPT2_SMALL_TINY[k]} <= sizes
+    assert GPT2_SMALL["n_layers"] == 12 and GPT2_SMALL["d_model"] == 768 and GPT2_SMALL["seq_len"] == 1024
+    run_demo("--preset", "gpt2-small-tiny", "--out", tmp_path / "demo", "--results-dir", tmp_path / "results")
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    names = [r["name"] for r in report["runs"]]
+    assert names == ["baseline", "low-cost", "low-cost fp16"]
+    base = report["runs"][0]
+    assert base["recipe"] == ["mixed_precision"]  # the baseline is in mixed precision too (bf16 on a GPU)
+    for r in report["runs"]:
+        steps = [p[0] for p in r["eval_curve"]]
+        assert steps == [4, 8, 12], steps
+        times = [p[1] for p in r["eval_curve"]]
+        assert times == sorted(times) and abs(times[-1] - r["train_s"]) < 1e-9
+        assert r["model_flops_per_token"] > 0 and r["mfu"] is None  # no GPU peak on a CPU
+    assert base["time_to_baseline_loss_s"] == base["train_s"]
+    assert "time to the baseline's final eval loss" in report["table"]
+    assert (tmp_path / "results" / "demo_gpt2-small-tiny_cpu.md").is_file()
