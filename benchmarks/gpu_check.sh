@@ -6,7 +6,9 @@
 #      torch and the CPU path; the CPU tests run in CI),
 #   3. runs the GPU benchmarks: each writes its table straight to
 #      benchmarks/results/<bench>_<gpu>.md (e.g. gemm_h200.md),
-#   4. runs the demo's smoke run on the GPU.
+#   4. runs the demo's GPU preset (GPT-2 small's architecture, bf16 baseline vs
+#      the low-cost recipe, about 4 minutes): benchmarks/results/demo_gpt2-small_<gpu>.md,
+#   5. runs the demo's smoke run on the GPU.
 # Logs, the environment, a copy of every table written and a short summary go
 # to $OUT (default build/gpu-check). Build inputs that would need a download
 # (CUTLASS headers, bitsandbytes) are staged beforehand by `make gpu-prep` into
@@ -19,8 +21,11 @@
 #   GPU_CHECK_ARCHIVE  a .tar.gz path refreshed after every step with $OUT and
 #                      the tables written so far: what a killed run had
 #                      finished is still in it.
-#   GPU_CHECK_STEPS    what runs after the build, in order (default: tests, the
-#                      GPU benchmarks, demo_smoke), e.g. "tests bench_gemm".
+#   GPU_CHECK_STEPS    what runs after the build, in order (default: tests,
+#                      demo_gpt2, the GPU benchmarks, demo_smoke), e.g.
+#                      "tests bench_gemm". The whole list does not fit one
+#                      9-minute device call: benchmarks/GPU.md says which
+#                      steps to name per call.
 #   GPU_CHECK_TESTS    pytest selection (default "-m cuda tests/python").
 #   GPU_CHECK_ARCH     arch list override for the build, e.g. "8.0+PTX" on a
 #                      Hopper GPU: only the Ampere kernels, run through the
@@ -37,7 +42,7 @@ ARCHIVE=${GPU_CHECK_ARCHIVE:-}
 TESTS=${GPU_CHECK_TESTS:--m cuda tests/python}
 # The benchmarks whose code changed since their last GPU table go first, in
 # case the budget runs out (benchmarks/GPU.md, "Open questions").
-STEPS=${GPU_CHECK_STEPS:-tests bench_quant bench_gemm bench_unscale bench_shared_attention bench_sparse_ffn bench_scaler demo_smoke}
+STEPS=${GPU_CHECK_STEPS:-tests demo_gpt2 bench_sparse_ffn bench_quant bench_gemm bench_unscale bench_shared_attention bench_scaler demo_smoke}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 declare -A status
@@ -105,6 +110,14 @@ if [[ ${status[build]} == ok* ]]; then
         $PY -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout 150)
         # shellcheck disable=SC2086
         step tests 180 pytest.log $PY -m pytest "${pytest_args[@]}" $TESTS ;;
+      demo_gpt2)
+        table="$results/demo_gpt2-small_$gpu.md"
+        step demo_gpt2 300 demo_gpt2.log "$PY" -m deepseek_ext.demo --device cuda --preset gpt2-small \
+          --out "$OUT/demo_gpt2" --results-dir "$results"
+        if [[ ${status[demo_gpt2]} == ok* && -f $table ]]; then
+          [[ $results == "$OUT" ]] || cp "$table" "$OUT/"
+          written+=("$table")
+        fi ;;
       demo_smoke)
         step demo_smoke 90 demo_smoke.log "$PY" -m deepseek_ext.demo --smoke --device cuda --out "$OUT/demo_smoke" ;;
       bench_*)
