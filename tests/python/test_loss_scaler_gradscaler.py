@@ -434,3 +434,46 @@ def test_host_reads_per_step(linear, opt_kind, growth_factor, reads):
         for _ in range(3):  # updates 2-4: the stuck check reads its copy only every 8th
             step()
     assert mode.count == 3 * reads
+
+
+def test_hysteresis_and_bounds_with_any_factors_follow_the_rule():
+    """What ours adds, with factors that are not powers of two: the rule of
+    update_scale_ (hysteresis, bounds, skip counters), products in float64
+    rounded to float32."""
+    lo, hi, growth, backoff, interval, hysteresis = 2.0**6, 2.0**12, 3.0, 0.8, 2, 2
+    scaler = DynamicLossScaler("cpu", init_scale=100.0, growth_factor=growth, backoff_factor=backoff,
+                               growth_interval=interval, hysteresis=hysteresis, min_scale=lo, max_scale=hi)
+    f32 = lambda x: torch.tensor(x, dtype=torch.float64).float().item()  # noqa: E731
+    scale, tracker, left, consecutive, total = 100.0, 0, hysteresis, 0, 0
+    p = torch.nn.Parameter(torch.ones(2))
+    seen = set()
+    for i, overflow in enumerate(overflow_pattern(8, 300, 0.4)):
+        one_step(scaler, p, overflow)
+        seen.add(scale)
+        if overflow:
+            consecutive, total, tracker, left = consecutive + 1, total + 1, 0, max(left - 1, 0)
+            if left == 0:
+                scale = min(max(f32(scale * backoff), lo), hi)
+        else:
+            consecutive, tracker = 0, tracker + 1
+            if tracker >= interval:
+                tracker, left, scale = 0, hysteresis, min(max(f32(scale * growth), lo), hi)
+        sd = scaler.state_dict()
+        assert (sd["scale"], sd["_growth_tracker"], sd["_hysteresis_tracker"], sd["_skip_counts"]) == (
+            scale, tracker, left, [consecutive, total]), i
+    assert len(seen) > 10 and lo in seen and hi in seen  # it moved, and met both bounds
+
+
+def test_float16_and_bfloat16_gradients_are_unscaled_where_gradscaler_refuses():
+    for dtype in (torch.float16, torch.bfloat16):
+        p = torch.nn.Parameter(torch.ones(4, dtype=dtype))
+        ours = DynamicLossScaler("cpu", init_scale=2.0**8)
+        opt = torch.optim.SGD([p], lr=0.0)
+        ours.scale((p.float() * 3).sum()).backward()
+        ours.unscale_(opt)
+        assert p.grad.dtype == dtype and p.grad.tolist() == [3.0] * 4
+    theirs = torch.amp.GradScaler("cpu")
+    q = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+    theirs.scale((q.float() * 3).sum()).backward()
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+        theirs.unscale_(torch.optim.SGD([q], lr=0.0))
