@@ -582,7 +582,8 @@ class DynamicLossScaler(torch.amp.GradScaler):
             raise ValueError(f"state_dict['min_scale'] and ['max_scale'] must be powers of two with min <= max, got "
                              f"{min_scale} and {max_scale}")
         scale = _check_scale_value(state_dict["scale"], "state_dict['scale']")
-        self._growth_factor, self._backoff_factor, self._growth_interval = growth_factor, backoff_factor, growth_interval
+        self._growth_factor, self._backoff_factor = growth_factor, backoff_factor
+        self._growth_interval = growth_interval
         self._min_scale, self._max_scale = min_scale, max_scale
         self._hysteresis = int(state_dict.get("hysteresis", self._hysteresis))
         self._init_scale = self._clamp(scale)
