@@ -1,4 +1,5 @@
-"""DDP gradient sync over a rate-limited network: our int8 hook vs torch's hooks.
+"""Gradient sync over a rate-limited network: our int8 DDP hook vs torch's
+hooks, and our int8 FSDP2 reduce-scatter vs plain FSDP2.
 
 Each "host" is a Linux network namespace with one veth interface (eth0);
 2 hosts are joined by one veth pair, more by a bridge in a "switch"
@@ -12,8 +13,15 @@ same model for ``--warmup`` + ``--steps`` steps with each method:
   pertensor   torch quantization_pertensor_hook (uint8 all-gather of whole buckets;
               re-stated in pertensor_hook below: torch 2.11's raises on Gloo)
   powersgd    torch PowerSGD, rank 4 (start_powerSGD_iter 2, error feedback)
-  int8        ours, flat (all_to_all int8 reduce-scatter + int8 all-gather)
+  int8        ours, flat (all_to_all int8 reduce-scatter + int8 all-gather), policy "auto"
+  int8_always ours, policy "always" (every bucket compressed: what "auto" saves)
   int8_hier   ours, hierarchical (bf16 inside a host, int8 between hosts)
+  fsdp2       FSDP2 (fully_shard per layer), its own fp32 reduce-scatter
+  fsdp2_int8  FSDP2 with enable_int8_reduce_scatter (policy "auto")
+  fsdp2_int8ag  the same with int8_all_gather=True (parameters gathered as int8 too)
+
+Two model shapes: "mlp" (seven 4 MB buckets) and "embedding" (one 134 MB
+bucket: a language model's vocabulary table).
 
 Reported per timed step: wall time, bytes on the wire per host (eth0 tx
 counter, so TCP/IP headers included), bytes our accounting predicts (ours and
@@ -24,7 +32,7 @@ Needs root (``ip netns``). Every namespace it creates is named ``dsxb*`` and
 deleted on exit, also after an error or Ctrl-C. Run through
 ``benchmarks/netns_launch.sh`` (which also sweeps leftovers), e.g.::
 
-    sudo benchmarks/netns_launch.sh                 # the default sweep (~8 min on 2 cores)
+    sudo benchmarks/netns_launch.sh                 # the default sweep (~15 min on 2 cores)
     sudo benchmarks/netns_launch.sh --quick         # one small config
 """
 
@@ -143,7 +151,9 @@ def run_method(names, procs_per_host, method, args, workdir):
                f"--nnodes={len(names)}", f"--nproc-per-node={procs_per_host}", f"--node-rank={i}",
                f"--master-addr={SUBNET}.1", f"--master-port={PORT}", str(Path(__file__).resolve()),
                "--worker", "--method", method, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--width", str(args.width), "--depth", str(args.depth), "--out-json", str(out_json)]
+               "--width", str(args.width), "--depth", str(args.depth), "--model", args.model,
+               *(["--profile"] if args.profile else []),
+               "--out-json", str(out_json)]
         # A session of its own: on a timeout the whole tree (torchrun and its ranks) is killed.
         cmds.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True))
@@ -158,6 +168,8 @@ def run_method(names, procs_per_host, method, args, workdir):
             raise RuntimeError(f"{method}: torchrun did not finish within {args.run_timeout} s")
     if any(p.returncode for p in cmds) or not out_json.exists():
         raise RuntimeError(f"{method} failed:\n" + "\n".join(log[-3000:] for log in logs))
+    if args.profile:
+        print(logs[0][-6000:], flush=True)
     return json.loads(out_json.read_text())
 
 
@@ -187,41 +199,57 @@ def worker(args):
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.manual_seed(0)
-    layers = []
-    for _ in range(args.depth):
-        layers += [torch.nn.Linear(args.width, args.width), torch.nn.ReLU()]
-    model = torch.nn.Sequential(*layers, torch.nn.Linear(args.width, args.width))
-    teacher = torch.randn(args.width, args.width) / args.width ** 0.5
+    model, batch = build_model(args.model, args.width, args.depth)
     # torch's pertensor and PowerSGD hooks wait() inside their callbacks, which run on
     # Gloo's worker threads: with several buckets in flight they can deadlock, so
     # they get one bucket (no overlap for them; their bytes are the same).
-    ddp = DDP(model, bucket_cap_mb=4 if args.method not in ("pertensor", "powersgd") else 1000)
-    state = None
-    if args.method == "fp16":
+    state = fsdp_state = None
+    if args.method.startswith("fsdp2"):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from deepseek_ext.distributed import enable_int8_reduce_scatter
+
+        mesh = init_device_mesh("cpu", (world,))
+        for m in model[:-1]:  # one unit per layer, then the root (the head)
+            if any(True for _ in m.parameters()):
+                fully_shard(m, mesh=mesh)
+        ddp = fully_shard(model, mesh=mesh)
+        if args.method in ("fsdp2_int8", "fsdp2_int8ag"):
+            fsdp_state = enable_int8_reduce_scatter(ddp, int8_all_gather=args.method == "fsdp2_int8ag")
+    else:
+        ddp = DDP(model, bucket_cap_mb=4 if args.method not in ("pertensor", "powersgd") else 1000)
+    if args.method.startswith("fsdp2"):
+        pass
+    elif args.method == "fp16":
         ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
     elif args.method == "pertensor":
         ddp.register_comm_hook(None, pertensor_hook)
     elif args.method == "powersgd":
         ps = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=2)
         ddp.register_comm_hook(ps, powerSGD_hook.powerSGD_hook)
-    elif args.method in ("int8", "int8_hier"):
-        state = Int8CompressionState(hierarchical=args.method == "int8_hier", record_timeline=True)
+    elif args.method in ("int8", "int8_hier", "int8_always"):
+        state = Int8CompressionState(hierarchical=args.method == "int8_hier", record_timeline=True,
+                                     policy="always" if args.method == "int8_always" else "auto")
         if args.method == "int8_hier" and not state.hierarchical:
             raise SystemExit("int8_hier needs several ranks per host")
         ddp.register_comm_hook(state, int8_compress_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.02, momentum=0.9)
     losses, marks = [], []
 
+    step_times = []
+
     def step(i):
-        g = torch.Generator().manual_seed(1000 * i + rank)
-        x = torch.randn(16, args.width, generator=g)
-        loss = torch.nn.functional.mse_loss(ddp(x), x @ teacher)
+        t_start = time.perf_counter()
+        x, target = batch(torch.Generator().manual_seed(1000 * i + rank))
+        loss = torch.nn.functional.mse_loss(ddp(x), target)
         t_bwd = time.perf_counter()
         loss.backward()
         marks.append((t_bwd, time.perf_counter()))
         opt.step()
         opt.zero_grad()
         losses.append(loss.detach())
+        step_times.append(time.perf_counter() - t_start)
 
     for i in range(args.warmup):
         step(i)
@@ -231,6 +259,8 @@ def worker(args):
     if state:
         state.timeline.clear()
     marks.clear()
+    step_times.clear()
+    fsdp0 = fsdp_state.stats()["bytes_sent"] if fsdp_state else 0
     t0 = time.perf_counter()
     for i in range(args.warmup, args.warmup + args.steps):
         step(i)
@@ -240,13 +270,25 @@ def worker(args):
     n = sum(p.numel() for p in model.parameters())
     mine = {
         "host_tx": (tx1 - tx0) if local_rank == 0 else 0,
-        "counted": (state.stats()["bytes_sent"] - sent0) if state else None,
+        "counted": ((state.stats()["bytes_sent"] - sent0) if state else
+                    (fsdp_state.stats()["bytes_sent"] - fsdp0) if fsdp_state else None),
+        "step_times": step_times,
+        "decisions": (sorted(set(state.stats()["decisions"].values())) if state else
+                      sorted(set(fsdp_state.stats()["decisions"].values())) if fsdp_state else None),
         "counted_inter": None,
         "elapsed": elapsed,
         "overlap": overlap_summary(state.timeline, marks) if state else None,
     }
     if state:
         mine["counted_inter"] = state.stats()["bytes_sent_inter_node"]
+    if args.profile and state and rank == 0:
+        last = max(it for _, _, _, it in state.timeline)
+        t_bwd = marks[-1][0]
+        print("timeline of the last step (ms from backward start):")
+        for t, ev, idx, it in state.timeline:
+            if it == last:
+                print(f"  {(t - t_bwd) * 1e3:9.1f}  bucket {idx}  {ev}")
+        print(f"  backward end {(marks[-1][1] - t_bwd) * 1e3:.1f}")
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
     final = torch.stack(losses[-3:]).mean()
@@ -256,16 +298,55 @@ def worker(args):
         res = {
             "method": args.method, "world": world, "hosts": hosts, "params": n, "steps": args.steps,
             "step_s": max(e["elapsed"] for e in everyone) / args.steps,
+            # rank 0's timed steps, each from its forward to the end of its optimizer step
+            "step_min_s": min(everyone[0]["step_times"]), "step_max_s": max(everyone[0]["step_times"]),
+            "decisions": everyone[0]["decisions"],
             "wire_bytes_per_host_step": sum(e["host_tx"] for e in everyone) / hosts / args.steps,
             "fp32_ring_bytes_per_rank_step": 2 * n * (world - 1) / world * 4,
             "counted_bytes_per_rank_step": (sum(e["counted"] for e in everyone) / world / args.steps
-                                            if state else None),
+                                            if state or fsdp_state else None),
             "final_loss": final.item() / world,
             "overlap": everyone[0]["overlap"],
             "worker_s": time.perf_counter() - t_import,
         }
         Path(args.out_json).write_text(json.dumps(res))
     dist.destroy_process_group()
+
+
+def build_model(kind, width, depth):
+    """(model, batch(generator) -> (input, target)) of a benchmark model shape.
+
+    mlp: depth + 1 x Linear(width, width), many mid-sized buckets.
+    embedding: the shape of a language model's vocabulary layers, one large
+    bucket: Embedding(65536, 512) (134 MB of fp32 gradient, dense) and a
+    Linear(512, 64) head; 16 x 64 tokens per rank, regressed onto a fixed
+    random function of the token."""
+    import torch
+
+    if kind == "mlp":
+        layers = []
+        for _ in range(depth):
+            layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
+        model = torch.nn.Sequential(*layers, torch.nn.Linear(width, width))
+        teacher = torch.randn(width, width) / width ** 0.5
+
+        def batch(g):
+            x = torch.randn(16, width, generator=g)
+            return x, x @ teacher
+        return model, batch
+    if kind == "embedding":
+        vocab, dim, out = EMBEDDING_SHAPE
+        model = torch.nn.Sequential(torch.nn.Embedding(vocab, dim), torch.nn.Linear(dim, out))
+        teacher = torch.randn(vocab, out)
+
+        def batch(g):
+            tokens = torch.randint(0, vocab, (16, 64), generator=g)
+            return tokens, teacher[tokens]
+        return model, batch
+    raise ValueError(f"model must be 'mlp' or 'embedding', got {kind!r}")
+
+
+EMBEDDING_SHAPE = (65536, 512, 64)  # vocabulary, embedding width, head outputs
 
 
 def pertensor_hook(process_group, bucket):
@@ -337,13 +418,24 @@ def overlap_summary(timeline, marks):
 # ---------------------------------------------------------------- orchestration
 
 
-CONFIGS = [  # (hosts, ranks per host, rate, methods)
-    (2, 1, "1gbit", ["allreduce", "fp16", "pertensor", "powersgd", "int8"]),
-    (2, 1, "10gbit", ["allreduce", "int8"]),
-    (4, 1, "1gbit", ["allreduce", "fp16", "pertensor", "powersgd", "int8"]),
-    (2, 2, "1gbit", ["allreduce", "int8", "int8_hier"]),
+EMB_METHODS = ["allreduce", "fp16", "powersgd", "int8", "int8_always"]
+CONFIGS = [  # (model, hosts, ranks per host, rate, methods)
+    ("embedding", 2, 1, "100mbit", ["allreduce", "fp16", "powersgd", "int8"]),
+    ("embedding", 2, 1, "1gbit", EMB_METHODS),
+    ("embedding", 2, 1, "10gbit", EMB_METHODS),
+    ("mlp", 2, 1, "100mbit", ["allreduce", "fp16", "powersgd", "int8", "fsdp2", "fsdp2_int8", "fsdp2_int8ag"]),
+    ("mlp", 2, 1, "10gbit", ["allreduce", "int8", "int8_always", "fsdp2", "fsdp2_int8", "fsdp2_int8ag"]),
 ]
-WORLD8 = (8, 1, "none", ["allreduce", "int8"])  # --world8: bytes at 8 ranks (16 Python processes: slow on 2 cores)
+# --world8: bytes at 8 ranks (16 Python processes: slow on 2 cores)
+WORLD8 = ("mlp", 8, 1, "none", ["allreduce", "int8", "fsdp2", "fsdp2_int8", "fsdp2_int8ag"])
+# --more: the earlier sweep of the mlp shape (4 hosts; 2 ranks per host, hierarchical)
+MORE = [("mlp", 4, 1, "1gbit", ["allreduce", "fp16", "pertensor", "powersgd", "int8"]),
+        ("mlp", 2, 2, "1gbit", ["allreduce", "int8", "int8_hier"])]
+
+
+def baseline_of(method: str) -> str:
+    """The row a method is compared with: plain FSDP2 for the FSDP2 rows, DDP's allreduce otherwise."""
+    return "fsdp2" if method.startswith("fsdp2") else "allreduce"
 
 
 def main(argv=None):
@@ -355,12 +447,17 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--model", default="mlp", choices=["mlp", "embedding"], help="the worker's model, or --quick's")
+    p.add_argument("--profile", action="store_true", help="print rank 0's hook timeline of the last step")
     p.add_argument("--run-timeout", type=int, default=150)
-    p.add_argument("--quick", action="store_true", help="only 2 hosts at 1 Gbit/s, allreduce and int8")
+    p.add_argument("--quick", action="store_true", help="only 2 hosts at 1 Gbit/s, allreduce and int8 (--model's shape)")
+    p.add_argument("--more", action="store_true", help="also 4 hosts, and 2 hosts x 2 ranks (hierarchical)")
     p.add_argument("--world8", action="store_true", help="also 8 hosts (no rate limit, smaller model): bytes")
     p.add_argument("--world8-only", action="store_true", help="only the 8-host bytes run")
     p.add_argument("--rate", default=None, help="one rate for every configuration (e.g. 100mbit) instead of "
                    "the default 1gbit / 10gbit sweep")
+    p.add_argument("--methods", default=None, help="comma-separated methods for every configuration "
+                   "(e.g. allreduce,int8) instead of each configuration's own")
     p.add_argument("--out", default=None, help="results file or folder for an ad-hoc run "
                    "(default benchmarks/results/comm_cpu.md)")
     args = p.parse_args(argv)
@@ -373,35 +470,41 @@ def main(argv=None):
 
     from benchmarks.common import header, markdown_table, write_results
 
-    configs = [(2, 1, "1gbit", ["allreduce", "int8"])] if args.quick else CONFIGS + ([WORLD8] if args.world8 else [])
+    configs = ([(args.model, 2, 1, "1gbit", ["allreduce", "int8"])] if args.quick else
+               CONFIGS + (MORE if args.more else []) + ([WORLD8] if args.world8 else []))
     if args.world8_only:
         configs = [WORLD8]
-        args.width, args.steps = 512, 3  # what the bytes-only 8-rank run uses (the header says so)
     if args.rate:
-        seen, configs = set(), [(h, L, args.rate if r != "none" else r, m) for h, L, r, m in configs]
-        configs = [c for c in configs if (c[0], c[1], c[2]) not in seen and not seen.add((c[0], c[1], c[2]))]
+        seen, configs = set(), [(md, h, L, args.rate if r != "none" else r, m) for md, h, L, r, m in configs]
+        configs = [c for c in configs if c[:4] not in seen and not seen.add(c[:4])]
+    if args.methods:
+        configs = [(md, h, L, r, args.methods.split(",")) for md, h, L, r, _ in configs]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench_comm.py: terminated"))  # run the cleanup
     results, failed = [], []
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory() as workdir:
         try:
-            for hosts, per_host, rate, methods in configs:
+            for model, hosts, per_host, rate, methods in configs:
                 names = setup(hosts, rate)
                 for method in methods:
-                    small = hosts * per_host >= 8  # bytes-only run: a smaller model keeps 8 ranks on 2 cores short
                     run_args = argparse.Namespace(**vars(args))
+                    run_args.model = model
+                    small = hosts * per_host >= 8  # bytes-only run: a smaller model keeps 8 ranks on 2 cores short
                     if small:
                         run_args.width, run_args.steps = 512, 3
+                    elif model == "embedding" and rate == "100mbit":
+                        run_args.steps = min(args.steps, 4)  # ~12 s per allreduce step
                     t_run = time.monotonic()
                     try:
                         r = run_method(names, per_host, method, run_args, workdir)
                     except RuntimeError as e:  # one method failing must not lose the others
-                        print(f"{hosts}x{per_host} {rate} {method}: FAILED: {str(e)[-1500:]}", flush=True)
-                        failed.append(f"{hosts}x{per_host} {rate} {method}: {str(e).splitlines()[0]}")
+                        print(f"{model} {hosts}x{per_host} {rate} {method}: FAILED: {str(e)[-1500:]}", flush=True)
+                        failed.append(f"{model} {hosts}x{per_host} {rate} {method}: {str(e).splitlines()[0]}")
                         continue
-                    r.update(rate=rate, per_host=per_host, run_s=time.monotonic() - t_run)
+                    r.update(rate=rate, per_host=per_host, model=model, run_s=time.monotonic() - t_run)
                     results.append(r)
-                    print(f"{hosts}x{per_host} {rate:>6} {method:>10}: {r['step_s'] * 1e3:8.1f} ms/step, "
+                    print(f"{model} {hosts}x{per_host} {rate:>6} {method:>10}: {r['step_s'] * 1e3:8.1f} ms/step "
+                          f"({r['step_min_s'] * 1e3:.0f}-{r['step_max_s'] * 1e3:.0f}), "
                           f"{r['wire_bytes_per_host_step'] / 1e6:7.2f} MB/host/step, loss {r['final_loss']:.5f} "
                           f"(run {r['run_s']:.0f} s, worker {r['worker_s']:.0f} s)",
                           flush=True)
@@ -409,36 +512,57 @@ def main(argv=None):
         finally:
             stop(LIVE)
             teardown()
-    text = header("DDP gradient sync over network namespaces (Gloo, torchrun multi-node)", "cpu")
-    text += (f"- model: {args.depth + 1} x Linear({args.width}, {args.width}) "
-             f"({results[0]['params'] / 1e6:.1f} M params, {results[0]['params'] * 4 / 1e6:.0f} MB of fp32 "
-             f"gradients), batch 16 per rank, SGD (momentum 0.9), DDP bucket_cap_mb=4 (pertensor and powersgd: one bucket, see the module docstring)\n"
-             f"- {args.warmup} warm-up steps, then {args.steps} timed steps; hosts = network namespaces, "
-             "tc tbf on every host link both ways; all ranks share this machine's CPU cores\n"
+    vocab, dim, out = EMBEDDING_SHAPE
+    text = header("Gradient sync over network namespaces (Gloo, torchrun multi-node): DDP hooks and FSDP2", "cpu")
+    text += (f"- model mlp: {args.depth + 1} x Linear({args.width}, {args.width}) "
+             f"({(args.depth + 1) * (args.width + 1) * args.width / 1e6:.1f} M params), batch 16 per rank, "
+             "DDP bucket_cap_mb=4: seven 4 MB buckets\n"
+             f"- model embedding: Embedding({vocab}, {dim}) + Linear({dim}, {out}) "
+             f"({(vocab * dim + dim * out + out) / 1e6:.1f} M params, one {vocab * dim * 4 / 1e6:.0f} MB bucket), "
+             "16 x 64 tokens per rank\n"
+             "- SGD (momentum 0.9); pertensor and powersgd: one bucket (see the module docstring); FSDP2: "
+             "fully_shard per layer, then the root, reshard_after_forward=True, fp32 all-gather of parameters\n"
+             f"- {args.warmup} warm-up steps, then {args.steps} timed steps (embedding at 100mbit: "
+             f"{min(args.steps, 4)}); ms/step = mean over the timed steps of the slowest rank; steps = rank 0's "
+             "fastest and slowest timed step (the run-to-run noise of this shared machine: other jobs ran beside it)\n"
+             "- hosts = network namespaces, tc tbf on every host link both ways; all ranks share this machine's "
+             "CPU cores, 1 torch thread per rank\n"
              f"- total benchmark time: {time.monotonic() - t_start:.0f} s\n\n")
     rows = []
-    for hosts, per_host, rate, _ in configs:
-        group = [r for r in results if r["hosts"] == hosts and r["per_host"] == per_host and r["rate"] == rate]
-        base = next(r for r in group if r["method"] == "allreduce")
+    for model, hosts, per_host, rate, _ in configs:
+        group = [r for r in results if r["model"] == model and r["hosts"] == hosts and r["per_host"] == per_host
+                 and r["rate"] == rate]
         for r in group:
+            base = next((b for b in group if b["method"] == baseline_of(r["method"])), None)
             counted = r["counted_bytes_per_rank_step"]
+            fsdp = r["method"].startswith("fsdp2")
+            # FSDP2: counted = the int8 reduce-scatter, over an fp32 reduce-scatter (N (p-1) / p x 4).
+            ref_bytes = r["fp32_ring_bytes_per_rank_step"] / (2 if fsdp else 1)
             ov = r["overlap"]["median_step"] if r["overlap"] else None
             rows.append([
-                f"{hosts}x{per_host}", rate, r["method"], f"{r['step_s'] * 1e3:.0f}",
-                f"{r['step_s'] / base['step_s']:.2f}",
+                model, f"{hosts}x{per_host}", rate, r["method"], f"{r['step_s'] * 1e3:.0f}",
+                f"{r['step_min_s'] * 1e3:.0f}-{r['step_max_s'] * 1e3:.0f}",
+                f"{r['step_s'] / base['step_s']:.2f}" if base else "",
                 f"{r['wire_bytes_per_host_step'] / 1e6:.2f}",
-                f"{r['wire_bytes_per_host_step'] / base['wire_bytes_per_host_step']:.3f}",
-                f"{counted / r['fp32_ring_bytes_per_rank_step']:.3f}" if counted else "",
-                f"{r['final_loss']:.5f}", f"{(r['final_loss'] / base['final_loss'] - 1) * 100:+.2f}%",
+                f"{r['wire_bytes_per_host_step'] / base['wire_bytes_per_host_step']:.3f}" if base else "",
+                f"{counted / ref_bytes:.3f}" if counted else "",
+                "/".join(r["decisions"]) if r.get("decisions") else "",
+                f"{r['final_loss']:.5f}",
+                f"{(r['final_loss'] / base['final_loss'] - 1) * 100:+.2f}%" if base else "",
                 (f"{ov['sent_before_last_hook']}/{ov['buckets']} sent, {ov['done_before_last_hook']} done "
                  f"before last bucket ({ov['last_hook_ms']:.0f} of {ov['backward_ms']:.0f} ms)") if ov else "",
             ])
     text += markdown_table(
-        ["hosts x ranks", "rate", "method", "ms/step", "x allreduce", "wire MB/host/step", "wire x allreduce",
-         "counted x fp32 ring", "final loss", "loss vs allreduce", "overlap (ours, median step)"], rows)
-    text += ("\nwire = eth0 tx bytes of each host namespace (TCP/IP headers included), per step, averaged over "
-             "hosts. counted = bytes our hook's stats() says this rank sent, over 2N(p-1)/p x 4. "
-             "overlap: of the buckets of one backward, how many had their all_to_all completed (sent) / were fully "
+        ["model", "hosts x ranks", "rate", "method", "ms/step", "steps (ms)", "x baseline", "wire MB/host/step",
+         "wire x baseline", "counted x fp32", "policy", "final loss", "loss vs baseline",
+         "overlap (ours, median step)"], rows)
+    text += ("\nbaseline: DDP's allreduce; for the fsdp2 rows, plain FSDP2. wire = eth0 tx bytes of each host "
+             "namespace (TCP/IP headers included), per step, averaged over hosts. counted = bytes our stats() say "
+             "this rank sent, over 2N(p-1)/p x 4 (an fp32 ring allreduce); fsdp2_int8: the reduce-scatter only, "
+             "over N(p-1)/p x 4 (parameters are still all-gathered in fp32; fsdp2_int8ag gathers them as int8, "
+             "not counted here: the wire column shows it). policy: what the \"auto\" policy "
+             "chose for the buckets (int8_always: the hook with policy=\"always\", no choice). overlap: of the "
+             "buckets of one backward, how many had their first chunk's all_to_all completed (sent) / were fully "
              "averaged (done) before backward handed over its last bucket.\n")
     if failed:
         text += "\nFailed runs (not in the table):\n" + "".join(f"- {f}\n" for f in failed)

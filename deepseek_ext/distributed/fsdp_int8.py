@@ -21,6 +21,8 @@ model with one :class:`Int8ReduceScatterState`, which holds the residuals
 (keyed by the qualified names of each unit's parameters), the counters and
 the policy (the same cost model as the DDP hook: a unit whose int8 all-to-all
 is not predicted faster goes through the plain reduce-scatter).
+``int8_all_gather=True`` also installs :class:`Int8AllGather` (ZeRO++'s
+quantised parameter all-gather) on every unit.
 """
 
 from __future__ import annotations
@@ -30,14 +32,14 @@ from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
 from deepseek_ext import ops
 from deepseek_ext.distributed._packed import Packed, round_up
 from deepseek_ext.distributed._pipeline import SUPPORTED_BACKENDS
 from deepseek_ext.distributed._policy import calibrate, check_policy, compress_wins
 
-__all__ = ["Int8ReduceScatterState", "Int8ReduceScatter", "enable_int8_reduce_scatter"]
+__all__ = ["Int8ReduceScatterState", "Int8ReduceScatter", "Int8AllGather", "enable_int8_reduce_scatter"]
 
 _MAX_BLOCK_SIZE = 4096
 _STATE_DICT_VERSION = 1
@@ -82,7 +84,8 @@ class Int8ReduceScatterState:
         self.layout_resets = 0
         self._lock = threading.Lock()
         self._counters = {"calls": 0, "compressed_calls": 0, "plain_calls": 0, "policy_plain_calls": 0,
-                          "bytes_sent": 0, "bytes_fp32_equivalent": 0}
+                          "bytes_sent": 0, "bytes_fp32_equivalent": 0,
+                          "ag_calls": 0, "ag_compressed_calls": 0, "ag_bytes_sent": 0, "ag_bytes_fp32_equivalent": 0}
 
     def _count(self, **deltas) -> None:
         with self._lock:
@@ -95,7 +98,11 @@ class Int8ReduceScatterState:
         ``policy_plain_calls`` (those the policy sent plain), ``bytes_sent``
         (by this rank), ``bytes_fp32_equivalent`` (an fp32 reduce-scatter of
         the same inputs), ``compression_ratio`` (their quotient),
-        ``calibration`` and ``decisions`` (unit key -> ``"int8"`` or ``"plain"``)."""
+        ``calibration`` and ``decisions`` (unit key -> ``"int8"`` or ``"plain"``;
+        ``<key>:all_gather`` for the parameter all-gathers). With
+        ``int8_all_gather``: ``ag_calls``, ``ag_compressed_calls``,
+        ``ag_bytes_sent`` and ``ag_bytes_fp32_equivalent`` count the
+        parameter all-gathers the same way."""
         with self._lock:
             out = dict(self._counters)
         out["compression_ratio"] = out["bytes_fp32_equivalent"] / out["bytes_sent"] if out["bytes_sent"] else 1.0
@@ -124,7 +131,7 @@ class Int8ReduceScatterState:
         self.calibration = None if cal is None else dict(cal)
         with self._lock:
             for k in self._counters:
-                self._counters[k] = state_dict["counters"][k]
+                self._counters[k] = state_dict["counters"].get(k, 0)
         self.residuals = {k: t.clone() for k, t in state_dict["residuals"].items()}
 
     def _residual(self, key: str, numel: int, device) -> torch.Tensor:
@@ -209,13 +216,70 @@ class Int8ReduceScatter(ReduceScatter):
         return None
 
 
+class Int8AllGather(AllGather):
+    """torch's FSDP2 ``AllGather`` interface, sent as blockwise int8 (ZeRO++'s
+    quantised weights): each rank quantises its shard of the parameters
+    (round to nearest, no error feedback: the sharded fp32 parameters the
+    optimizer updates stay exact), all-gathers int8 values and scales, and
+    every rank dequantises all of them, its own shard included, so that every
+    rank computes with the same unsharded parameters. Inputs that are not
+    float32, float16 or bfloat16 (FSDP gathers mixed dtypes as bytes) and
+    small or not-worth-it ones (the state's policy) use the plain all-gather.
+    It runs to completion before returning (``async_op`` is honoured only on
+    the plain path)."""
+
+    def __init__(self, state: Int8ReduceScatterState, key: str):
+        self.state, self.key = state, key
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
+                 async_op: bool = False):
+        st, p, bs = self.state, group.size(), self.state.block_size
+        n = input_tensor.numel()
+        if output_tensor.numel() != p * n:
+            raise ValueError(f"Int8AllGather: output_tensor must have world size ({p}) x input_tensor's {n} "
+                             f"elements, got {output_tensor.numel()}")
+        npad = round_up(n, bs)
+        int8_bytes = (p - 1) * (npad + 4 * (npad // bs))
+        plain_bytes = (p - 1) * n * input_tensor.element_size()
+        compress = (p > 1 and p * n >= st.min_compress_numel
+                    and input_tensor.dtype in (torch.float32, torch.float16, torch.bfloat16))
+        if compress and st.policy == "auto":
+            if st.calibration is None:
+                st.calibration = calibrate(group, input_tensor.device, bs, 1 << 22, st.link_bandwidth)
+            compress = compress_wins(st.calibration, p * n, plain_bytes, 1, int8_bytes, 1)
+            st.decisions[self.key + ":all_gather"] = "int8" if compress else "plain"
+        if not compress:
+            st._count(ag_calls=1, ag_bytes_sent=plain_bytes, ag_bytes_fp32_equivalent=(p - 1) * n * 4)
+            return dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
+        x = input_tensor.reshape(-1)
+        if npad != n:
+            x = torch.cat([x, x.new_zeros(npad - n)])
+        q, s = ops.quantize_int8(x, bs, False, 0, 0)
+        send = Packed(1, npad, bs, x.device)
+        send.fill(q, s)
+        out = Packed(p, npad, bs, x.device)
+        # FSDP's input is a view into output_tensor (this rank's slice): quantised
+        # above, before the output is written.
+        dist.all_gather_into_tensor(out.buf.view(-1), send.buf.view(-1), group=group)
+        full = ops.dequantize_int8(out.q.reshape(-1), out.scales.reshape(-1), bs, output_tensor.dtype, p * npad)
+        output_tensor.view(p, n).copy_(full.view(p, npad)[:, :n])
+        st._count(ag_calls=1, ag_compressed_calls=1, ag_bytes_sent=int8_bytes,
+                  ag_bytes_fp32_equivalent=(p - 1) * n * 4)
+        return None
+
+
 def enable_int8_reduce_scatter(model: torch.nn.Module, state: Optional[Int8ReduceScatterState] = None,
-                               **state_kwargs) -> Int8ReduceScatterState:
+                               int8_all_gather: bool = False, **state_kwargs) -> Int8ReduceScatterState:
     """Installs an :class:`Int8ReduceScatter` on every ``FSDPModule`` of ``model``
     (after ``fully_shard``), all sharing ``state`` (default: a new
     :class:`Int8ReduceScatterState` built from ``state_kwargs``); returns the
     state. Each unit's residual is keyed by the qualified names of its
-    parameters in ``model``, so a restarted run finds its residuals again."""
+    parameters in ``model``, so a restarted run finds its residuals again.
+    ``int8_all_gather=True`` also gathers the parameters as int8
+    (:class:`Int8AllGather`; the optimizer's sharded parameters stay exact)."""
     from torch.distributed.fsdp import FSDPModule
 
     if state is None:
@@ -234,7 +298,10 @@ def enable_int8_reduce_scatter(model: torch.nn.Module, state: Optional[Int8Reduc
         for fp in group.fsdp_params:
             owner = names.get(id(fp._module_info.module))
             params.append(fp._module_info.param_name if not owner else f"{owner}.{fp._module_info.param_name}")
-        module.set_custom_reduce_scatter(Int8ReduceScatter(state, ",".join(params), module))
+        key = ",".join(params)
+        module.set_custom_reduce_scatter(Int8ReduceScatter(state, key, module))
+        if int8_all_gather:
+            module.set_custom_all_gather(Int8AllGather(state, key))
         installed += 1
     if not installed:
         raise ValueError(f"model ({type(model).__name__}) has no FSDPModule with parameters: "
