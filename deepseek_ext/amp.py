@@ -325,7 +325,14 @@ class DynamicLossScaler(torch.amp.GradScaler):
         if not self._pre_unscaled:
             return set()
         ids = set(self._pre_unscaled)
-        ids.update(id(s) for u, s in _fsdp2_unsharded_to_sharded().items() if u in self._pre_unscaled)
+        mapping = _fsdp2_unsharded_to_sharded()
+        ids.update(id(mapping[u]) for u in self._pre_unscaled if u in mapping)
+        if not mapping and any(_is_dtensor(p) for g in optimizer.param_groups for p in g["params"]):
+            # FSDP2 parameters, but its registry could not be read (another torch
+            # version): the sharded gradients would be unscaled a second time.
+            raise RuntimeError("deepseek_ext.nn.Linear produced unscaled gradients for parameters the scaler cannot "
+                               "match to the optimizer's FSDP2 (DTensor) parameters with this torch version; use "
+                               "torch.nn.Linear in FSDP2-sharded models")
         return ids
 
     def _check_grads(self, optimizer: torch.optim.Optimizer, inv_scale: torch.Tensor) -> None:
