@@ -105,3 +105,52 @@ def test_inf_on_one_rank_skips_the_step_on_every_rank(linear_name, fused):
             # deepseek_ext.nn.Linear's weight gradients come unscaled from its
             # GEMM: unscaling them again would leave them 2**-10 too small.
             torch.testing.assert_close(r["params"][name], p.detach(), atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _int8_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import deepseek_ext.distributed as dd
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    dd.enable_int8_reduce_scatter(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = DynamicLossScaler("cpu", init_scale=2.0**10, growth_interval=3)
+    gen = torch.Generator().manual_seed(rank)
+    finite_after_skip = []
+    for step in range(STEPS):
+        x = torch.randn(8, 64, generator=gen)
+        if step in PLANT_ON_RANK0 and rank == 0:
+            x[0, 0] = float("inf")  # only rank 0's gradient is non-finite before the int8 reduce-scatter
+        scaler.scale(model(x).pow(2).mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        finite_after_skip.append(all(bool(torch.isfinite(p.to_local()).all()) for p in model.parameters()))
+    torch.save({"skipped": int(scaler.skipped_steps), "scale": scaler.get_scale(), "finite": finite_after_skip},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_inf_on_one_rank_through_the_int8_reduce_scatter_skips_everywhere():
+    # The int8 reduce-scatter (quantize with error feedback, all-to-all, dequantize)
+    # must carry the non-finite value to every shard, and must not keep it in its
+    # residual: the steps after the skipped one train normally.
+    with tempfile.TemporaryDirectory() as tmp:
+        run_ranks(_int8_worker, tmp, world=2, timeout=180)
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    for r in ranks:
+        assert r["skipped"] == len(PLANT_ON_RANK0) and all(r["finite"])
+    assert ranks[0]["scale"] == ranks[1]["scale"]
