@@ -13,9 +13,16 @@ import re
 
 import torch
 
-SUPPORTED_TORCH = ((2, 11),)  # minor versions this source tree builds against
+# Minor versions this source tree builds against (setup.py reads this line; pyproject.toml's
+# torch range says the same). The compiled library uses torch's C++ ABI, which changes
+# between minor versions: it runs only under the minor version it was built against.
+SUPPORTED_TORCH = ((2, 11), (2, 12), (2, 13), (2, 14), (2, 15))
 
 _BUILD_HINT = "run `make build` (or `pip install --no-build-isolation -e .`) in the source tree"
+_REBUILD_HINT = (
+    "rebuild it against the installed torch: `pip install --no-build-isolation --no-deps --force-reinstall .` "
+    "in the source tree (`make build` for a development checkout), or reinstall deepseek_ext from source"
+)
 
 _lib = None  # the loaded deepseek_ext._C module
 _error = None  # why it could not be loaded (an ImportError), once tried
@@ -31,6 +38,11 @@ def _minor(version: str):
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+def _supported_range():
+    lo, hi = SUPPORTED_TORCH[0], SUPPORTED_TORCH[-1]
+    return f"{lo[0]}.{lo[1]} to {hi[0]}.{hi[1]}"
+
+
 def load_library():
     """Checks the build against this torch and CPU, then imports deepseek_ext._C
     (which registers the ops). Raises ImportError saying what to do."""
@@ -42,15 +54,17 @@ def load_library():
     built = _build_config.TORCH_VERSION
     if _minor(installed) not in SUPPORTED_TORCH:
         raise ImportError(
-            f"deepseek_ext supports torch {', '.join('%d.%d' % v for v in SUPPORTED_TORCH)}.x, "
-            f"but torch {installed} is installed"
+            f"deepseek_ext supports torch {_supported_range()}, but torch {installed} is installed"
         )
-    if _minor(installed) != _minor(built) or (torch.version.cuda is None) != (
-        _build_config.TORCH_CUDA_VERSION is None
-    ):
+    if _minor(installed) != _minor(built):
         raise ImportError(
-            f"deepseek_ext was built against torch {built} but torch {installed} is installed; "
-            "rebuild it with `pip install --no-build-isolation --force-reinstall .`"
+            f"deepseek_ext was built against torch {built} but torch {installed} is installed "
+            f"(the library runs only under the torch minor version it was built against); {_REBUILD_HINT}"
+        )
+    if (torch.version.cuda is None) != (_build_config.TORCH_CUDA_VERSION is None):
+        raise ImportError(
+            f"deepseek_ext was built against torch {built} with CUDA {_build_config.TORCH_CUDA_VERSION} "
+            f"but the installed torch {installed} has CUDA {torch.version.cuda}; {_REBUILD_HINT}"
         )
     if getattr(_build_config, "CPU_ISA", "generic") == "avx2":
         missing = _missing_cpu_flags(("avx2", "fma", "f16c"))

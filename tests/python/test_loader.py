@@ -10,16 +10,38 @@ def test_build_config_matches_the_running_torch():
     assert _loader._minor(_build_config.TORCH_VERSION) == _loader._minor(torch.__version__)
 
 
+def test_supported_torch_is_one_contiguous_range():
+    minors = [m for _, m in _loader.SUPPORTED_TORCH]
+    assert {major for major, _ in _loader.SUPPORTED_TORCH} == {2}
+    assert minors == list(range(minors[0], minors[-1] + 1))
+    assert _loader._minor(torch.__version__) in _loader.SUPPORTED_TORCH
+
+
 def test_unsupported_torch_is_refused(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.99.0+cu130")
-    with pytest.raises(ImportError, match=r"supports torch 2\.11\.x, but torch 2\.99\.0\+cu130 is installed"):
+    with pytest.raises(ImportError, match=r"supports torch 2\.11 to 2\.15, but torch 2\.99\.0\+cu130 is installed"):
         _loader.load_library()
 
 
+def _another_supported_minor():
+    built = _loader._minor(_build_config.TORCH_VERSION)
+    return next(v for v in _loader.SUPPORTED_TORCH if v != built)
+
+
 def test_torch_other_than_the_build_is_refused(monkeypatch):
-    monkeypatch.setattr(_loader, "SUPPORTED_TORCH", ((2, 11), (2, 12)))
-    monkeypatch.setattr(torch, "__version__", "2.12.0+cu130")
-    with pytest.raises(ImportError, match=r"was built against torch 2\.11.* but torch 2\.12\.0\+cu130 is installed"):
+    other = "%d.%d.0+cu130" % _another_supported_minor()
+    monkeypatch.setattr(torch, "__version__", other)
+    with pytest.raises(ImportError) as e:
+        _loader.load_library()
+    message = str(e.value)
+    assert f"was built against torch {_build_config.TORCH_VERSION} but torch {other} is installed" in message
+    assert "pip install --no-build-isolation --no-deps --force-reinstall ." in message
+    assert "make build" in message
+
+
+def test_cuda_and_cpu_torch_builds_are_told_apart(monkeypatch):
+    monkeypatch.setattr(_build_config, "TORCH_CUDA_VERSION", None if torch.version.cuda else "13.0")
+    with pytest.raises(ImportError, match=r"with CUDA .* but the installed torch .* has CUDA .*; rebuild it"):
         _loader.load_library()
 
 
