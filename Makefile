@@ -4,6 +4,7 @@
 #   make demo        the main job: train a small LM, baseline vs low-cost recipe (runs/demo-*,
 #                    benchmarks/results/demo_<device>.md)
 #   make test        build everything, run CTest (GoogleTest + C++ example) and pytest
+#   make test-newest pytest against the newest torch release, in its own venv and tree copy
 #   make build       the Python extension: pip install -e . (editable, incremental)
 #   make build-cpp   the C++ library with CMake, installed to build/install, + example
 #   make bench       every benchmark; tables go to benchmarks/results/
@@ -43,10 +44,10 @@ ifneq ($(BUILD_SWITCHES),$(strip $(shell cat $(BUILD_STAMP) 2>/dev/null)))
 REBUILD := FORCE
 endif
 
-.PHONY: FORCE help sysdeps deps build build-cpp test test-cpp test-python demo bench gpu-prep gpu-check install-check clean
+.PHONY: FORCE help sysdeps deps build build-cpp test test-cpp test-python test-newest demo bench gpu-prep gpu-check install-check clean
 
 help:
-	@sed -n '2,12p' Makefile
+	@sed -n '2,13p' Makefile
 
 sysdeps:
 	@bash tools/install_system_deps.sh
@@ -84,6 +85,25 @@ test-python: build
 	$(PY) -m pytest -q -rs tests/python
 
 test: test-cpp test-python
+
+# The Python suite against the newest torch release (NEWEST_TORCH), beside the
+# pinned one: its own venv (requirements.txt with that torch) and its own copy of
+# the tree under build/torch-newest, built there with CPU kernels only, so the
+# .venv build of this tree stays as it is. The copy is refreshed from the
+# checkout's files on every run (ninja and ccache make the rebuild incremental).
+# Its loader test imports this tree's library, built for the other torch, and
+# expects the mismatch error.
+NEWEST_TORCH ?= 2.15.0
+NEWEST_DIR := build/torch-newest
+test-newest:
+	@mkdir -p $(NEWEST_DIR)/src
+	git ls-files -z --cached --others --exclude-standard | \
+	  tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C $(NEWEST_DIR)/src
+	@sed 's/^torch==.*/torch==$(NEWEST_TORCH)/' requirements.txt > $(NEWEST_DIR)/requirements.txt
+	@cmp -s $(NEWEST_DIR)/requirements.txt $(NEWEST_DIR)/src/requirements.txt || \
+	  cp $(NEWEST_DIR)/requirements.txt $(NEWEST_DIR)/src/requirements.txt
+	DEEPSEEK_EXT_CPU_ONLY=1 DEEPSEEK_EXT_OTHER_BUILD=$(if $(wildcard deepseek_ext/_C*.so),$(CURDIR)) \
+	  $(MAKE) -C $(NEWEST_DIR)/src VENV=$(abspath $(NEWEST_DIR)/venv) test-python
 
 # The main job (python -m deepseek_ext.demo); DEMO_ARGS e.g. "--ablate" or "--device cuda".
 # Its table also goes to benchmarks/results/demo_<device class>.md (not for --smoke runs).

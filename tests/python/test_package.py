@@ -95,3 +95,56 @@ def test_library_built_for_another_torch_fails_at_import(tmp_path):
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=tmp_path,
                          env=python_env(root=str(tmp_path)), capture_output=True, text=True)
     assert out.returncode != 0 and "ImportError: deepseek_ext was built against torch 2.10.0" in out.stderr, out.stderr
+
+
+def test_pyproject_torch_range_is_the_loaders():
+    from deepseek_ext import _loader
+
+    deps = [d.replace(" ", "") for d in pyproject()["project"]["dependencies"] if d.startswith("torch")]
+    (lo_major, lo_minor), (hi_major, hi_minor) = _loader.SUPPORTED_TORCH[0], _loader.SUPPORTED_TORCH[-1]
+    assert deps == [f"torch>={lo_major}.{lo_minor},<{hi_major}.{hi_minor + 1}"]
+    # torch is not a static build requirement: the backend adds the installed one.
+    build_system = pyproject()["build-system"]
+    assert not [r for r in build_system["requires"] if r.startswith("torch")]
+    assert build_system["build-backend"] == "torch_matched_backend"
+
+
+def _backend():
+    sys.path.insert(0, os.path.join(ROOT, *pyproject()["build-system"]["backend-path"]))
+    try:
+        import torch_matched_backend
+    finally:
+        sys.path.pop(0)
+    return torch_matched_backend
+
+
+def test_isolated_build_pins_the_installed_torch():
+    from deepseek_ext import _loader
+
+    backend = _backend()
+    assert backend.supported_torch() == _loader.SUPPORTED_TORCH
+    assert backend.torch_requirement(("2.13.0", "/x/torch/__init__.py")) == "torch==2.13.0"
+    assert backend.torch_requirement(("2.15.0+cu132", "/x")) == "torch==2.15.0+cu132"
+    with pytest.raises(backend.TorchMismatch, match=r"has no torch\. Install torch 2\.11 to 2\.15 first.*"
+                       r"pip install --no-build-isolation \."):
+        backend.torch_requirement(None, python="/venv/bin/python")
+    with pytest.raises(backend.TorchMismatch, match=r"builds against torch 2\.11 to 2\.15, but the torch installed "
+                       r"where pip runs is 2\.10\.0 \(/x\)"):
+        backend.torch_requirement(("2.10.0", "/x"))
+
+
+def test_backend_finds_the_users_torch_through_pips_isolation(tmp_path):
+    # pip's isolated build runs the backend with the user's Python and a
+    # sitecustomize on PYTHONPATH that takes the user's site-packages off sys.path.
+    site = tmp_path / "isolation"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\nsys.path[:] = [p for p in sys.path if 'site-packages' not in p and 'dist-packages' not in p]\n")
+    isolated = dict(os.environ, PYTHONPATH=str(site), PYTHONNOUSERSITE="1")
+    hidden = subprocess.run([sys.executable, "-c", "import torch"], env=isolated, capture_output=True, text=True)
+    assert hidden.returncode != 0, "the stand-in isolation did not hide torch"
+    from importlib.metadata import version
+
+    found = _backend().user_torch(env=isolated)
+    assert found is not None and found[0] == version("torch")
+    assert os.path.samefile(found[1], torch.__file__)
