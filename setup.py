@@ -11,7 +11,7 @@ Environment switches:
     DEBUG=1                   -O0 -g host code, -G device code
     MAX_JOBS=N                parallel compile jobs (read by torch's BuildExtension)
 The source list is csrc/sources.txt, shared with CMakeLists.txt. The C++ standard
-(host and nvcc) is the one the installed torch's headers require.
+(host and nvcc) is the installed torch's (torch_cxx_standard).
 """
 import ast
 import importlib.util
@@ -41,15 +41,18 @@ def supported_torch():
     raise RuntimeError("deepseek_ext/_loader.py defines no SUPPORTED_TORCH")
 
 
-def torch_cxx_standard(include_dir):
-    """The C++ standard torch's headers require: ATen/ATen.h stops with #error
-    when __cplusplus is below it (201703L: C++17, 202002L: C++20).
-    cmake/TorchCxxStandard.cmake reads the same line."""
-    text = (Path(include_dir) / "ATen" / "ATen.h").read_text()
-    m = re.search(r"__cplusplus < (20\d\d)(\d\d)L", text)
-    if not m:
-        raise SystemExit(f"cannot tell which C++ standard torch needs: no __cplusplus check in {include_dir}/ATen/ATen.h")
-    return {"2017": 17, "2020": 20, "2023": 23}[m.group(1)]
+def torch_cxx_standard():
+    """The C++ standard of the installed torch: the one its CMake config declares
+    (TorchConfig.cmake's CXX_STANDARD or cxx_std_NN: 17 for torch 2.11, 20 from
+    2.12, as torch's BuildExtension uses), and at least the one ATen/ATen.h's
+    __cplusplus check requires. cmake/TorchCxxStandard.cmake applies the same rule."""
+    config = (Path(torch.utils.cmake_prefix_path) / "Torch" / "TorchConfig.cmake").read_text()
+    found = [int(n) for n in re.findall(r"(?:CXX_STANDARD |cxx_std_)(\d+)", config)]
+    aten = (Path(cpp_extension.include_paths()[0]) / "ATen" / "ATen.h").read_text()
+    found += [int(n) for n in re.findall(r"__cplusplus < 20(\d\d)\d\dL", aten)]
+    if not found:
+        raise SystemExit("cannot tell which C++ standard torch uses: neither TorchConfig.cmake nor ATen/ATen.h says")
+    return max(found)
 
 
 def library_sources():
@@ -93,7 +96,7 @@ if torch_minor not in supported:
         f"deepseek_ext builds against torch {supported[0][0]}.{supported[0][1]} to {supported[-1][0]}.{supported[-1][1]}, "
         f"but the torch that setup.py imports is {torch.__version__} ({torch.__file__})"
     )
-cxx_std = torch_cxx_standard(cpp_extension.include_paths()[0])
+cxx_std = torch_cxx_standard()
 
 cpu_only = os.environ.get("DEEPSEEK_EXT_CPU_ONLY", "0") == "1"
 debug = os.environ.get("DEBUG", "0") == "1"
@@ -160,7 +163,7 @@ ext = Extension(
 print(
     "deepseek_ext build configuration:\n"
     f"  torch            {torch.__version__} (CUDA {torch.version.cuda})\n"
-    f"  C++ standard     C++{cxx_std} (what torch's headers require; host and nvcc)\n"
+    f"  C++ standard     C++{cxx_std} (the installed torch's; host and nvcc)\n"
     f"  CUDA kernels     {'yes, nvcc ' + nvcc if with_cuda else 'no'}"
     f"{' (DEEPSEEK_EXT_CPU_ONLY=1)' if cpu_only else ''}\n"
     f"  arch list        {os.environ.get('TORCH_CUDA_ARCH_LIST', '-') if with_cuda else '-'}\n"

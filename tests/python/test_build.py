@@ -1,6 +1,7 @@
 """Properties of the build itself: threads, the C++ standard, the torch
 compatibility header (csrc/ops/common/torch_compat.h)."""
 
+import inspect
 import os
 import re
 import shutil
@@ -29,25 +30,45 @@ def _torch_include():
     return cpp_extension.include_paths()[0]
 
 
-def _standard_torch_requires():
+def _torch_config():
+    return os.path.join(torch.utils.cmake_prefix_path, "Torch", "TorchConfig.cmake")
+
+
+def _standards_torch_states():
+    """(what torch's CMake config declares, what ATen/ATen.h requires)."""
+    with open(_torch_config()) as f:
+        declared = {int(n) for n in re.findall(r"(?:CXX_STANDARD |cxx_std_)(\d+)", f.read())}
     with open(os.path.join(_torch_include(), "ATen", "ATen.h")) as f:
-        year = re.search(r"__cplusplus < (\d{4})\d\dL", f.read()).group(1)
-    return {"2017": 17, "2020": 20}[year]
+        required = int(re.search(r"__cplusplus < 20(\d\d)\d\dL", f.read()).group(1))
+    assert len(declared) == 1, declared
+    return declared.pop(), required
 
 
-def test_library_is_compiled_with_the_standard_torch_requires():
-    assert _build_config.CXX_STANDARD == _standard_torch_requires()
+def test_library_is_compiled_with_torchs_standard():
+    declared, required = _standards_torch_states()
+    assert declared >= required
+    assert _build_config.CXX_STANDARD == declared
+
+
+def test_torchs_extension_builder_uses_the_same_standard():
+    # torch's BuildExtension adds its own -std when none is given (the compat
+    # test below relies on it); it must agree with the library's.
+    source = inspect.getsource(cpp_extension)
+    default = re.search(r"cpp_flag_prefix \+ 'c\+\+(\d+)'", source)
+    if default is None:
+        pytest.skip("this torch's BuildExtension chooses its -std another way")
+    assert int(default.group(1)) == _build_config.CXX_STANDARD
 
 
 def test_cmake_reads_the_same_standard():
     cmake = shutil.which("cmake")
     if cmake is None:
         pytest.skip("cmake is not installed")
-    out = subprocess.run([cmake, f"-DTORCH_INCLUDE_DIRS={_torch_include()}", "-P",
-                          os.path.join(ROOT, "cmake", "TorchCxxStandard.cmake")],
+    out = subprocess.run([cmake, f"-DTORCH_CONFIG={_torch_config()}", f"-DTORCH_INCLUDE_DIRS={_torch_include()}",
+                          "-P", os.path.join(ROOT, "cmake", "TorchCxxStandard.cmake")],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert f"C++{_standard_torch_requires()}" in out.stdout
+    assert f"C++{_build_config.CXX_STANDARD}" in out.stdout
 
 
 # A small library built from torch_compat.h alone, against the installed torch:
