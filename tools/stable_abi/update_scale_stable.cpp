@@ -4,7 +4,7 @@
 // (deepseek_ext/detail/loss_scale.h); registered as dsx_stable::update_scale_.
 // tools/stable_abi/measure.py builds it against one torch (with
 // TORCH_TARGET_VERSION = that torch) and loads it under another; see
-// docs/stable_abi.md.
+// docs/building.md (the stable ABI section).
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
