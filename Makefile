@@ -81,29 +81,36 @@ test-cpp: build-cpp
 	ctest --test-dir build/cmake --output-on-failure
 	build/example/unscale_example
 
+# PYTEST_ARGS: what pytest runs (default: the whole Python suite).
+PYTEST_ARGS ?= tests/python
 test-python: build
-	$(PY) -m pytest -q -rs tests/python
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 test: test-cpp test-python
 
 # The Python suite against the newest torch release (NEWEST_TORCH), beside the
 # pinned one: its own venv (requirements.txt with that torch) and its own copy of
-# the tree under build/torch-newest, built there with CPU kernels only, so the
-# .venv build of this tree stays as it is. The copy is refreshed from the
-# checkout's files on every run (ninja and ccache make the rebuild incremental).
-# Its loader test imports this tree's library, built for the other torch, and
-# expects the mismatch error.
+# the tree under build/torch-newest/src (its .venv inside it, so that ccache
+# sees the same relative paths in every clone), built there with CPU kernels
+# only, so the .venv build of this tree stays as it is. The copy is refreshed
+# from the checkout's files on every run (ninja and ccache make the rebuild
+# incremental).
+# Its loader test imports this tree's library, when that is built for another
+# torch minor version, and expects the mismatch error.
 NEWEST_TORCH ?= 2.15.0
 NEWEST_DIR := build/torch-newest
+NEWEST_MINOR := $(word 1,$(subst ., ,$(NEWEST_TORCH))).$(word 2,$(subst ., ,$(NEWEST_TORCH)))
+OTHER_BUILD := $(if $(wildcard deepseek_ext/_C*.so),$(if $(shell grep -s "^TORCH_VERSION = '$(NEWEST_MINOR)\." \
+  deepseek_ext/_build_config.py),,$(CURDIR)))
 test-newest:
 	@mkdir -p $(NEWEST_DIR)/src
-	git ls-files -z --cached --others --exclude-standard | \
+	git ls-files -z --cached --others --exclude-standard | grep -zv '^requirements.txt$$' | \
 	  tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C $(NEWEST_DIR)/src
 	@sed 's/^torch==.*/torch==$(NEWEST_TORCH)/' requirements.txt > $(NEWEST_DIR)/requirements.txt
 	@cmp -s $(NEWEST_DIR)/requirements.txt $(NEWEST_DIR)/src/requirements.txt || \
 	  cp $(NEWEST_DIR)/requirements.txt $(NEWEST_DIR)/src/requirements.txt
-	DEEPSEEK_EXT_CPU_ONLY=1 DEEPSEEK_EXT_OTHER_BUILD=$(if $(wildcard deepseek_ext/_C*.so),$(CURDIR)) \
-	  $(MAKE) -C $(NEWEST_DIR)/src VENV=$(abspath $(NEWEST_DIR)/venv) test-python
+	DEEPSEEK_EXT_CPU_ONLY=1 DEEPSEEK_EXT_OTHER_BUILD=$(OTHER_BUILD) \
+	  $(MAKE) -C $(NEWEST_DIR)/src test-python
 
 # The main job (python -m deepseek_ext.demo); DEMO_ARGS e.g. "--ablate" or "--device cuda".
 # Its table also goes to benchmarks/results/demo_<device class>.md (not for --smoke runs).
