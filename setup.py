@@ -96,6 +96,9 @@ if torch_minor not in supported:
         f"deepseek_ext builds against torch {supported[0][0]}.{supported[0][1]} to {supported[-1][0]}.{supported[-1][1]}, "
         f"but the torch that setup.py imports is {torch.__version__} ({torch.__file__})"
     )
+# torch's BuildExtension adds -std=c++<torch's standard> to every host and nvcc
+# command that has none (tests/python/test_build.py checks that it is this one),
+# placed where torch places it, so the commands stay torch's own.
 cxx_std = torch_cxx_standard()
 
 cpu_only = os.environ.get("DEEPSEEK_EXT_CPU_ONLY", "0") == "1"
@@ -126,11 +129,11 @@ isa_flags = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABI
 # it runs every range on the calling thread. Linking -fopenmp names libgomp.so.1,
 # which resolves to the one torch has already loaded.
 openmp_flags = ["-fopenmp"] if sys.platform.startswith("linux") else []
-cxx_flags = (["-O0", "-g"] if debug else ["-O3"]) + ["-Wno-unknown-pragmas"] + openmp_flags + isa_flags + [f"-std=c++{cxx_std}"]
+cxx_flags = (["-O0", "-g"] if debug else ["-O3"]) + ["-Wno-unknown-pragmas"] + openmp_flags + isa_flags
 nvcc_flags = (["-O0", "-G", "-g"] if debug else ["-O3", "-lineinfo", "-DNDEBUG"]) + [
     "--expt-relaxed-constexpr",
     "-Xcompiler=-fno-fast-math",
-] + [f"-Xcompiler={f}" for f in isa_flags if f.startswith("-m")] + [f"-std=c++{cxx_std}"]
+] + [f"-Xcompiler={f}" for f in isa_flags if f.startswith("-m")]
 macros = [("DSX_WITH_CUDA", "1" if with_cuda else "0")]
 if "cutlass-sm90" in cutlass_tags:
     macros.append(("DSX_WITH_CUTLASS_SM90", "1"))
