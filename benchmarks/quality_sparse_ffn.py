@@ -1,21 +1,22 @@
-"""Quality of the gated sparse FFN: a small byte-level language model on real
-text, trained twice on the same tokens in the same order -- once with a dense
-FFN, once with GatedSparseFFN at 30% density -- and evaluated on held-out text.
+"""Quality of the gated sparse FFN by block count: a small byte-level language
+model on the demo's corpus, trained on the same tokens in the same order with
+a dense FFN and with GatedSparseFFN at 30% density for each block count in
+``--n-blocks``, then evaluated on the demo's held-out files.
 
-The text is the Python standard library's source (``sysconfig`` stdlib path,
-``*.py`` files in sorted order; the last 10% of the bytes are held out). The
-model: byte embedding + learned positions, ``--layers`` pre-norm transformer
-blocks (ATen's scaled_dot_product_attention, causal), FFN d_ff = 4 * d_model
-(dense: nn.Linear + GELU + nn.Linear; sparse: GatedSparseFFN, block_size 32,
-balancing bias on, no auxiliary loss), AdamW, cosine schedule.
+The text is the demo's corpus (``deepseek_ext.demo``'s ``demo_corpus``: the
+Python standard library's sources, every 20th file held out). The model: byte
+embedding + learned positions, ``--layers`` pre-norm transformer blocks
+(ATen's scaled_dot_product_attention, causal), FFN d_ff = 4 * d_model (dense:
+nn.Linear + GELU + nn.Linear; sparse: GatedSparseFFN with ``n_blocks``
+blocks of d_ff / n_blocks units, balancing bias on, no auxiliary loss), AdamW,
+cosine schedule. This ablation decides GatedSparseFFN's default ``n_blocks``.
 
-    python benchmarks/quality_sparse_ffn.py [--steps 1500] [--density 0.3] [--out PATH]
+    python benchmarks/quality_sparse_ffn.py [--steps 300] [--density 0.3] [--n-blocks 8,16,32,128] [--out PATH]
 """
 
 import argparse
 import math
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -29,17 +30,17 @@ from benchmarks.common import header, markdown_table, write_results  # noqa: E40
 from deepseek_ext.nn import GatedSparseFFN, ffn_flops  # noqa: E402
 
 
-def load_corpus(max_bytes: int) -> torch.Tensor:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    chunks, total = [], 0
-    for f in sorted(root.glob("*.py")):
-        b = f.read_bytes()
-        chunks.append(b)
-        total += len(b)
-        if total >= max_bytes:
-            break
-    data = b"".join(chunks)[:max_bytes]
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+def load_corpus(train_bytes: float, eval_bytes: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) byte tensors of the demo's corpus."""
+    from deepseek_ext.demo._config import demo_corpus
+
+    train_files, eval_files = demo_corpus(train_bytes, eval_bytes=eval_bytes)
+
+    def read(files):
+        data = b"".join(Path(f).read_bytes() for f in files)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+    return read(train_files)[: int(train_bytes)], read(eval_files)
 
 
 class Block(nn.Module):
@@ -102,17 +103,17 @@ def train_eval(name, make_ffn, train, evals, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--density", type=float, default=0.3)
+    p.add_argument("--n-blocks", default="8,16,32,128", help="comma-separated block counts to compare")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--corpus-bytes", type=int, default=4_000_000)
-    p.add_argument("--eval-windows", type=int, default=400)
+    p.add_argument("--corpus-mb", type=float, default=4.0)
+    p.add_argument("--eval-windows", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady on a shared machine)")
     p.add_argument("--out", default=None, help="results file or folder for an ad-hoc run "
@@ -120,31 +121,30 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    data = load_corpus(args.corpus_bytes)
-    split = int(0.9 * data.numel())
-    train, held = data[:split], data[split:]
+    train, held = load_corpus(args.corpus_mb * 1e6, eval_bytes=max(256e3, args.eval_windows * args.seq * 1.1))
     stride = max(1, (held.numel() - args.seq - 1) // args.eval_windows)
     evals = [(held[s: s + args.seq], held[s + 1: s + args.seq + 1])
              for s in range(0, held.numel() - args.seq - 1, stride)][: args.eval_windows]
     d, dff = args.d_model, 4 * args.d_model
 
-    results = {}
-    results["dense"] = train_eval("dense", lambda: nn.Sequential(nn.Linear(d, dff), nn.GELU(), nn.Linear(dff, d)),
-                                  train, evals, args)
-    results["sparse"] = train_eval(
-        "sparse", lambda: GatedSparseFFN(d, dff, block_size=args.block_size, density=args.density),
-        train, evals, args)
-    fl = ffn_flops(d, dff, block_size=args.block_size, density=args.density)
-    dense_loss, sparse_loss = results["dense"][0], results["sparse"][0]
-    rel = (sparse_loss - dense_loss) / dense_loss
-    rows = [["dense FFN", "1.000", f"{dense_loss:.4f}", "-", f"{results['dense'][1]:.0f}", results["dense"][2]],
-            [f"GatedSparseFFN {fl['k']}/{fl['n_blocks']} blocks", f"{fl['ratio']:.3f}", f"{sparse_loss:.4f}",
-             f"{100 * rel:+.2f}%", f"{results['sparse'][1]:.0f}", results["sparse"][2]]]
-    text = header("Gated sparse FFN quality: byte-level LM on Python stdlib source", "cpu")
-    text += (f"- data: {data.numel() / 1e6:.1f} MB of stdlib *.py, 90/10 split, {len(evals)} held-out windows of "
-             f"{args.seq} bytes\n- model: {args.layers} layers, d_model {d}, d_ff {dff}, {args.heads} heads; "
-             f"{args.steps} AdamW steps of {args.batch} x {args.seq} bytes, same batches for both\n\n")
-    text += markdown_table(["FFN", "FFN FLOPs ratio", "eval loss (nats/byte)", "vs dense", "train s", "params"], rows)
+    dense_loss, dense_s, dense_params = train_eval(
+        "dense", lambda: nn.Sequential(nn.Linear(d, dff), nn.GELU(), nn.Linear(dff, d)), train, evals, args)
+    rows = [["dense FFN", "-", "-", "-", "1.000", f"{dense_loss:.4f}", "-", f"{dense_s:.0f}", dense_params]]
+    for nb in (int(n) for n in args.n_blocks.split(",")):
+        fl = ffn_flops(d, dff, n_blocks=nb, density=args.density)
+        loss, secs, params = train_eval(
+            f"sparse n_blocks={nb}", lambda: GatedSparseFFN(d, dff, n_blocks=nb, density=args.density),
+            train, evals, args)
+        rows.append([f"GatedSparseFFN", nb, fl["block_size"], f"{fl['k']}/{nb}", f"{fl['ratio']:.3f}",
+                     f"{loss:.4f}", f"{100 * (loss - dense_loss) / dense_loss:+.2f}%", f"{secs:.0f}", params])
+    text = header("Gated sparse FFN quality by block count: byte-level LM on the demo corpus", "cpu")
+    text += (f"- data: the demo's corpus (stdlib *.py), {train.numel() / 1e6:.1f} MB for training, "
+             f"{len(evals)} windows of {args.seq} bytes from its held-out files\n"
+             f"- model: {args.layers} layers, d_model {d}, d_ff {dff}, {args.heads} heads; {args.steps} AdamW "
+             f"steps of {args.batch} x {args.seq} bytes, the same batches for every FFN; density "
+             f"{args.density:g}; torch threads {args.threads}\n\n")
+    text += markdown_table(["FFN", "n_blocks", "block width", "blocks/token", "FFN FLOPs ratio",
+                            "eval loss (nats/byte)", "vs dense", "train s", "params"], rows)
     print(text)
     path = write_results("sparse_ffn_quality", "cpu", text, args.out)
     print(f"wrote {path}")

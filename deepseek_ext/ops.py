@@ -21,7 +21,7 @@ __all__ = [
     # 8-bit gradient quantisation
     "quantize_int8", "quantize_int8_ef_", "dequantize_int8", "dequantize_reduce_int8",
     # gated sparse FFN
-    "sparse_ffn_route", "sparse_ffn", "sparse_ffn_backward",
+    "sparse_ffn_route", "sparse_ffn", "sparse_ffn_backward", "sparse_ffn_gather", "sparse_ffn_combine",
     # shared attention
     "shared_attention",
 ]
@@ -473,6 +473,72 @@ def sparse_ffn_backward(grad_out, x, w1, w2, gate, hidden, order, offsets, block
     ``hidden`` is the second output of ``torch.ops.deepseek_ext.sparse_ffn``."""
     return _ops().sparse_ffn_backward.default(
         grad_out, x, w1, w2, gate, hidden, order, offsets, int(block_size), activation)
+
+
+def sparse_ffn_gather(x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+    """``x``'s rows in block order: ``out[i] = x[order[i] // k]``, ``[T * k, d_model]``.
+
+    The first step of :func:`sparse_ffn`'s kernels (one 16-byte-vectorised pass
+    on CUDA), as an op so that it can be measured and tested on its own. Not
+    differentiable.
+
+    Args:
+        x: ``[T, d_model]`` float32/float64/float16/bfloat16.
+        order: int64 ``[T * k]`` from :func:`sparse_ffn_route`.
+        k: blocks per token.
+    """
+    return _ops().sparse_ffn_gather.default(x, order, int(k))
+
+
+def sparse_ffn_combine(y: torch.Tensor, order: torch.Tensor, k: int,
+                       gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Block-ordered rows back to tokens: ``out[t] = sum_j gate[t, j] * y[i]`` over
+    the rows ``i`` with ``order[i] == t * k + j`` (gate 1 when ``None``).
+
+    The last step of :func:`sparse_ffn`'s kernels: one pass, float32
+    accumulation (float64 for float64), ``j`` ascending, no atomics, so the
+    result is deterministic. Not differentiable.
+
+    Args:
+        y: ``[T * k, d_model]`` rows in block order.
+        order: int64 ``[T * k]``, a permutation (from :func:`sparse_ffn_route`;
+            checked on the CPU, trusted on CUDA).
+        k: blocks per token.
+        gate: optional ``[T, k]`` weights, ``y``'s dtype.
+
+    Returns:
+        ``[T, d_model]``.
+    """
+    return _ops().sparse_ffn_combine.default(y, order, int(k), gate)
+
+
+@_loader.register_fake("deepseek_ext::sparse_ffn_gather")
+def _sparse_ffn_gather_fake(x, order, k):
+    torch._check(x.dtype in _SPARSE_FFN_DTYPES, lambda: f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    torch._check(x.dim() == 2, lambda: f"x must be a 2-D tensor [tokens, d_model], got shape {tuple(x.shape)}")
+    torch._check(order.device == x.device, lambda: f"order must be on the same device as x ({x.device}), got {order.device}")
+    torch._check(order.dtype == torch.int64 and order.dim() == 1,
+                 lambda: f"order must be a 1-D int64 tensor, got {order.dtype} of shape {tuple(order.shape)}")
+    torch._check(k >= 1, lambda: f"k must be >= 1, got {k}")
+    return x.new_empty((order.shape[0], x.shape[1]))
+
+
+@_loader.register_fake("deepseek_ext::sparse_ffn_combine")
+def _sparse_ffn_combine_fake(y, order, k, gate=None):
+    torch._check(y.dtype in _SPARSE_FFN_DTYPES, lambda: f"y must be float32, float64, float16 or bfloat16, got {y.dtype}")
+    torch._check(y.dim() == 2, lambda: f"y must be a 2-D tensor [tokens * k, d_model], got shape {tuple(y.shape)}")
+    torch._check(order.device == y.device, lambda: f"order must be on the same device as y ({y.device}), got {order.device}")
+    torch._check(order.dtype == torch.int64 and order.dim() == 1 and order.shape[0] == y.shape[0],
+                 lambda: f"order must be a 1-D int64 tensor of y.size(0) = {y.shape[0]} elements, got "
+                 f"{order.dtype} of shape {tuple(order.shape)}")
+    torch._check(k >= 1 and y.shape[0] % k == 0, lambda: f"k must be >= 1 and divide y.size(0) = {y.shape[0]}, got {k}")
+    t = y.shape[0] // k
+    if gate is not None:
+        torch._check(gate.device == y.device, lambda: f"gate must be on the same device as y ({y.device}), got {gate.device}")
+        torch._check(gate.dtype == y.dtype, lambda: f"gate must have y's dtype ({y.dtype}), got {gate.dtype}")
+        torch._check(gate.dim() == 2 and gate.shape[0] == t and gate.shape[1] == k,
+                     lambda: f"gate must be [tokens = {t}, k = {k}], got shape {tuple(gate.shape)}")
+    return y.new_empty((t, y.shape[1]))
 
 
 def _check_sparse_ffn(x, w1, b1, w2, gate, order, offsets, block_size, activation):

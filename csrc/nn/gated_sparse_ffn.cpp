@@ -17,8 +17,9 @@ namespace nn {
 
 namespace {
 
-// Block width when neither n_blocks nor block_size is given.
-constexpr int64_t kDefaultBlockSize = 128;
+// The block count when neither n_blocks nor block_size is given (as
+// DEFAULT_N_BLOCKS in the Python module).
+constexpr int64_t kDefaultNBlocks = 16;
 
 int64_t units_per_row(const std::string& activation) { return activation == "swiglu" ? 2 : 1; }
 
@@ -44,19 +45,19 @@ void GatedSparseFFNImpl::reset() {
   TORCH_CHECK(o.d_ff() > 0, "d_ff must be positive, got ", o.d_ff());
   TORCH_CHECK(o.n_blocks() >= 0, "n_blocks must be positive, got ", o.n_blocks());
   TORCH_CHECK(o.block_size() >= 0, "block_size must be positive, got ", o.block_size());
-  if (o.n_blocks() > 0) {
-    TORCH_CHECK(o.d_ff() % o.n_blocks() == 0, "n_blocks must divide d_ff: d_ff = ", o.d_ff(),
-                ", n_blocks = ", o.n_blocks());
-    TORCH_CHECK(o.block_size() == 0 || o.block_size() * o.n_blocks() == o.d_ff(),
-                "n_blocks and block_size disagree: n_blocks * block_size must equal d_ff = ",
-                o.d_ff(), ", got n_blocks = ", o.n_blocks(), ", block_size = ", o.block_size());
-    n_blocks_ = o.n_blocks();
-    block_size_ = o.d_ff() / n_blocks_;
-  } else {
-    block_size_ = o.block_size() > 0 ? o.block_size() : kDefaultBlockSize;
+  if (o.block_size() > 0 && o.n_blocks() == 0) {
+    block_size_ = o.block_size();
     TORCH_CHECK(o.d_ff() % block_size_ == 0, "block_size must divide d_ff: d_ff = ", o.d_ff(),
                 ", block_size = ", block_size_);
     n_blocks_ = o.d_ff() / block_size_;
+  } else {
+    n_blocks_ = o.n_blocks() > 0 ? o.n_blocks() : kDefaultNBlocks;
+    TORCH_CHECK(o.d_ff() % n_blocks_ == 0, "n_blocks must divide d_ff: d_ff = ", o.d_ff(),
+                ", n_blocks = ", n_blocks_);
+    TORCH_CHECK(o.block_size() == 0 || o.block_size() * n_blocks_ == o.d_ff(),
+                "n_blocks and block_size disagree: n_blocks * block_size must equal d_ff = ",
+                o.d_ff(), ", got n_blocks = ", n_blocks_, ", block_size = ", o.block_size());
+    block_size_ = o.d_ff() / n_blocks_;
   }
   TORCH_CHECK(o.density() > 0.0 && o.density() <= 1.0, "density must be in (0, 1], got ",
               o.density());

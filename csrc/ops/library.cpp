@@ -56,6 +56,12 @@ TORCH_LIBRARY(deepseek_ext, m) {
   m.def("sparse_ffn(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor gate, Tensor order, "
         "Tensor offsets, int block_size, str activation) -> (Tensor out, Tensor hidden)");
   // The gradients of sparse_ffn with the same sparsity.
+  // Its building blocks (not differentiable): rows of x [T, d_model] in block
+  // order, out[i] = x[order[i] // k] -> [T * k, d_model]; and back to token
+  // order, out[t] = sum_j gate[t, j] * y[i] over the rows i with order[i] =
+  // t * k + j (gate 1 when None), float32 accumulation -> [T, d_model].
+  m.def("sparse_ffn_gather(Tensor x, Tensor order, int k) -> Tensor");
+  m.def("sparse_ffn_combine(Tensor y, Tensor order, int k, Tensor? gate=None) -> Tensor");
   m.def("sparse_ffn_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor gate, "
         "Tensor hidden, Tensor order, Tensor offsets, int block_size, str activation) "
         "-> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, Tensor grad_gate)");

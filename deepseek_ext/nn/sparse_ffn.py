@@ -49,11 +49,14 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from deepseek_ext import ops
 
-__all__ = ["GatedSparseFFN", "ffn_flops", "update_balance"]
+__all__ = ["GatedSparseFFN", "ffn_flops", "update_balance", "DEFAULT_N_BLOCKS"]
 
 _ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "swiglu")
-# Block width when neither n_blocks nor block_size is given.
-_DEFAULT_BLOCK_SIZE = 128
+# The block count when neither n_blocks nor block_size is given: the quality
+# ablation of benchmarks/quality_sparse_ffn.py (docs/sparse_ffn.md) at density
+# 0.3, and wide enough blocks (d_ff / 16) for the grouped GEMMs to be
+# compute-bound on a GPU.
+DEFAULT_N_BLOCKS = 16
 
 
 def _check_config(d_model: int, d_ff: int, n_blocks: Optional[int], block_size: Optional[int],
@@ -62,12 +65,15 @@ def _check_config(d_model: int, d_ff: int, n_blocks: Optional[int], block_size: 
 
     The block count comes from ``n_blocks`` (block width ``d_ff / n_blocks``)
     or from ``block_size`` (``n_blocks = d_ff / block_size``); given both, they
-    must agree. k rounds half up, as ``std::llround`` in the C++ module does.
+    must agree; given neither, ``n_blocks = DEFAULT_N_BLOCKS``. k rounds half
+    up, as ``std::llround`` in the C++ module does.
     """
     if d_model <= 0:
         raise ValueError(f"d_model must be positive, got {d_model}")
     if d_ff <= 0:
         raise ValueError(f"d_ff must be positive, got {d_ff}")
+    if n_blocks is None and block_size is None:
+        n_blocks = DEFAULT_N_BLOCKS
     if n_blocks is not None:
         if n_blocks <= 0:
             raise ValueError(f"n_blocks must be positive, got {n_blocks}")
@@ -78,8 +84,6 @@ def _check_config(d_model: int, d_ff: int, n_blocks: Optional[int], block_size: 
                              f"d_ff = {d_ff}, got n_blocks = {n_blocks}, block_size = {block_size}")
         block_size = d_ff // n_blocks
     else:
-        if block_size is None:
-            block_size = _DEFAULT_BLOCK_SIZE
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if d_ff % block_size != 0:
@@ -143,10 +147,10 @@ class GatedSparseFFN(nn.Module):
         d_model: model width (input and output features).
         d_ff: hidden width, a multiple of the block count.
         n_blocks: number of blocks the hidden units are cut into (block width
-            ``d_ff / n_blocks``).
+            ``d_ff / n_blocks``); default ``DEFAULT_N_BLOCKS`` (16).
         block_size: hidden units per block, the other way to say the same
             (``n_blocks = d_ff / block_size``); given with ``n_blocks``, the
-            two must agree. With neither, blocks are 128 wide.
+            two must agree.
         density: fraction of the blocks each token routes to, in (0, 1]:
             ``k = clamp(round(density * n_blocks), 1, n_blocks - shared_blocks)``
             (half rounds up).

@@ -119,6 +119,26 @@ TEST_P(SparseFFN, GroupedRouteMatchesCpuKernels) {
   EXPECT_LE(rel_err(std::get<4>(grouped), std::get<4>(cpu)), 1e-5) << "grad_gate";
 }
 
+// The row movers: gather = x[order / k]; combine = the gated per-token sum.
+TEST_P(SparseFFN, GatherAndCombineMatchReference) {
+  const auto [dtype, activation] = GetParam();
+  if (activation != "gelu") GTEST_SKIP() << "independent of the activation";
+  Sample s = make_sample(dtype, activation);
+  const int64_t k = s.gate.size(1);
+  const at::Tensor xs = deepseek_ext::sparse_ffn_gather(s.x, s.order, k);
+  EXPECT_TRUE(at::equal(xs, s.x.index_select(0, at::div(s.order, k, "floor"))));
+  const at::Tensor y = at::randn({s.order.numel(), s.x.size(1)}).to(dtype);
+  const at::Tensor pos = at::argsort(s.order);
+  const at::Tensor rows = y.to(at::kDouble).index_select(0, pos).view({-1, k, y.size(1)});
+  const at::Tensor want = (rows * s.gate.to(at::kDouble).unsqueeze(2)).sum(1);
+  const at::Tensor got = deepseek_ext::sparse_ffn_combine(y, s.order, k, s.gate);
+  EXPECT_EQ(got.scalar_type(), dtype);
+  EXPECT_LE(rel_err(got.to(at::kDouble), want), dtype == at::kBFloat16 ? 1e-2 : 1e-6);
+  const at::Tensor sum = deepseek_ext::sparse_ffn_combine(y, s.order, k);
+  EXPECT_LE(rel_err(sum.to(at::kDouble), rows.sum(1)), dtype == at::kBFloat16 ? 1e-2 : 1e-6);
+  expect_error([&] { deepseek_ext::sparse_ffn_combine(y, s.order, k + 1); }, "k must be >= 1 and divide");
+}
+
 INSTANTIATE_TEST_SUITE_P(
     DtypesAndActivations, SparseFFN,
     ::testing::Combine(::testing::Values(at::kFloat, at::kDouble, at::kBFloat16),
@@ -272,7 +292,7 @@ TEST(GatedSparseFFNModule, NBlocksNoBiasAndZeroGateIsDense) {
   auto x = torch::randn({9, 16}, torch::kDouble);
   auto dense = at::mm(at::gelu(at::mm(x, ffn->w1.t()), "tanh"), ffn->w2);
   EXPECT_TRUE(torch::allclose(ffn->forward(x), dense, 1e-12, 1e-12));
-  EXPECT_EQ(deepseek_ext::nn::GatedSparseFFN(GatedSparseFFNOptions(16, 256))->block_size(), 128);
+  EXPECT_EQ(deepseek_ext::nn::GatedSparseFFN(GatedSparseFFNOptions(16, 256))->n_blocks(), 16);
   // k = round(density * n_blocks), half up as in the Python module.
   EXPECT_EQ(deepseek_ext::nn::GatedSparseFFN(GatedSparseFFNOptions(8, 40).n_blocks(10).density(0.25))->k(), 3);
 }

@@ -12,6 +12,8 @@ from deepseek_ext.nn import GatedSparseFFN, ffn_flops
 ops = deepseek_ext.ops
 ROUTE = torch.ops.deepseek_ext.sparse_ffn_route.default
 FFN = torch.ops.deepseek_ext.sparse_ffn.default
+GATHER = torch.ops.deepseek_ext.sparse_ffn_gather.default
+COMBINE = torch.ops.deepseek_ext.sparse_ffn_combine.default
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "swiglu")
 
 # ---------------------------------------------------------------- reference
@@ -96,12 +98,148 @@ def test_route_matches_reference(device, dtype):
         torch.testing.assert_close(offsets, roffsets, rtol=0, atol=0)
 
 
-def test_route_ties_keep_lower_index():
-    scores = torch.zeros(3, 5)
-    idx, order, offsets = ops.sparse_ffn_route(scores, torch.zeros(5), 2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_route_ties_keep_lower_index(device):
+    scores = torch.zeros(3, 5, device=device)
+    idx, order, offsets = ops.sparse_ffn_route(scores, torch.zeros(5, device=device), 2)
     assert idx.tolist() == [[0, 1]] * 3
     assert order.tolist() == [0, 2, 4, 1, 3, 5]
     assert offsets.tolist() == [0, 3, 6, 6, 6, 6]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nb", [8, 33, 64, 65, 100])
+def test_route_widths_and_ties(device, nb):
+    """n_blocks <= 64 takes CUDA's warp-per-token kernel, wider routers the
+    thread-per-token one: both equal the reference, ties included."""
+    g = torch.Generator().manual_seed(nb)
+    # Scores on a coarse grid: many exact ties between blocks.
+    scores = (torch.randint(-3, 4, (301, nb), generator=g).float() / 2).to(device)
+    bias = torch.zeros(nb, device=device)
+    bias[::3] = 0.5
+    for k in sorted({1, min(5, nb), nb // 2, nb}):
+        got = ops.sparse_ffn_route(scores, bias, k)
+        for a, b in zip(got, route_ref(scores, bias, k)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- gather / combine
+
+
+def combine_ref(y, order, k, gate):
+    """out[t] = sum_j gate[t, j] * y[pos[t * k + j]], in float64."""
+    pos = torch.argsort(order)
+    rows = y.double()[pos].view(-1, k, y.shape[1])
+    g = torch.ones(rows.shape[:2], dtype=torch.float64, device=y.device) if gate is None else gate.double()
+    return (g.unsqueeze(2) * rows).sum(1)
+
+
+def permute_sample(device, dtype, T=45, D=24, nb=7, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=g).to(device=device, dtype=dtype)
+    _, order, _ = ops.sparse_ffn_route(torch.randn(T, nb, generator=g).to(device), torch.zeros(nb, device=device), k)
+    y = torch.randn(T * k, D, generator=g).to(device=device, dtype=dtype)
+    gate = torch.rand(T, k, generator=g).to(device=device, dtype=dtype) + 0.5
+    return x, order, y, gate
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("D", [24, 13])
+def test_gather_matches_reference(device, dtype, D):
+    x, order, _, _ = permute_sample(device, dtype, D=D)
+    out = ops.sparse_ffn_gather(x, order, 3)
+    torch.testing.assert_close(out, x[order // 3], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("with_gate", [True, False])
+@pytest.mark.parametrize("D", [24, 13])
+def test_combine_matches_reference(device, dtype, with_gate, D):
+    _, order, y, gate = permute_sample(device, dtype, D=D)
+    out = ops.sparse_ffn_combine(y, order, 3, gate if with_gate else None)
+    ref = combine_ref(y, order, 3, gate if with_gate else None)
+    assert out.dtype == dtype and out.shape == (45, D)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [4096, 24, 13])
+def test_cuda_gather_and_combine_equal_their_cpu_twins(dtype, D):
+    x, order, y, gate = permute_sample("cpu", dtype, T=300, D=D, nb=16, k=5)
+    for offset in (0, 1):  # offset 1: rows not 16-byte aligned, the scalar kernels
+        xc = torch.cat([torch.zeros(offset, dtype=dtype), x.flatten()]).cuda()[offset:].view(x.shape)
+        yc = torch.cat([torch.zeros(offset, dtype=dtype), y.flatten()]).cuda()[offset:].view(y.shape)
+        torch.testing.assert_close(ops.sparse_ffn_gather(xc, order.cuda(), 5).cpu(),
+                                   ops.sparse_ffn_gather(x, order, 5), rtol=0, atol=0)
+        for g in (gate, None):
+            want = ops.sparse_ffn_combine(y, order, 5, g)
+            got = ops.sparse_ffn_combine(yc, order.cuda(), 5, None if g is None else g.cuda()).cpu()
+            # Same order of summation, accumulation type and fused multiply-adds:
+            # equal up to a last-bit difference of the rounding to dtype.
+            tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_combine_is_independent_of_thread_count():
+    s, _ = sample_inputs("cpu", T=301, d_model=40, nb=6, k=3, requires_grad=True)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = ops.sparse_ffn(*op_args(s))
+            grads = torch.autograd.grad(out, [s["x"], s["gate"]], torch.ones_like(out))
+            results.append((out, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gather_combine_opcheck_and_compile(device):
+    x, order, y, gate = permute_sample(device, torch.float32)
+    opcheck(GATHER, (x, order, 3))
+    opcheck(COMBINE, (y, order, 3, gate))
+    opcheck(COMBINE, (y, order, 3, None))
+
+    def roundtrip(x, order, gate):
+        return ops.sparse_ffn_combine(ops.sparse_ffn_gather(x, order, 3), order, 3, gate)
+
+    compiled = torch.compile(roundtrip, fullgraph=True, backend="aot_eager")
+    # Gathering then combining with weights w gives sum_j w[t, j] * x[t].
+    torch.testing.assert_close(compiled(x, order, gate), x * gate.sum(1, keepdim=True))
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_gather_combine_bad_inputs(device):
+    x, order, y, gate = (t.to(device) for t in permute_sample("cpu", torch.float32))
+    with pytest.raises(RuntimeError, match="order must be a 1-D int64"):
+        ops.sparse_ffn_gather(x, order.int(), 3)
+    with pytest.raises(RuntimeError, match="x must be a 2-D"):
+        ops.sparse_ffn_gather(x[0], order, 3)
+    with pytest.raises(RuntimeError, match="k must be >= 1"):
+        ops.sparse_ffn_gather(x, order, 0)
+    with pytest.raises(RuntimeError, match="k must be >= 1 and divide"):
+        ops.sparse_ffn_combine(y, order, 4)
+    with pytest.raises(RuntimeError, match="order must be a 1-D int64 tensor of"):
+        ops.sparse_ffn_combine(y, order[:-3], 3)
+    with pytest.raises(RuntimeError, match="gate must be"):
+        ops.sparse_ffn_combine(y, order, 3, gate[:-1])
+    with pytest.raises(RuntimeError, match="gate must have y's dtype"):
+        ops.sparse_ffn_combine(y, order, 3, gate.double())
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="order must hold pairs"):
+            ops.sparse_ffn_gather(x, order + 1000, 3)
+        with pytest.raises(RuntimeError, match="order must be a permutation"):
+            ops.sparse_ffn_combine(y, torch.zeros_like(order), 3)
+        with pytest.raises(RuntimeError, match="must be on the same device"):
+            ops.sparse_ffn_combine(y, order, 3, gate.to("meta"))
 
 
 # ---------------------------------------------------------------- forward / backward
@@ -320,7 +458,8 @@ def test_n_blocks_and_block_size():
     assert GatedSparseFFN(16, 64, n_blocks=4).block_size == 16
     assert GatedSparseFFN(16, 64, block_size=16).n_blocks == 4
     assert GatedSparseFFN(16, 64, n_blocks=4, block_size=16).n_blocks == 4
-    assert GatedSparseFFN(16, 256).block_size == 128  # neither given: 128 wide
+    assert GatedSparseFFN(16, 256).n_blocks == 16  # neither given: DEFAULT_N_BLOCKS
+    assert GatedSparseFFN(16, 256).block_size == 16
     with pytest.raises(ValueError, match="n_blocks and block_size disagree"):
         GatedSparseFFN(16, 64, n_blocks=4, block_size=8)
     with pytest.raises(ValueError, match="n_blocks must divide d_ff"):
@@ -439,13 +578,23 @@ def test_no_cuda_sync_in_training_step():
 
 
 @pytest.mark.cuda
-def test_cuda_matches_cpu_bfloat16():
-    s, idx = sample_inputs("cpu", torch.float32, T=300, d_model=64, block_size=32, nb=8, k=3)
-    out_cpu = ops.sparse_ffn(*op_args(s))
-    sc = {k: (v.cuda().bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else
-              v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_cuda_bfloat16_matches_masked_dense_float64(activation, bias):
+    """The CUDA path in bfloat16, forward and backward, against the float64 reference."""
+    s, idx = sample_inputs("cpu", torch.float64, T=300, d_model=64, block_size=32, nb=8, k=3,
+                           activation=activation, bias=bias, requires_grad=True)
+    ref = ffn_ref(s["x"], s["w1"], s["b1"], s["w2"], s["gate"], idx, 32, activation)
+    grad = torch.randn_like(ref)
+    names = ["x", "w1", "w2", "gate"] + (["b1"] if bias else [])
+    want = torch.autograd.grad(ref, [s[n] for n in names], grad)
+    sc = {n: (v.detach().cuda().bfloat16().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point()
+              else v.cuda() if isinstance(v, torch.Tensor) else v) for n, v in s.items()}
     out = ops.sparse_ffn(*op_args(sc))
-    assert rel_err(out.float().cpu(), out_cpu) < 2e-2
+    assert rel_err(out.double().cpu(), ref) < 2e-2
+    got = torch.autograd.grad(out, [sc[n] for n in names], grad.cuda().bfloat16())
+    for n, a, b in zip(names, got, want):
+        assert rel_err(a.double().cpu(), b) < 3e-2, n
 
 
 def test_ffn_flops():

@@ -113,6 +113,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_ffn(const at::Tensor& x, const at::Ten
                                               const at::Tensor& order, const at::Tensor& offsets,
                                               int64_t block_size, c10::string_view activation);
 
+// The row movers of sparse_ffn (not differentiable). A pair p = t * k + j is
+// token t's j-th selected block; `order` (from sparse_ffn_route) lists the pairs
+// in block order. sparse_ffn_gather: out[i] = x[order[i] / k] -> [T * k, d_model]
+// (x [T, d_model]). sparse_ffn_combine: out[t] = sum_j gate[t, j] * y[i] over
+// the rows i with order[i] = t * k + j (gate 1 when absent; j ascending,
+// accumulated in float32) -> [y.size(0) / k, d_model]; `order` must be a
+// permutation of 0 .. y.size(0) - 1 (the CPU checks it, CUDA trusts it).
+at::Tensor sparse_ffn_gather(const at::Tensor& x, const at::Tensor& order, int64_t k);
+at::Tensor sparse_ffn_combine(const at::Tensor& y, const at::Tensor& order, int64_t k,
+                              const std::optional<at::Tensor>& gate = std::nullopt);
+
 // Returns (grad_x, grad_w1, grad_b1, grad_w2, grad_gate) of sparse_ffn for
 // grad_out [T, d_model]; the weight gradients of unselected blocks are zero.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ffn_backward(

@@ -1,7 +1,9 @@
 // Gated sparse FFN: the typed C++ entry points of sparse_ffn_route,
-// sparse_ffn and sparse_ffn_backward, each a call through the dispatcher (the
-// schemas are in ops/library.cpp, the kernels in cpu/sparse_ffn_cpu.cpp and
-// kernels/sparse_ffn.cu, autograd in sparse_ffn_autograd.cpp).
+// sparse_ffn, sparse_ffn_backward, sparse_ffn_gather and sparse_ffn_combine,
+// each a call through the dispatcher (the schemas are in ops/library.cpp, the
+// kernels in cpu/sparse_ffn_cpu.cpp, cpu/sparse_ffn_permute_cpu.cpp,
+// kernels/sparse_ffn.cu and kernels/sparse_ffn_permute.cu, autograd in
+// sparse_ffn_autograd.cpp).
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/Tensor.h>
@@ -45,6 +47,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ff
                                   const at::Tensor&, const at::Tensor&, int64_t,
                                   c10::string_view)>();
   return op.call(grad_out, x, w1, w2, gate, hidden, order, offsets, block_size, activation);
+}
+
+at::Tensor sparse_ffn_gather(const at::Tensor& x, const at::Tensor& order, int64_t k) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("deepseek_ext::sparse_ffn_gather", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(x, order, k);
+}
+
+at::Tensor sparse_ffn_combine(const at::Tensor& y, const at::Tensor& order, int64_t k,
+                              const std::optional<at::Tensor>& gate) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("deepseek_ext::sparse_ffn_combine", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t,
+                                         const std::optional<at::Tensor>&)>();
+  return op.call(y, order, k, gate);
 }
 
 }  // namespace deepseek_ext

@@ -56,6 +56,14 @@ int64_t check_sparse_ffn_backward_inputs(const at::Tensor& grad_out, const at::T
                                          int64_t block_size, Activation act,
                                          c10::DeviceType device_type);
 
+// sparse_ffn_gather: x [T, d_model] floating, order int64 [P] on x's device, k >= 1.
+void check_gather_inputs(const at::Tensor& x, const at::Tensor& order, int64_t k,
+                         c10::DeviceType device_type);
+// sparse_ffn_combine: y [P, d_model] floating, order int64 [P] on y's device,
+// k >= 1 dividing P, gate (optional) [P / k, k] of y's dtype and device.
+void check_combine_inputs(const at::Tensor& y, const at::Tensor& order, int64_t k,
+                          const std::optional<at::Tensor>& gate, c10::DeviceType device_type);
+
 // The device-agnostic grouped-GEMM route (at::_grouped_mm with the device
 // offsets; CUTLASS grouped GEMM for bfloat16 on sm90): used by the CUDA kernels.
 std::tuple<at::Tensor, at::Tensor> sparse_ffn_grouped(const at::Tensor& x, const at::Tensor& w1,

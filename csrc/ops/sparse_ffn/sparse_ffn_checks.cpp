@@ -55,6 +55,45 @@ void check_route_inputs(const at::Tensor& scores, const at::Tensor& bias, int64_
               "], got ", k);
 }
 
+void check_gather_inputs(const at::Tensor& x, const at::Tensor& order, int64_t k,
+                         c10::DeviceType device_type) {
+  check_tensor(x, "x", device_type);
+  check_tensor(order, "order", device_type);
+  check_same_device(order, "order", x, "x");
+  TORCH_CHECK(is_float_dtype(x.scalar_type()),
+              "x must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, "x must be a 2-D tensor [tokens, d_model], got shape ", x.sizes());
+  TORCH_CHECK(order.scalar_type() == at::kLong && order.dim() == 1,
+              "order must be a 1-D int64 tensor, got ", order.scalar_type(), " of shape ",
+              order.sizes());
+  TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
+}
+
+void check_combine_inputs(const at::Tensor& y, const at::Tensor& order, int64_t k,
+                          const std::optional<at::Tensor>& gate, c10::DeviceType device_type) {
+  check_tensor(y, "y", device_type);
+  check_tensor(order, "order", device_type);
+  check_same_device(order, "order", y, "y");
+  TORCH_CHECK(is_float_dtype(y.scalar_type()),
+              "y must be float32, float64, float16 or bfloat16, got ", y.scalar_type());
+  TORCH_CHECK(y.dim() == 2, "y must be a 2-D tensor [tokens * k, d_model], got shape ", y.sizes());
+  TORCH_CHECK(order.scalar_type() == at::kLong && order.dim() == 1 &&
+                  order.numel() == y.size(0),
+              "order must be a 1-D int64 tensor of y.size(0) = ", y.size(0), " elements, got ",
+              order.scalar_type(), " of shape ", order.sizes());
+  TORCH_CHECK(k >= 1 && y.size(0) % k == 0, "k must be >= 1 and divide y.size(0) = ", y.size(0),
+              ", got ", k);
+  if (gate.has_value() && gate->defined()) {
+    check_tensor(*gate, "gate", device_type);
+    check_same_device(*gate, "gate", y, "y");
+    TORCH_CHECK(gate->scalar_type() == y.scalar_type(), "gate must have y's dtype (",
+                y.scalar_type(), "), got ", gate->scalar_type());
+    TORCH_CHECK(gate->dim() == 2 && gate->size(0) == y.size(0) / k && gate->size(1) == k,
+                "gate must be [tokens = ", y.size(0) / k, ", k = ", k, "], got shape ",
+                gate->sizes());
+  }
+}
+
 int64_t check_sparse_ffn_inputs(const at::Tensor& x, const at::Tensor& w1,
                                 const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                                 const at::Tensor& gate, const at::Tensor& order,

@@ -1,11 +1,12 @@
 // The gated sparse FFN's activations and its grouped-GEMM route, in
-// device-agnostic ATen: the CUDA kernels (kernels/sparse_ffn.cu) call
-// sparse_ffn_grouped and sparse_ffn_backward_grouped, the CPU kernels use the
-// activation helpers.
+// device-agnostic ATen plus the sparse_ffn_gather / sparse_ffn_combine ops:
+// the CUDA kernels (kernels/sparse_ffn.cu) call sparse_ffn_grouped and
+// sparse_ffn_backward_grouped, the CPU kernels use the activation helpers.
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include "deepseek_ext/ops.h"
 #include "sparse_ffn/sparse_ffn.h"
 
 namespace deepseek_ext {
@@ -50,30 +51,25 @@ at::Tensor activation_backward(const at::Tensor& dh, const at::Tensor& a, Activa
 
 // ---- the grouped-GEMM route (device-agnostic ATen; the CUDA kernels use it) ----
 //
-// Rows are the pairs in `order` (grouped by block); at::_grouped_mm takes the
-// cumulative group ends as an int32 device tensor, so nothing is read by the
-// host. Per-pair outputs are summed per token through the inverse permutation
-// (k rows per token, no atomics: deterministic).
+// Rows are the pairs in `order` (grouped by block): sparse_ffn_gather writes
+// x's rows in that order, at::_grouped_mm takes the cumulative group ends as
+// an int32 device tensor (nothing is read by the host), and
+// sparse_ffn_combine sums each token's k gated rows in one pass (no atomics:
+// deterministic). The backward gathers x again rather than keeping the
+// forward's [T * k, d_model] copy alive between forward and backward: with it,
+// the step's peak memory would exceed the dense FFN's whenever k * d_model >
+// d_ff (16 blocks at density 0.3 with d_ff = 4 d_model: k = 5), and a second
+// gather costs one read and one write of those rows.
 
 namespace {
 
-struct Grouping {
-  at::Tensor tok;   // [P] token of each sorted row
-  at::Tensor pos;   // [P] sorted row of each pair p
-  at::Tensor ends;  // [n_blocks] int32 cumulative ends
-  at::Tensor blk;   // [P] block of each sorted row
-};
+// The cumulative ends of the groups, int32, as at::_grouped_mm takes them.
+at::Tensor group_ends(const at::Tensor& offsets) { return offsets.slice(0, 1).to(at::kInt); }
 
-Grouping make_grouping(const at::Tensor& order, const at::Tensor& offsets, int64_t k) {
-  Grouping g;
-  const int64_t P = order.numel();
-  g.tok = at::div(order, k, "floor");
-  at::Tensor rows = at::arange(P, order.options());
-  g.pos = at::empty_like(order).index_copy_(0, order, rows);
-  at::Tensor ends64 = offsets.slice(0, 1);
-  g.ends = ends64.to(at::kInt);
-  g.blk = at::searchsorted(ends64, rows, /*out_int32=*/false, /*right=*/true);
-  return g;
+// The block of each row in block order (for the bias b1).
+at::Tensor row_blocks(const at::Tensor& offsets, int64_t P) {
+  return at::searchsorted(offsets.slice(0, 1), at::arange(P, offsets.options()),
+                          /*out_int32=*/false, /*right=*/true);
 }
 
 }  // namespace
@@ -84,41 +80,57 @@ std::tuple<at::Tensor, at::Tensor> sparse_ffn_grouped(const at::Tensor& x, const
                                                       const at::Tensor& order,
                                                       const at::Tensor& offsets,
                                                       int64_t block_size, Activation act) {
-  const int64_t T = x.size(0), D = x.size(1), k = gate.size(1);
+  const int64_t T = x.size(0), D = x.size(1), k = gate.size(1), P = T * k;
   const int64_t nb = offsets.numel() - 1;
   const int64_t mb = w1_rows_per_unit(act) * block_size;
-  const Grouping g = make_grouping(order, offsets, k);
-  const at::Tensor xs = x.index_select(0, g.tok);
-  const at::Tensor gs = gate.reshape(-1).index_select(0, order).unsqueeze(1);
-  at::Tensor a = at::_grouped_mm(xs, w1.view({nb, mb, D}).transpose(1, 2), g.ends);
-  if (b1.has_value() && b1->defined()) a.add_(b1->view({nb, mb}).index_select(0, g.blk));
-  const at::Tensor h = activation_forward(a, act, block_size).mul_(gs);
-  const at::Tensor y = at::_grouped_mm(h, w2.view({nb, block_size, D}), g.ends);
-  at::Tensor out = y.index_select(0, g.pos).view({T, k, D}).sum(1);
-  return {out, a};
+  if (P == 0) return {at::zeros({T, D}, x.options()), at::empty({0, mb}, x.options())};
+  const at::Tensor ends = group_ends(offsets);
+  at::Tensor a;
+  {  // the gathered rows live only as long as the first GEMM needs them
+    const at::Tensor xs = deepseek_ext::sparse_ffn_gather(x, order, k);
+    a = at::_grouped_mm(xs, w1.view({nb, mb, D}).transpose(1, 2), ends);
+  }
+  if (b1.has_value() && b1->defined()) {
+    a.add_(b1->view({nb, mb}).index_select(0, row_blocks(offsets, P)));
+  }
+  const at::Tensor y =
+      at::_grouped_mm(activation_forward(a, act, block_size), w2.view({nb, block_size, D}), ends);
+  return {deepseek_ext::sparse_ffn_combine(y, order, k, gate), a};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ffn_backward_grouped(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& gate, const at::Tensor& hidden, const at::Tensor& order,
     const at::Tensor& offsets, int64_t block_size, Activation act) {
-  const int64_t T = x.size(0), D = x.size(1), k = gate.size(1);
+  const int64_t T = x.size(0), D = x.size(1), k = gate.size(1), P = T * k;
   const int64_t nb = offsets.numel() - 1;
   const int64_t mb = w1_rows_per_unit(act) * block_size;
-  const Grouping g = make_grouping(order, offsets, k);
-  const at::Tensor xs = x.index_select(0, g.tok);
-  const at::Tensor gd = grad_out.index_select(0, g.tok);
+  if (P == 0) {
+    return {at::zeros({T, D}, x.options()), at::zeros_like(w1), at::zeros({w1.size(0)}, x.options()),
+            at::zeros_like(w2), at::zeros_like(gate)};
+  }
+  const at::Tensor ends = group_ends(offsets);
   const at::Tensor gs = gate.reshape(-1).index_select(0, order).unsqueeze(1);
-  const at::Tensor gh = at::_grouped_mm(gd, w2.view({nb, block_size, D}).transpose(1, 2), g.ends);
   const at::Tensor h = activation_forward(hidden, act, block_size);
-  at::Tensor grad_gate = at::empty_like(gate).view(-1).index_copy_(0, order, (gh * h).sum(1));
-  // Weight gradients: 2-D x 2-D grouped GEMMs, groups along the pair dimension.
-  at::Tensor grad_w2 = at::_grouped_mm((h * gs).t(), gd, g.ends).view({nb * block_size, D});
-  const at::Tensor da = activation_backward(gh * gs, hidden, act, block_size);
-  at::Tensor grad_w1 = at::_grouped_mm(da.t(), xs, g.ends).view({nb * mb, D});
-  at::Tensor grad_b1 = at::zeros({nb, mb}, da.options()).index_add_(0, g.blk, da).view(-1);
-  const at::Tensor dxs = at::_grouped_mm(da, w1.view({nb, mb, D}), g.ends);
-  at::Tensor grad_x = dxs.index_select(0, g.pos).view({T, k, D}).sum(1);
+  at::Tensor grad_gate, grad_w2, da;
+  {  // the gathered output gradient, freed before x is gathered
+    const at::Tensor gd = deepseek_ext::sparse_ffn_gather(grad_out, order, k);
+    const at::Tensor gh =
+        at::_grouped_mm(gd, w2.view({nb, block_size, D}).transpose(1, 2), ends);
+    grad_gate = at::empty_like(gate).view(-1).index_copy_(0, order, (gh * h).sum(1));
+    // Weight gradients: 2-D x 2-D grouped GEMMs, groups along the pair dimension.
+    grad_w2 = at::_grouped_mm((h * gs).t(), gd, ends).view({nb * block_size, D});
+    da = activation_backward(gh * gs, hidden, act, block_size);
+  }
+  at::Tensor grad_w1;
+  {
+    const at::Tensor xs = deepseek_ext::sparse_ffn_gather(x, order, k);
+    grad_w1 = at::_grouped_mm(da.t(), xs, ends).view({nb * mb, D});
+  }
+  at::Tensor grad_b1 =
+      at::zeros({nb, mb}, da.options()).index_add_(0, row_blocks(offsets, P), da).view(-1);
+  at::Tensor grad_x =
+      deepseek_ext::sparse_ffn_combine(at::_grouped_mm(da, w1.view({nb, mb, D}), ends), order, k);
   return {grad_x, grad_w1, grad_b1, grad_w2, grad_gate.view({T, k})};
 }
 

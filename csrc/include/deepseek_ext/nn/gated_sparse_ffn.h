@@ -10,7 +10,7 @@
 //
 // The hidden units are cut into n_blocks blocks of block_size = d_ff / n_blocks
 // units (say either n_blocks or block_size; given both, they must agree; with
-// neither, blocks are 128 wide); the first
+// neither, n_blocks is 16); the first
 // shared_blocks blocks are always computed (gate weight 1), and each token
 // picks the top k = clamp(round(density * n_blocks), 1, n_blocks - shared_blocks)
 // of the other (routed) blocks by gate score + balancing bias. A selected
@@ -52,7 +52,7 @@ struct GatedSparseFFNOptions {
   GatedSparseFFNOptions(int64_t d_model, int64_t d_ff) : d_model_(d_model), d_ff_(d_ff) {}
   TORCH_ARG(int64_t, d_model);
   TORCH_ARG(int64_t, d_ff);
-  // 0: not given. With neither n_blocks nor block_size, block_size is 128.
+  // 0: not given. With neither n_blocks nor block_size, n_blocks is 16.
   TORCH_ARG(int64_t, n_blocks) = 0;
   TORCH_ARG(int64_t, block_size) = 0;
   TORCH_ARG(double, density) = 0.3;

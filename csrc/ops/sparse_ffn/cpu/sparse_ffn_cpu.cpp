@@ -7,15 +7,17 @@
 //
 // sparse_ffn / sparse_ffn_backward: at::parallel_for over blocks. A block
 // walks its pairs in tiles of kTileRows: it gathers the tiles' token rows into
-// a thread-local buffer, runs its GEMMs through ATen (MKL), one block per
-// thread at a time, applies the activation and
-// the gate weights, and adds the tile's [rows, d_model] result into its
-// thread's accumulator (thread 0: the output itself; others: a private [T,
-// d_model] buffer added in at the end), so no two threads write one row and
-// nothing [T * k, d_model] is materialised. The weight gradients of a block are
-// accumulated over its tiles directly into its own rows of grad_w1 / grad_w2.
-// Only the selected blocks are ever multiplied. Summation order depends on the
-// thread count (not on timing): results are reproducible for a fixed count.
+// a per-thread tile buffer, runs its GEMMs through ATen (MKL), one block per
+// thread at a time, and writes the tile's [rows, d_model] result (forward:
+// the block's output y; backward: d loss / d x) into its rows of a
+// block-ordered [T * k, d_model] buffer. One pass then sums each token's k
+// rows (combine_rows_cpu: forward with the gate weights), so no two threads
+// write one row and the result does not depend on the thread count. The
+// weight gradients of a block are accumulated over its tiles directly into
+// its own rows of grad_w1 / grad_w2. Only the selected blocks are ever
+// multiplied. The [T * k, d_model] and tile buffers are per-thread
+// workspaces kept between calls (cpu_workspace), so a training step of fixed
+// shape allocates only its outputs.
 
 #include <ATen/Dispatch.h>
 #include <ATen/ATen.h>
@@ -32,8 +34,8 @@
 
 #include "common/cpu_parallel.h"
 #include "deepseek_ext/detail/topk.h"
+#include "sparse_ffn/cpu/sparse_ffn_permute_cpu.h"
 #include "sparse_ffn/sparse_ffn.h"
-
 
 namespace deepseek_ext {
 namespace ops {
@@ -86,54 +88,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_ffn_route_cpu(const at::Te
   return {idx, order, offsets};
 }
 
-// ---- row gather / scatter-add (memory-bound: plain vector loops) ----
-
-// dst[i] = src[rows[i] / k] for i < n (token rows of the pairs `rows`).
-template <typename scalar_t>
-void gather_rows(const scalar_t* src, const int64_t* pairs, int64_t n, int64_t k, int64_t D,
-                 scalar_t* dst) {
-  for (int64_t i = 0; i < n; ++i) {
-    const scalar_t* r = src + (pairs[i] / k) * D;
-    std::copy(r, r + D, dst + i * D);
-  }
-}
-
-// acc[pairs[i] / k] += src[i] for i < n.
-template <typename scalar_t>
-void scatter_add_rows(const scalar_t* src, const int64_t* pairs, int64_t n, int64_t k, int64_t D,
-                      scalar_t* acc) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  for (int64_t i = 0; i < n; ++i) {
-    scalar_t* o = acc + (pairs[i] / k) * D;
-    const scalar_t* r = src + i * D;
-    int64_t d = 0;
-    for (; d + Vec::size() <= D; d += Vec::size()) (Vec::loadu(o + d) + Vec::loadu(r + d)).store(o + d);
-    for (; d < D; ++d) o[d] = o[d] + r[d];
-  }
-}
-
-// out += sum of the other threads' partial sums, in parallel over rows.
-void reduce_partials(at::Tensor& out, std::vector<at::Tensor>& partials) {
-  std::vector<at::Tensor> used;
-  for (size_t i = 1; i < partials.size(); ++i) {
-    if (partials[i].defined()) used.push_back(partials[i]);
-  }
-  if (used.empty()) return;
-  parallel_for_with_caller_state(0, out.size(0), 64, [&](int64_t r0, int64_t r1) {
-    at::Tensor o = out.narrow(0, r0, r1 - r0);
-    for (const auto& p : used) o.add_(p.narrow(0, r0, r1 - r0));
-  });
-}
-
-void check_order(const at::Tensor& order) {
-  const int64_t P = order.numel();
-  const int64_t* op = order.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < P; ++i) {
-    TORCH_CHECK(op[i] >= 0 && op[i] < P, "order must be a permutation of 0 .. tokens * k - 1, got ",
-                op[i], " at ", i);
-  }
-}
-
 void check_offsets(const at::Tensor& offsets, int64_t P) {
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   const int64_t nb = offsets.numel() - 1;
@@ -146,19 +100,17 @@ void check_offsets(const at::Tensor& offsets, int64_t P) {
 }
 
 // Blocks per parallel_for task: one (its GEMMs are the unit of work); rows
-// per tile: a block's pairs are processed in tiles whose gathered inputs and
-// outputs stay in the core's cache.
+// per tile: a block's pairs are processed in tiles whose gathered inputs stay
+// in the core's cache.
 constexpr int64_t kBlockGrain = 1;
 constexpr int64_t kTileRows = 512;
 
-// Per-thread accumulator for the token rows: thread 0 writes `out` itself, the
-// others get a zeroed [T, D] buffer on first use.
-at::Tensor& thread_accumulator(std::vector<at::Tensor>& partials, at::Tensor& out) {
+// This thread's [kTileRows, D] slice number `which` of the tile workspace
+// (`per_thread` slices per thread).
+at::Tensor thread_tile(const at::Tensor& tiles, int64_t per_thread, int64_t which) {
   const int tid = at::get_thread_num();
-  TORCH_INTERNAL_ASSERT(tid >= 0 && static_cast<size_t>(tid) < partials.size());
-  if (tid == 0) return out;
-  if (!partials[tid].defined()) partials[tid] = at::zeros_like(out);
-  return partials[tid];
+  TORCH_INTERNAL_ASSERT(tid >= 0 && tid * per_thread * kTileRows < tiles.size(0));
+  return tiles.narrow(0, (tid * per_thread + which) * kTileRows, kTileRows);
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_ffn_cpu(const at::Tensor& x_in, const at::Tensor& w1,
@@ -171,51 +123,47 @@ std::tuple<at::Tensor, at::Tensor> sparse_ffn_cpu(const at::Tensor& x_in, const 
   const int64_t nb = check_sparse_ffn_inputs(x_in, w1, b1, w2, gate_in, order_in, offsets_in,
                                              block_size, act, c10::DeviceType::CPU);
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor gate = gate_in.contiguous().view(-1);
+  const at::Tensor gate = gate_in.contiguous();
   const at::Tensor order = order_in.contiguous();
   const at::Tensor offsets = offsets_in.contiguous();
   const int64_t T = x.size(0), D = x.size(1), k = gate_in.size(1), P = T * k;
   const int64_t mb = w1_rows_per_unit(act) * block_size;
-  at::Tensor out = at::zeros({T, D}, x.options());
   at::Tensor hidden = at::empty({P, mb}, x.options());
-  if (P == 0) return {out, hidden};
+  if (P == 0) return {at::zeros({T, D}, x.options()), hidden};
   check_offsets(offsets, P);
-  check_order(order);
+  const at::Tensor pos = inverse_permutation_cpu(order);
   const bool has_b1 = b1.has_value() && b1->defined();
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   const int64_t* ord = order.const_data_ptr<int64_t>();
-  std::vector<at::Tensor> partials(at::get_num_threads());
+  // y: every pair's block output, in block order (reused across calls), then
+  // out[t] = sum_j gate[t, j] * y[pos[t * k + j]] in one pass.
+  at::Tensor y = cpu_workspace(WorkspaceSlot::kRows, P, D, x.scalar_type());
+  const at::Tensor tiles =
+      cpu_workspace(WorkspaceSlot::kTiles, at::get_num_threads() * kTileRows, D, x.scalar_type());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_ffn_cpu", [&] {
-    parallel_for_with_caller_state(0, nb, kBlockGrain, [&](int64_t b0, int64_t b1_) {
-      at::Tensor& acc = thread_accumulator(partials, out);
-      at::Tensor xg_buf = at::empty({kTileRows, D}, x.options());
-      at::Tensor y_buf = at::empty({kTileRows, D}, x.options());
-      for (int64_t b = b0; b < b1_; ++b) {
-        const at::Tensor w1b = w1c.narrow(0, b * mb, mb);
-        const at::Tensor w2b = w2c.narrow(0, b * block_size, block_size);
-        for (int64_t s = off[b]; s < off[b + 1]; s += kTileRows) {
-          const int64_t n = std::min(kTileRows, off[b + 1] - s);
-          at::Tensor xg = xg_buf.narrow(0, 0, n);
-          gather_rows(x.const_data_ptr<scalar_t>(), ord + s, n, k, D, xg.data_ptr<scalar_t>());
-          at::Tensor a = hidden.narrow(0, s, n);
-          if (has_b1) {
-            at::addmm_out(a, b1->narrow(0, b * mb, mb), xg, w1b.t());
-          } else {
-            at::mm_out(a, xg, w1b.t());
-          }
-          const at::Tensor h = activation_forward(a, act, block_size);
-          h.mul_(gate.index_select(0, order.narrow(0, s, n)).unsqueeze(1));
-          at::Tensor y = y_buf.narrow(0, 0, n);
-          at::mm_out(y, h, w2b);
-          scatter_add_rows(y.const_data_ptr<scalar_t>(), ord + s, n, k, D,
-                           acc.data_ptr<scalar_t>());
+  parallel_for_with_caller_state(0, nb, kBlockGrain, [&](int64_t b0, int64_t b1_) {
+    at::Tensor xg_buf = thread_tile(tiles, 1, 0);
+    for (int64_t b = b0; b < b1_; ++b) {
+      const at::Tensor w1b = w1c.narrow(0, b * mb, mb);
+      const at::Tensor w2b = w2c.narrow(0, b * block_size, block_size);
+      for (int64_t s = off[b]; s < off[b + 1]; s += kTileRows) {
+        const int64_t n = std::min(kTileRows, off[b + 1] - s);
+        at::Tensor xg = xg_buf.narrow(0, 0, n);
+        gather_rows_cpu(x, ord + s, n, k, xg);
+        at::Tensor a = hidden.narrow(0, s, n);
+        if (has_b1) {
+          at::addmm_out(a, b1->narrow(0, b * mb, mb), xg, w1b.t());
+        } else {
+          at::mm_out(a, xg, w1b.t());
         }
+        at::Tensor yb = y.narrow(0, s, n);
+        at::mm_out(yb, activation_forward(a, act, block_size), w2b);
       }
-    });
+    }
   });
-  reduce_partials(out, partials);
+  at::Tensor out = at::empty({T, D}, x.options());
+  combine_rows_cpu(y, pos, k, gate, out);
   return {out, hidden};
 }
 
@@ -238,7 +186,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ff
   const int64_t mb = w1_rows_per_unit(act) * block_size;
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
 
-  at::Tensor grad_x = at::zeros({T, D}, x.options());
   at::Tensor grad_w1 = at::empty_like(w1c);
   at::Tensor grad_b1 = at::empty({w1c.size(0)}, x.options());
   at::Tensor grad_w2 = at::empty_like(w2c);
@@ -247,63 +194,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ff
     grad_w1.zero_();
     grad_b1.zero_();
     grad_w2.zero_();
-    return {grad_x, grad_w1, grad_b1, grad_w2, grad_gate.view({T, k})};
+    return {at::zeros({T, D}, x.options()), grad_w1, grad_b1, grad_w2, grad_gate.view({T, k})};
   }
   check_offsets(offsets, P);
-  check_order(order);
+  const at::Tensor pos = inverse_permutation_cpu(order);
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   const int64_t* ord = order.const_data_ptr<int64_t>();
-  std::vector<at::Tensor> partials(at::get_num_threads());
+  // dxs: d loss / d x of every pair, in block order (reused across calls),
+  // summed per token at the end as the forward's combine does.
+  at::Tensor dxs = cpu_workspace(WorkspaceSlot::kRows, P, D, x.scalar_type());
+  const at::Tensor tiles = cpu_workspace(WorkspaceSlot::kTiles,
+                                         2 * at::get_num_threads() * kTileRows, D, x.scalar_type());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_ffn_backward_cpu", [&] {
-    parallel_for_with_caller_state(0, nb, kBlockGrain, [&](int64_t b0, int64_t b1_) {
-      at::Tensor& acc = thread_accumulator(partials, grad_x);
-      at::Tensor xg_buf = at::empty({kTileRows, D}, x.options());
-      at::Tensor gd_buf = at::empty({kTileRows, D}, x.options());
-      at::Tensor dx_buf = at::empty({kTileRows, D}, x.options());
-      for (int64_t b = b0; b < b1_; ++b) {
-        at::Tensor gw1 = grad_w1.narrow(0, b * mb, mb);
-        at::Tensor gb1 = grad_b1.narrow(0, b * mb, mb);
-        at::Tensor gw2 = grad_w2.narrow(0, b * block_size, block_size);
-        if (off[b] == off[b + 1]) {  // no pair chose this block
-          gw1.zero_();
-          gb1.zero_();
-          gw2.zero_();
-          continue;
-        }
-        const at::Tensor w2b = w2c.narrow(0, b * block_size, block_size);
-        const at::Tensor w1b = w1c.narrow(0, b * mb, mb);
-        for (int64_t s = off[b]; s < off[b + 1]; s += kTileRows) {
-          const int64_t n = std::min(kTileRows, off[b + 1] - s);
-          const at::Tensor pairs = order.narrow(0, s, n);
-          at::Tensor gd = gd_buf.narrow(0, 0, n);
-          at::Tensor xg = xg_buf.narrow(0, 0, n);
-          gather_rows(grad_out.const_data_ptr<scalar_t>(), ord + s, n, k, D, gd.data_ptr<scalar_t>());
-          gather_rows(x.const_data_ptr<scalar_t>(), ord + s, n, k, D, xg.data_ptr<scalar_t>());
-          const at::Tensor a = hidden.narrow(0, s, n);
-          const at::Tensor g = gate.index_select(0, pairs).unsqueeze(1);
-          const at::Tensor gh = at::mm(gd, w2b.t());              // d loss / d (g * h)
-          at::Tensor h = activation_forward(a, act, block_size);  // h = act(a)
-          grad_gate.index_copy_(0, pairs, (gh * h).sum(1));
-          // The first tile writes the block's weight gradients, later ones add.
-          const double beta = s == off[b] ? 0.0 : 1.0;
-          gw2.addmm_(h.mul_(g).t(), gd, beta);
-          const at::Tensor da = activation_backward(gh.mul_(g), a, act, block_size);
-          gw1.addmm_(da.t(), xg, beta);
-          if (beta == 0.0) {
-            at::sum_out(gb1, da, 0);
-          } else {
-            gb1.add_(da.sum(0));
-          }
-          at::Tensor dx = dx_buf.narrow(0, 0, n);
-          at::mm_out(dx, da, w1b);
-          scatter_add_rows(dx.const_data_ptr<scalar_t>(), ord + s, n, k, D,
-                           acc.data_ptr<scalar_t>());
-        }
+  parallel_for_with_caller_state(0, nb, kBlockGrain, [&](int64_t b0, int64_t b1_) {
+    at::Tensor xg_buf = thread_tile(tiles, 2, 0);
+    at::Tensor gd_buf = thread_tile(tiles, 2, 1);
+    for (int64_t b = b0; b < b1_; ++b) {
+      at::Tensor gw1 = grad_w1.narrow(0, b * mb, mb);
+      at::Tensor gb1 = grad_b1.narrow(0, b * mb, mb);
+      at::Tensor gw2 = grad_w2.narrow(0, b * block_size, block_size);
+      if (off[b] == off[b + 1]) {  // no pair chose this block
+        gw1.zero_();
+        gb1.zero_();
+        gw2.zero_();
+        continue;
       }
-    });
+      const at::Tensor w2b = w2c.narrow(0, b * block_size, block_size);
+      const at::Tensor w1b = w1c.narrow(0, b * mb, mb);
+      for (int64_t s = off[b]; s < off[b + 1]; s += kTileRows) {
+        const int64_t n = std::min(kTileRows, off[b + 1] - s);
+        const at::Tensor pairs = order.narrow(0, s, n);
+        at::Tensor gd = gd_buf.narrow(0, 0, n);
+        at::Tensor xg = xg_buf.narrow(0, 0, n);
+        gather_rows_cpu(grad_out, ord + s, n, k, gd);
+        gather_rows_cpu(x, ord + s, n, k, xg);
+        const at::Tensor a = hidden.narrow(0, s, n);
+        const at::Tensor g = gate.index_select(0, pairs).unsqueeze(1);
+        const at::Tensor gh = at::mm(gd, w2b.t());              // d loss / d (g * h)
+        at::Tensor h = activation_forward(a, act, block_size);  // h = act(a)
+        grad_gate.index_copy_(0, pairs, (gh * h).sum(1));
+        // The first tile writes the block's weight gradients, later ones add.
+        const double beta = s == off[b] ? 0.0 : 1.0;
+        gw2.addmm_(h.mul_(g).t(), gd, beta);
+        const at::Tensor da = activation_backward(gh.mul_(g), a, act, block_size);
+        gw1.addmm_(da.t(), xg, beta);
+        if (beta == 0.0) {
+          at::sum_out(gb1, da, 0);
+        } else {
+          gb1.add_(da.sum(0));
+        }
+        at::Tensor dx = dxs.narrow(0, s, n);
+        at::mm_out(dx, da, w1b);
+      }
+    }
   });
-  reduce_partials(grad_x, partials);
+  at::Tensor grad_x = at::empty({T, D}, x.options());
+  combine_rows_cpu(dxs, pos, k, std::nullopt, grad_x);
   return {grad_x, grad_w1, grad_b1, grad_w2, grad_gate.view({T, k})};
 }
 
