@@ -37,6 +37,7 @@ deleted on exit, also after an error or Ctrl-C. Run through
 """
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -142,14 +143,30 @@ def stop(procs):
             q.communicate()
 
 
-def run_method(names, procs_per_host, method, args, workdir):
+RUNS = itertools.count()
+
+
+def run_method(names, procs_per_host, method, args, workdir, attempts=2):
+    """One method's torchrun on every host; a run that does not finish within
+    --run-timeout (a rendezvous that never completes happens now and then on
+    a loaded machine) is stopped and tried once more."""
+    for attempt in range(attempts):
+        try:
+            return _run_method(names, procs_per_host, method, args, workdir)
+        except TimeoutError as e:
+            print(f"{method}: {e}" + ("; trying again" if attempt + 1 < attempts else ""), flush=True)
+    raise RuntimeError(f"{method}: torchrun did not finish within {args.run_timeout} s, {attempts} times")
+
+
+def _run_method(names, procs_per_host, method, args, workdir):
     out_json = Path(workdir) / f"{method}_{len(names)}x{procs_per_host}.json"
+    port = PORT + next(RUNS) % 500  # a fresh rendezvous port for every run
     cmds = []
     for i, ns in enumerate(names):
         env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run",
                f"--nnodes={len(names)}", f"--nproc-per-node={procs_per_host}", f"--node-rank={i}",
-               f"--master-addr={SUBNET}.1", f"--master-port={PORT}", str(Path(__file__).resolve()),
+               f"--master-addr={SUBNET}.1", f"--master-port={port}", str(Path(__file__).resolve()),
                "--worker", "--method", method, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--width", str(args.width), "--depth", str(args.depth), "--model", args.model,
                *(["--profile"] if args.profile else []),
@@ -165,7 +182,7 @@ def run_method(names, procs_per_host, method, args, workdir):
             logs.append(p.communicate(timeout=max(1, deadline - time.monotonic()))[0])
         except subprocess.TimeoutExpired:
             stop(cmds)
-            raise RuntimeError(f"{method}: torchrun did not finish within {args.run_timeout} s")
+            raise TimeoutError(f"torchrun did not finish within {args.run_timeout} s") from None
     if any(p.returncode for p in cmds) or not out_json.exists():
         raise RuntimeError(f"{method} failed:\n" + "\n".join(log[-3000:] for log in logs))
     if args.profile:
@@ -449,7 +466,7 @@ def main(argv=None):
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--model", default="mlp", choices=["mlp", "embedding"], help="the worker's model, or --quick's")
     p.add_argument("--profile", action="store_true", help="print rank 0's hook timeline of the last step")
-    p.add_argument("--run-timeout", type=int, default=150)
+    p.add_argument("--run-timeout", type=int, default=200)
     p.add_argument("--quick", action="store_true", help="only 2 hosts at 1 Gbit/s, allreduce and int8 (--model's shape)")
     p.add_argument("--more", action="store_true", help="also 4 hosts, and 2 hosts x 2 ranks (hierarchical)")
     p.add_argument("--world8", action="store_true", help="also 8 hosts (no rate limit, smaller model): bytes")
