@@ -101,8 +101,7 @@ class Recipe:
     sharing: str = "all"
     amp_dtype: str = "float16"  # mixed_precision's autocast dtype on CUDA: float16 (+ loss scaler) or bfloat16
     ffn_density: float = 0.3
-    ffn_block_size: int = 64  # the recipe's own model (build_model)
-    ffn_n_blocks: int = 16  # models converted by apply()
+    ffn_n_blocks: int = 16  # blocks of d_ff (block width d_ff / ffn_n_blocks); see GatedSparseFFN
     comm_block_size: int = 256
     progressive_start_frac: float = 0.5  # start with this fraction of the layers
     progressive_freeze_top: Optional[int] = None  # layers left trainable in phase 3 (default: half)
@@ -186,7 +185,7 @@ class Recipe:
             from deepseek_ext.nn import GatedSparseFFN
 
             def ffn_factory(_layer: int) -> torch.nn.Module:
-                return GatedSparseFFN(cfg.d_model, cfg.d_ff, block_size=self.ffn_block_size,
+                return GatedSparseFFN(cfg.d_model, cfg.d_ff, n_blocks=self.ffn_n_blocks,
                                       density=self.ffn_density, activation="gelu")
         return SharedAttentionTransformer(
             cfg.vocab_size, cfg.d_model, n_layers or cfg.n_layers, cfg.n_heads, cfg.d_ff, cfg.max_seq_len,
@@ -198,7 +197,7 @@ class Recipe:
         from deepseek_ext.nn import ffn_flops
 
         if self.sparse_ffn:
-            f = ffn_flops(cfg.d_model, cfg.d_ff, block_size=self.ffn_block_size, density=self.ffn_density,
+            f = ffn_flops(cfg.d_model, cfg.d_ff, n_blocks=self.ffn_n_blocks, density=self.ffn_density,
                           activation="gelu")["sparse"]
         else:
             f = ffn_flops(cfg.d_model, cfg.d_ff, activation="gelu")["dense"]
