@@ -444,7 +444,7 @@ CONFIGS = [  # (model, hosts, ranks per host, rate, methods)
     ("mlp", 2, 1, "10gbit", ["allreduce", "int8", "int8_always", "fsdp2", "fsdp2_int8", "fsdp2_int8ag"]),
 ]
 # --world8: bytes at 8 ranks (16 Python processes: slow on 2 cores)
-WORLD8 = ("mlp", 8, 1, "none", ["allreduce", "int8", "fsdp2", "fsdp2_int8", "fsdp2_int8ag"])
+WORLD8 = ("mlp", 8, 1, "none", ["allreduce", "int8", "int8_always", "fsdp2", "fsdp2_int8", "fsdp2_int8ag"])
 # --more: the earlier sweep of the mlp shape (4 hosts; 2 ranks per host, hierarchical)
 MORE = [("mlp", 4, 1, "1gbit", ["allreduce", "fp16", "pertensor", "powersgd", "int8"]),
         ("mlp", 2, 2, "1gbit", ["allreduce", "int8", "int8_hier"])]

@@ -93,9 +93,9 @@ class Int8CompressionState:
     dequantise ops on this rank's device. The ranks take the maximum of each
     (one more allreduce), so every rank holds the same numbers and decides
     every bucket alike. A bucket of ``N`` elements is then compressed iff
-    ``2 a + b * int8_bytes + c * N < a + b * allreduce_bytes`` (compute counted
-    as if it did not overlap the transfers), else averaged by a plain
-    allreduce. :meth:`stats` gives the numbers and each bucket's decision.
+    ``2 a + b * int8_bytes + c * N < 0.8 * (a + b * allreduce_bytes)`` (compute
+    counted as if it did not overlap the transfers; the 0.8 a margin for the
+    model's error), else averaged by a plain allreduce. :meth:`stats` gives the numbers and each bucket's decision.
 
     Checkpoints: :meth:`state_dict` also saves the bucket layout the residuals
     belong to, each bucket as a list of ``(stable key, shape)`` pairs, one per
