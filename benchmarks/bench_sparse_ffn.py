@@ -121,8 +121,10 @@ def main(argv=None):
                    f"{t_dense * 1e3:.2f}", f"{t_sparse * 1e3:.2f}", f"{t_sparse / t_dense:.2f}x",
                    f"{t_route * 1e3:.3f}", f"{100 * t_route / t_dense:.1f}%", f"{fl['ratio']:.3f}"]
             if gpu:
+                # x.grad is allocated again in both (parameter gradients exist already).
                 x.grad = None
                 mem_dense = peak_bytes(dense_step, dev)
+                x.grad = None
                 mem_sparse = peak_bytes(sparse_step, dev)
                 row.append(f"{mem_sparse / mem_dense:.2f}x")
             rows.append(row)
@@ -158,6 +160,10 @@ def main(argv=None):
     print(f"wrote {path}")
 
 
+def rate(value: float, unit: str) -> str:
+    return f"{value:.0f} {unit}" if value >= 10 else f"{value:.2f} {unit}"
+
+
 def time_parts(x, ffn, dev, min_run_time):
     """Rows (shape, part, size, ms, GB/s or TFLOP/s) for the gather, the combine
     and, on CUDA, the six grouped GEMMs of one forward + backward, with the
@@ -180,10 +186,10 @@ def time_parts(x, ffn, dev, min_run_time):
 
     t = timed(lambda: ops.sparse_ffn_gather(x, order, k))
     rows.append([shape, "gather x rows (sparse_ffn_gather)", f"{P} x {D}", f"{t * 1e3:.3f}",
-                 f"{2 * P * D * esize / t / 1e9:.0f} GB/s"])
+                 rate(2 * P * D * esize / t / 1e9, "GB/s")])
     t = timed(lambda: ops.sparse_ffn_combine(y, order, k, gate))
     rows.append([shape, "combine to tokens (sparse_ffn_combine)", f"{P} x {D} -> {T}", f"{t * 1e3:.3f}",
-                 f"{(P + T) * D * esize / t / 1e9:.0f} GB/s"])
+                 rate((P + T) * D * esize / t / 1e9, "GB/s")])
     if x.is_cuda:
         ends = offsets[1:].to(torch.int32)
         w1 = ffn.w1.detach().view(nb, mb, D)
@@ -200,7 +206,7 @@ def time_parts(x, ffn, dev, min_run_time):
         ]
         for name, fn, macs in gemms:
             t = timed(fn)
-            rows.append([shape, name, f"{nb} groups, {P} rows", f"{t * 1e3:.3f}", f"{2 * macs / t / 1e12:.0f} TFLOP/s"])
+            rows.append([shape, name, f"{nb} groups, {P} rows", f"{t * 1e3:.3f}", rate(2 * macs / t / 1e12, "TFLOP/s")])
     return rows
 
 

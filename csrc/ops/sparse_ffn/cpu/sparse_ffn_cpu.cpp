@@ -105,6 +105,57 @@ void check_offsets(const at::Tensor& offsets, int64_t P) {
 constexpr int64_t kBlockGrain = 1;
 constexpr int64_t kTileRows = 512;
 
+// act(a) written into h [n, block_size] (a [n, m * block_size]): the
+// activation_forward of sparse_ffn_grouped.cpp without a temporary.
+void activation_forward_out(at::Tensor& h, const at::Tensor& a, Activation act,
+                            int64_t block_size) {
+  switch (act) {
+    case Activation::kGelu:
+      at::gelu_out(h, a);
+      return;
+    case Activation::kGeluTanh:
+      at::gelu_out(h, a, "tanh");
+      return;
+    case Activation::kSilu:
+      at::silu_out(h, a);
+      return;
+    case Activation::kSwiglu:
+      at::silu_out(h, a.narrow(1, 0, block_size));
+      h.mul_(a.narrow(1, block_size, block_size));
+      return;
+  }
+  TORCH_INTERNAL_ASSERT(false, "unknown activation");
+}
+
+// d loss / d a written into da [n, m * block_size] from dh = d loss / d act(a).
+void activation_backward_out(at::Tensor& da, const at::Tensor& dh, const at::Tensor& a,
+                             Activation act, int64_t block_size) {
+  switch (act) {
+    case Activation::kGelu:
+      at::gelu_backward_out(da, dh, a);
+      return;
+    case Activation::kGeluTanh:
+      at::gelu_backward_out(da, dh, a, "tanh");
+      return;
+    case Activation::kSilu:
+      at::silu_backward_out(da, dh, a);
+      return;
+    case Activation::kSwiglu: {
+      // h = silu(g) * u: dg = silu'(g) * (dh * u), du = dh * silu(g).
+      const at::Tensor g = a.narrow(1, 0, block_size);
+      const at::Tensor u = a.narrow(1, block_size, block_size);
+      at::Tensor dg = da.narrow(1, 0, block_size);
+      at::Tensor du = da.narrow(1, block_size, block_size);
+      at::mul_out(du, dh, u);  // dh * u, consumed at once
+      at::silu_backward_out(dg, du, g);
+      at::silu_out(du, g);
+      du.mul_(dh);
+      return;
+    }
+  }
+  TORCH_INTERNAL_ASSERT(false, "unknown activation");
+}
+
 // This thread's [kTileRows, D] slice number `which` of the tile workspace
 // (`per_thread` slices per thread).
 at::Tensor thread_tile(const at::Tensor& tiles, int64_t per_thread, int64_t which) {
@@ -141,9 +192,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_ffn_cpu(const at::Tensor& x_in, const 
   at::Tensor y = cpu_workspace(WorkspaceSlot::kRows, P, D, x.scalar_type());
   const at::Tensor tiles =
       cpu_workspace(WorkspaceSlot::kTiles, at::get_num_threads() * kTileRows, D, x.scalar_type());
+  const at::Tensor hidden_tiles = cpu_workspace(
+      WorkspaceSlot::kHiddenTiles, at::get_num_threads() * kTileRows, block_size, x.scalar_type());
 
   parallel_for_with_caller_state(0, nb, kBlockGrain, [&](int64_t b0, int64_t b1_) {
     at::Tensor xg_buf = thread_tile(tiles, 1, 0);
+    at::Tensor h_buf = thread_tile(hidden_tiles, 1, 0);
     for (int64_t b = b0; b < b1_; ++b) {
       const at::Tensor w1b = w1c.narrow(0, b * mb, mb);
       const at::Tensor w2b = w2c.narrow(0, b * block_size, block_size);
@@ -157,8 +211,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_ffn_cpu(const at::Tensor& x_in, const 
         } else {
           at::mm_out(a, xg, w1b.t());
         }
+        at::Tensor h = h_buf.narrow(0, 0, n);
+        activation_forward_out(h, a, act, block_size);
         at::Tensor yb = y.narrow(0, s, n);
-        at::mm_out(yb, activation_forward(a, act, block_size), w2b);
+        at::mm_out(yb, h, w2b);
       }
     }
   });
@@ -205,10 +261,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ff
   at::Tensor dxs = cpu_workspace(WorkspaceSlot::kRows, P, D, x.scalar_type());
   const at::Tensor tiles = cpu_workspace(WorkspaceSlot::kTiles,
                                          2 * at::get_num_threads() * kTileRows, D, x.scalar_type());
+  // Per thread: h, gh and their product (block_size wide) and da (m * block_size).
+  const at::Tensor hidden_tiles = cpu_workspace(
+      WorkspaceSlot::kHiddenTiles, 4 * at::get_num_threads() * kTileRows, mb, x.scalar_type());
 
   parallel_for_with_caller_state(0, nb, kBlockGrain, [&](int64_t b0, int64_t b1_) {
     at::Tensor xg_buf = thread_tile(tiles, 2, 0);
     at::Tensor gd_buf = thread_tile(tiles, 2, 1);
+    at::Tensor h_buf = thread_tile(hidden_tiles, 4, 0).narrow(1, 0, block_size);
+    at::Tensor gh_buf = thread_tile(hidden_tiles, 4, 1).narrow(1, 0, block_size);
+    at::Tensor prod_buf = thread_tile(hidden_tiles, 4, 2).narrow(1, 0, block_size);
+    at::Tensor da_buf = thread_tile(hidden_tiles, 4, 3);
     for (int64_t b = b0; b < b1_; ++b) {
       at::Tensor gw1 = grad_w1.narrow(0, b * mb, mb);
       at::Tensor gb1 = grad_b1.narrow(0, b * mb, mb);
@@ -230,13 +293,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ff
         gather_rows_cpu(x, ord + s, n, k, xg);
         const at::Tensor a = hidden.narrow(0, s, n);
         const at::Tensor g = gate.index_select(0, pairs).unsqueeze(1);
-        const at::Tensor gh = at::mm(gd, w2b.t());              // d loss / d (g * h)
-        at::Tensor h = activation_forward(a, act, block_size);  // h = act(a)
-        grad_gate.index_copy_(0, pairs, (gh * h).sum(1));
+        at::Tensor gh = gh_buf.narrow(0, 0, n);  // d loss / d (g * h)
+        at::mm_out(gh, gd, w2b.t());
+        at::Tensor h = h_buf.narrow(0, 0, n);  // h = act(a)
+        activation_forward_out(h, a, act, block_size);
+        at::Tensor prod = prod_buf.narrow(0, 0, n);
+        at::mul_out(prod, gh, h);
+        grad_gate.index_copy_(0, pairs, prod.sum(1));
         // The first tile writes the block's weight gradients, later ones add.
         const double beta = s == off[b] ? 0.0 : 1.0;
         gw2.addmm_(h.mul_(g).t(), gd, beta);
-        const at::Tensor da = activation_backward(gh.mul_(g), a, act, block_size);
+        at::Tensor da = da_buf.narrow(0, 0, n);
+        activation_backward_out(da, gh.mul_(g), a, act, block_size);
         gw1.addmm_(da.t(), xg, beta);
         if (beta == 0.0) {
           at::sum_out(gb1, da, 0);

@@ -115,7 +115,7 @@ void combine_rows_cpu(const at::Tensor& y, const at::Tensor& pos, int64_t k,
 }
 
 at::Tensor cpu_workspace(WorkspaceSlot slot, int64_t rows, int64_t cols, at::ScalarType dtype) {
-  thread_local std::array<at::Tensor, 2> buffers;
+  thread_local std::array<at::Tensor, 3> buffers;
   at::Tensor& buf = buffers[static_cast<size_t>(slot)];
   const int64_t need = rows * cols;
   if (!buf.defined() || buf.scalar_type() != dtype || buf.numel() < need) {

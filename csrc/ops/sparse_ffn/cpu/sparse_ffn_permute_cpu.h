@@ -36,7 +36,9 @@ void combine_rows_cpu(const at::Tensor& y, const at::Tensor& pos, int64_t k,
 // the per-call scratch of the CPU kernels, so that a training step does not
 // allocate and free blocks of varying size (which fragments glibc's heap).
 // Valid until the same thread asks for the same slot again.
-enum class WorkspaceSlot { kRows, kTiles };
+// kRows: [T * k, d_model] block-ordered rows; kTiles: per-thread row tiles of
+// d_model columns; kHiddenTiles: per-thread tiles of the hidden width.
+enum class WorkspaceSlot { kRows, kTiles, kHiddenTiles };
 at::Tensor cpu_workspace(WorkspaceSlot slot, int64_t rows, int64_t cols, at::ScalarType dtype);
 
 }  // namespace ops
