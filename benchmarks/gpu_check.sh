@@ -132,7 +132,7 @@ if [[ ${status[build]} == ok* ]]; then
           # 16M and 256M: 1M is launch-bound.
           bench_quant) extra=(--rounds 3 --min-run-time 0.1 --sizes 16M,256M) limit=200 ;;
           bench_gemm) extra=(--rounds 3 --min-run-time 0.2) limit=120 ;;
-          bench_sparse_ffn) extra=(--rounds 3 --min-run-time 0.2 --profile 0.3) ;;
+          bench_sparse_ffn) extra=(--rounds 3 --min-run-time 0.2 --profile 0.3) limit=180 ;;
           bench_scaler) extra=(--rounds 3) ;;
           bench_shared_attention) extra=(--parts tables --rounds 3 --small-rounds 3) limit=120 ;;
         esac
