@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include "common/torch_compat.h"
 #include "deepseek_ext/ops.h"
 #include "sparse_ffn/sparse_ffn.h"
 
@@ -52,8 +53,8 @@ at::Tensor activation_backward(const at::Tensor& dh, const at::Tensor& a, Activa
 // ---- the grouped-GEMM route (device-agnostic ATen; the CUDA kernels use it) ----
 //
 // Rows are the pairs in `order` (grouped by block): sparse_ffn_gather writes
-// x's rows in that order, at::_grouped_mm takes the cumulative group ends as
-// an int32 device tensor (nothing is read by the host), and
+// x's rows in that order, the grouped GEMM (compat::grouped_mm, torch_compat.h)
+// takes the cumulative group ends as an int32 device tensor (nothing is read by the host), and
 // sparse_ffn_combine sums each token's k gated rows in one pass (no atomics:
 // deterministic). The backward gathers x again rather than keeping the
 // forward's [T * k, d_model] copy alive between forward and backward: with it,
@@ -63,7 +64,7 @@ at::Tensor activation_backward(const at::Tensor& dh, const at::Tensor& a, Activa
 
 namespace {
 
-// The cumulative ends of the groups, int32, as at::_grouped_mm takes them.
+// The cumulative ends of the groups, int32, as compat::grouped_mm takes them.
 at::Tensor group_ends(const at::Tensor& offsets) { return offsets.slice(0, 1).to(at::kInt); }
 
 // The block of each row in block order (for the bias b1).
@@ -88,13 +89,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_ffn_grouped(const at::Tensor& x, const
   at::Tensor a;
   {  // the gathered rows live only as long as the first GEMM needs them
     const at::Tensor xs = deepseek_ext::sparse_ffn_gather(x, order, k);
-    a = at::_grouped_mm(xs, w1.view({nb, mb, D}).transpose(1, 2), ends);
+    a = compat::grouped_mm(xs, w1.view({nb, mb, D}).transpose(1, 2), ends);
   }
   if (b1.has_value() && b1->defined()) {
     a.add_(b1->view({nb, mb}).index_select(0, row_blocks(offsets, P)));
   }
   const at::Tensor y =
-      at::_grouped_mm(activation_forward(a, act, block_size), w2.view({nb, block_size, D}), ends);
+      compat::grouped_mm(activation_forward(a, act, block_size), w2.view({nb, block_size, D}), ends);
   return {deepseek_ext::sparse_ffn_combine(y, order, k, gate), a};
 }
 
@@ -116,21 +117,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ff
   {  // the gathered output gradient, freed before x is gathered
     const at::Tensor gd = deepseek_ext::sparse_ffn_gather(grad_out, order, k);
     const at::Tensor gh =
-        at::_grouped_mm(gd, w2.view({nb, block_size, D}).transpose(1, 2), ends);
+        compat::grouped_mm(gd, w2.view({nb, block_size, D}).transpose(1, 2), ends);
     grad_gate = at::empty_like(gate).view(-1).index_copy_(0, order, (gh * h).sum(1));
     // Weight gradients: 2-D x 2-D grouped GEMMs, groups along the pair dimension.
-    grad_w2 = at::_grouped_mm((h * gs).t(), gd, ends).view({nb * block_size, D});
+    grad_w2 = compat::grouped_mm((h * gs).t(), gd, ends).view({nb * block_size, D});
     da = activation_backward(gh * gs, hidden, act, block_size);
   }
   at::Tensor grad_w1;
   {
     const at::Tensor xs = deepseek_ext::sparse_ffn_gather(x, order, k);
-    grad_w1 = at::_grouped_mm(da.t(), xs, ends).view({nb * mb, D});
+    grad_w1 = compat::grouped_mm(da.t(), xs, ends).view({nb * mb, D});
   }
   at::Tensor grad_b1 =
       at::zeros({nb, mb}, da.options()).index_add_(0, row_blocks(offsets, P), da).view(-1);
   at::Tensor grad_x =
-      deepseek_ext::sparse_ffn_combine(at::_grouped_mm(da, w1.view({nb, mb, D}), ends), order, k);
+      deepseek_ext::sparse_ffn_combine(compat::grouped_mm(da, w1.view({nb, mb, D}), ends), order, k);
   return {grad_x, grad_w1, grad_b1, grad_w2, grad_gate.view({T, k})};
 }
 
