@@ -69,7 +69,8 @@ class Int8ReduceScatterState:
     def __init__(self, block_size: int = 256, error_feedback: bool = True, min_compress_numel: int = 1 << 16,
                  policy: str = "auto", link_bandwidth: Optional[float] = None):
         if not isinstance(block_size, int) or block_size <= 0 or block_size % 32 or block_size > _MAX_BLOCK_SIZE:
-            raise ValueError(f"block_size must be a positive multiple of 32 up to {_MAX_BLOCK_SIZE}, got {block_size!r}")
+            raise ValueError(f"block_size must be a positive multiple of 32 up to {_MAX_BLOCK_SIZE}, "
+                             f"got {block_size!r}")
         if not isinstance(min_compress_numel, int) or min_compress_numel < 0:
             raise ValueError(f"min_compress_numel must be an int >= 0, got {min_compress_numel!r}")
         check_policy(policy, link_bandwidth)

@@ -161,7 +161,8 @@ def run_hook(state, buffer, index=0, is_last=True):
 
 def _accuracy_worker(rank, p, hierarchical):
     bs = 256
-    state = Int8CompressionState(policy="always", block_size=bs, start_iter=0, min_compress_numel=0, hierarchical=hierarchical)
+    state = Int8CompressionState(policy="always", block_size=bs, start_iter=0, min_compress_numel=0,
+                                 hierarchical=hierarchical)
     assert state.hierarchical == bool(hierarchical)
     # Uneven sizes: smaller than one block per rank, not a multiple of the block, exact multiple.
     for idx, n in enumerate([100, 70_001, p * bs * 8]):
@@ -191,7 +192,8 @@ def _accuracy_worker(rank, p, hierarchical):
     # buckets past a few blocks per rank (the padding to p * block_size is the rest).
     stats = state.stats()
     assert stats["compressed_calls"] == 9 and stats["allreduce_calls"] == 0
-    big = Int8CompressionState(policy="always", block_size=bs, start_iter=0, min_compress_numel=0, hierarchical=hierarchical)
+    big = Int8CompressionState(policy="always", block_size=bs, start_iter=0, min_compress_numel=0,
+                               hierarchical=hierarchical)
     run_hook(big, rank_grad(rank, 1_000_003))
     s = big.stats()
     assert abs(s["compression_ratio"] - s["bytes_fp32_equivalent"] / s["bytes_sent"]) < 1e-12
@@ -250,7 +252,8 @@ def _error_feedback_worker(rank, p):
     out = run_hook(st, grads[rank].clone(), index=0, is_last=False)
     assert st.stats()["compressed_calls"] == 1 and not torch.equal(out, mean)
     # min_compress_numel: small buckets go through a full-precision allreduce.
-    small = Int8CompressionState(policy="always", block_size=bs, start_iter=0, min_compress_numel=4000, hierarchical=False)
+    small = Int8CompressionState(policy="always", block_size=bs, start_iter=0, min_compress_numel=4000,
+                                 hierarchical=False)
     torch.testing.assert_close(run_hook(small, grads[rank].clone()), mean, rtol=1e-6, atol=1e-6)
     assert small.stats()["compressed_calls"] == 0
 
@@ -463,7 +466,8 @@ def _dead_peer_worker(rank, p):
 
     torch.manual_seed(0)
     ddp = DDP(TinyNet())
-    ddp.register_comm_hook(Int8CompressionState(policy="always", min_compress_numel=0, start_iter=0), int8_compress_hook)
+    ddp.register_comm_hook(Int8CompressionState(policy="always", min_compress_numel=0, start_iter=0),
+                           int8_compress_hook)
     for step in range(3):
         x, y = _batch(rank, step)
         torch.nn.functional.mse_loss(ddp(x), y).backward()
