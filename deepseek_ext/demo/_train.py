@@ -143,7 +143,10 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
             # All ranks grow and freeze identically: no re-broadcast of the weights on a re-wrap.
             nonlocal comm_state
             ddp = DDP(m, device_ids=[device.index] if cuda else None, init_sync=first)
-            comm_state = recipe.register_comm_hook(ddp, state=comm_state)
+            # One rank sends nothing; "always" still runs the int8 path there, so a
+            # one-GPU run (the GPU preset) exercises compression as the recipe would.
+            kw = {"policy": "always"} if recipe.int8_comm and cfg.world_size == 1 and comm_state is None else {}
+            comm_state = recipe.register_comm_hook(ddp, state=comm_state, **kw)
             return ddp
 
         ddp = wrap(model, first=True)

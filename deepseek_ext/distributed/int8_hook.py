@@ -173,7 +173,10 @@ def _average(state, buffer, idx, iteration, signature) -> torch.futures.Future:
     ``idx``: its residuals) and counts it; returns the future of the result."""
     n, p = buffer.numel(), state.world_size
     fp32_bytes = ring_allreduce_bytes(n, p, 4)
-    compress = p > 1 and iteration >= state.start_iter and n >= state.min_compress_numel
+    # One rank has nothing to send; policy="always" still runs the int8 path there
+    # (a one-GPU run that exercises compression: the demo's GPU preset).
+    compress = ((p > 1 or state.policy == "always") and iteration >= state.start_iter
+                and n >= state.min_compress_numel)
     if compress and state.policy == "auto":
         if state.calibration is None:
             state.calibration = calibrate(state.process_group, buffer.device, state.block_size,

@@ -198,7 +198,7 @@ class Int8CompressionState:
         local = self._local_world_size(group)
         self.hierarchical = local is not None
         self._seq = itertools.count()
-        if self.world_size == 1:
+        if self.world_size == 1 and self.policy != "always":
             self._stage_groups, self._launchers = [], []
         elif not self.hierarchical:
             self.local_world_size, self.num_nodes = self.world_size, 1

@@ -553,6 +553,28 @@ def test_world2_mean_within_quantisation_step_error_feedback_is_last_small_bucke
     launch(_world2_worker, 2)
 
 
+def _world1_worker(rank, p):
+    """One rank: "auto" sends nothing compressed (nothing to send); "always"
+    runs the int8 path, and the result is the gradient within one quantisation
+    step, with the residual holding exactly what was dropped."""
+    n = 1 << 16
+    out = {}
+    for policy in ("auto", "always"):
+        state = Int8CompressionState(policy=policy, start_iter=0, min_compress_numel=1)
+        g = rank_grad(0, n)
+        avg = int8_compress_hook(state, FakeBucket(g.clone())).wait()
+        out[policy] = (state.stats()["compressed_calls"], (avg - g).abs().max().item(),
+                       g.view(-1, 256).abs().amax(1).max().item() / 127)
+    return out
+
+
+def test_world1_always_still_runs_the_int8_path():
+    (out,) = launch(_world1_worker, 1)
+    assert out["auto"][0] == 0 and out["auto"][1] == 0.0
+    calls, err, step = out["always"]
+    assert calls == 1 and 0 < err <= step
+
+
 def test_chunks_equal_the_whole_bucket_and_the_policy_decides_alike_on_every_rank():
     (calibration, decisions), _ = launch(_policy_and_chunks_worker, 2, deadline_s=90)
     print(f"loopback calibration {calibration}; decisions {decisions}")
