@@ -2,7 +2,6 @@
 Llama models (built in code), a torchtitan-style FeedForward, nn.Sequential."""
 
 import copy
-import gc
 import os
 import sysconfig
 import tempfile
@@ -20,7 +19,7 @@ from deepseek_ext import convert  # noqa: E402
 from deepseek_ext.nn import GatedSparseFFN, ffn_flops  # noqa: E402
 from deepseek_ext.nn.shared_attention_transformer import DenseFFN  # noqa: E402
 
-from utils import run_ranks  # noqa: E402
+from utils import finish_rank, run_ranks  # noqa: E402
 
 VOCAB = 256
 
@@ -325,58 +324,40 @@ def test_compiled_converted_model_matches_eager():
     torch.testing.assert_close(torch.compile(model)(x).logits, ref, atol=1e-5, rtol=1e-5)
 
 
-def _ddp_worker(rank, world, init_file, state, batches, out_dir):
+def _train_worker(rank, world, init_file, mode, state, batches, out_dir):
+    """Trains the converted Llama on this rank's half of each batch: DDP with the
+    int8 hook, or per-block FSDP2; rank 0 saves the full parameters."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from deepseek_ext.distributed import Int8CompressionState, int8_compress_hook
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     model = _converted_llama()
     model.load_state_dict(state)
-    ddp = DDP(model, broadcast_buffers=False)
-    comm = Int8CompressionState(None)
-    ddp.register_comm_hook(comm, int8_compress_hook)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    for b in batches:
-        x = b.chunk(world)[rank]
-        ddp(x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    if rank == 0:
-        torch.save({n: p.detach() for n, p in model.named_parameters()}, os.path.join(out_dir, "ddp.pt"))
-    dist.barrier()
-    gc.collect()
-    dist.destroy_process_group()
-    os._exit(0)
+    if mode == "ddp_int8":
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
+        from deepseek_ext.distributed import Int8CompressionState, int8_compress_hook
 
-def _fsdp_worker(rank, world, init_file, state, batches, out_dir):
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
+        wrapped = DDP(model, broadcast_buffers=False)
+        # "always": the default policy may send a loopback's buckets plain.
+        wrapped.register_comm_hook(Int8CompressionState(policy="always", min_compress_numel=1024),
+                                   int8_compress_hook)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
 
-    from deepseek_ext.distributed import fully_shard_per_block
+        from deepseek_ext.distributed import fully_shard_per_block
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    mesh = init_device_mesh("cpu", (world,))
-    model = _converted_llama()
-    model.load_state_dict(state)
-    fully_shard_per_block(model, model.model.layers, mesh=mesh)
+        wrapped = fully_shard_per_block(model, model.model.layers, mesh=init_device_mesh("cpu", (world,)))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for b in batches:
         x = b.chunk(world)[rank]
-        model(x, labels=x).loss.backward()
+        wrapped(x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad()
-    full = {n: p.full_tensor() for n, p in model.named_parameters()}
+    full = {n: p.full_tensor() if mode == "fsdp2" else p.detach() for n, p in model.named_parameters()}
     if rank == 0:
-        torch.save(full, os.path.join(out_dir, "fsdp.pt"))
-    dist.barrier()
-    gc.collect()
-    dist.destroy_process_group()
-    os._exit(0)
+        torch.save(full, os.path.join(out_dir, "params.pt"))
+    finish_rank()
 
 
 def _converted_llama():
@@ -386,27 +367,31 @@ def _converted_llama():
     return model
 
 
-@pytest.mark.parametrize("worker, tol", [(_ddp_worker, 5e-2), (_fsdp_worker, 1e-5)], ids=["ddp_int8", "fsdp2"])
-def test_distributed_training_of_the_converted_model(worker, tol):
-    """DDP with our int8 hook (lossy: a loose bound) and per-block FSDP2 (exact)
-    on 2 Gloo ranks train the converted model as one process does."""
+@pytest.mark.parametrize("mode", ["ddp_int8", "fsdp2"])
+def test_distributed_training_of_the_converted_model(mode):
+    """Per-block FSDP2 on 2 Gloo ranks trains the converted model as one process
+    does (each parameter to 1e-5 of its own movement); DDP with our int8 hook
+    too, within a few percent of the largest movement (int8 rounds each block
+    to its absmax / 127, so a parameter with tiny gradients beside large ones,
+    like a key projection's, carries that error relative to its own step)."""
     model = _converted_llama()
     state = copy.deepcopy(model.state_dict())
     batches = [tokens(4, 16, seed=s) for s in range(3)]
     with tempfile.TemporaryDirectory() as tmp:
-        run_ranks(worker, state, batches, tmp, timeout=240)
-        params = torch.load(os.path.join(tmp, os.listdir(tmp)[0]))
+        run_ranks(_train_worker, mode, state, batches, tmp, timeout=240)
+        params = torch.load(os.path.join(tmp, "params.pt"))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for b in batches:
         # Each rank's loss is the mean over its half: the average of the two halves.
         sum(model(h, labels=h).loss for h in b.chunk(2)).div(2).backward()
         opt.step()
         opt.zero_grad()
-    start = {n: t for n, t in state.items()}
+    moved = {n: float((p.detach() - state[n]).abs().max()) for n, p in model.named_parameters()}
+    largest = max(moved.values())
     for name, p in model.named_parameters():
-        moved = (p.detach() - start[name]).abs().max()
-        err = (params[name] - p.detach()).abs().max()
-        assert err <= tol * max(float(moved), 1e-6) + 1e-6, (name, float(err), float(moved))
+        err = float((params[name] - p.detach()).abs().max())
+        bound = 1e-5 * moved[name] + 1e-7 if mode == "fsdp2" else 0.05 * largest
+        assert err <= bound, (name, err, moved[name], largest)
 
 
 # -- Recipe.apply ---------------------------------------------------------------

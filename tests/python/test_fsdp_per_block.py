@@ -2,7 +2,6 @@
 plan of SharedAttentionTransformer trains as one process does."""
 
 import copy
-import gc
 import os
 import tempfile
 
@@ -13,7 +12,7 @@ from torch import nn
 from deepseek_ext.distributed import fully_shard_per_block, modules_shared_by_blocks
 from deepseek_ext.nn import SharedAttentionTransformer
 
-from utils import run_ranks, sgd_logsumexp_steps
+from utils import finish_rank, run_ranks, sgd_logsumexp_steps
 
 # (sharing, n_unique, share_ffn, embed_dim): every plan, shared FFNs, a factorised embedding.
 PLANS = [("none", None, False, None), ("all", None, False, None), ("sequence", 2, False, None),
@@ -45,12 +44,7 @@ def _worker(rank, world, init_file, states, batches, out_dir):
         del model
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "fsdp.pt"))
-    # An orderly teardown; skipping interpreter teardown avoids Gloo aborting a
-    # finished rank (see test_shared_attention's FSDP worker).
-    dist.barrier()
-    gc.collect()
-    dist.destroy_process_group()
-    os._exit(0)
+    finish_rank()
 
 
 def test_every_sharing_plan_sharded_per_block_matches_one_process():

@@ -64,6 +64,20 @@ def run_ranks(target, *args, world=2, timeout=120):
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
 
+def finish_rank():
+    """The end of a run_ranks worker: an orderly Gloo teardown (barrier, release,
+    destroy), then os._exit, since interpreter teardown can make Gloo abort a rank
+    that has finished while its peer is still closing."""
+    import gc
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
 def sgd_logsumexp_steps(model, batches):
     """SGD steps (momentum 0.9) on the mean of logsumexp over each batch of tokens (a
     stand-in loss). Not Adam: an attention key bias's gradient is zero up to rounding
