@@ -143,9 +143,11 @@ def _worker(rank: int, name: str, recipe: Recipe, cfg: DemoConfig, run_dir: str,
             # All ranks grow and freeze identically: no re-broadcast of the weights on a re-wrap.
             nonlocal comm_state
             ddp = DDP(m, device_ids=[device.index] if cuda else None, init_sync=first)
-            # One rank sends nothing; "always" still runs the int8 path there, so a
-            # one-GPU run (the GPU preset) exercises compression as the recipe would.
-            kw = {"policy": "always"} if recipe.int8_comm and cfg.world_size == 1 and comm_state is None else {}
+            # The demo's ranks share one machine, where the hook's "auto" policy would
+            # send every bucket plain (loopback outruns int8's compute): "always" makes
+            # the run send what the recipe sends between hosts, and on one rank (the
+            # GPU preset) still runs the int8 path.
+            kw = {"policy": "always"} if recipe.int8_comm and comm_state is None else {}
             comm_state = recipe.register_comm_hook(ddp, state=comm_state, **kw)
             return ddp
 

@@ -116,6 +116,7 @@ def test_demo_smoke_run_writes_a_complete_report(tmp_path):
     assert low["parameters"] < base["parameters"]
     assert low["ffn_flops_per_token"] < base["ffn_flops_per_token"]
     assert low["bytes_communicated"] < base["bytes_communicated"]
+    assert low["hook_stats"]["compressed_calls"] > 0  # the recipe's int8 path, not the policy's plain one
     assert "final eval loss" in report["table"] and "machine" in report
     assert (out / "loss_curves.png").is_file()
     # The results file: a header naming date, machine, torch and commit, then the table.
