@@ -44,6 +44,12 @@ def git_commit(root: Path = ROOT) -> str:
         return os.environ["BENCH_COMMIT"]
     try:
         git = ["git", "-C", str(root)]
+        top = subprocess.run(git + ["rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        if Path(top).resolve() != Path(root).resolve():
+            # A copy of the tree inside another checkout (CI's torch-newest copy):
+            # that checkout's commit is not this tree's.
+            return "unknown (no git checkout; set BENCH_COMMIT)"
         head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
