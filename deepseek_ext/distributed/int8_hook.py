@@ -19,6 +19,10 @@ error feedback), the flat int8 scheme above between nodes on each local
 rank's 1/L of the bucket, then an int8 all-gather inside the node. Each node
 sends ``2 * Npad * (M - 1) / M * (1 + 4 / block_size)`` bytes to other nodes.
 
+In both modes a bucket of more than ``chunk_numel`` values goes as chunks
+aligned to ``p * block_size``, each its own pipeline of the stages above, so
+that compressing one chunk overlaps sending another.
+
 Every stage after the first starts from the previous collective's callback,
 never waits, and uses its own process group, launched in bucket order by an
 :class:`~._pipeline.OrderedLauncher`; the hook returns a future that the last
@@ -135,10 +139,9 @@ def int8_compress_hook(state: Int8CompressionState, bucket: dist.GradBucket) -> 
     sent as blockwise int8 with error feedback (see the module docstring).
 
     Never waits: it launches the first collective and returns a future that the
-    last collective's callback completes with the averaged gradients (a new
-    tensor shaped like ``bucket.buffer()``, which DDP copies into the grads;
-    the full-precision path and layout replay average ``bucket.buffer()`` in
-    place). ``bucket`` needs ``buffer()``, ``index()`` and ``is_last()`` (and,
+    last collective's callback completes with the averaged gradients, written
+    into ``bucket.buffer()`` itself (chunk by chunk for a large bucket), so
+    DDP copies nothing. ``bucket`` needs ``buffer()``, ``index()`` and ``is_last()`` (and,
     optionally, ``parameters()`` and ``gradients()``), as
     ``torch.distributed.GradBucket`` has.
     """
@@ -191,12 +194,11 @@ def _average(state, buffer, idx, iteration, signature) -> torch.futures.Future:
                             bytes_fp32_equivalent=fp32_bytes)
         return allreduce_mean(buffer, state.process_group) if p > 1 else completed_future(buffer)
     if state.hierarchical:
-        stages, finish, sent, inter = _hierarchical_stages(state, buffer, idx, signature)
-        state._counters.add(compressed_calls=1, bytes_sent=sent, bytes_sent_inter_node=inter,
-                            bytes_fp32_equivalent=fp32_bytes)
-        return _Pipeline(state, next(state._seq), idx, iteration, buffer, stages, finish).start()
-    chunks, sent = _flat_chunks(state, buffer, idx, signature)
-    state._counters.add(compressed_calls=1, bytes_sent=sent, bytes_sent_inter_node=sent,
+        chunks, sent, inter = _hierarchical_chunks(state, buffer, idx, signature)
+    else:
+        chunks, sent = _flat_chunks(state, buffer, idx, signature)
+        inter = sent
+    state._counters.add(compressed_calls=1, bytes_sent=sent, bytes_sent_inter_node=inter,
                         bytes_fp32_equivalent=fp32_bytes)
     if len(chunks) == 1:
         stages, finish = chunks[0]
@@ -225,17 +227,18 @@ def _chunk_bounds(state, n: int):
 
 
 def _int8_bytes(state, n: int) -> int:
-    """Bytes one rank sends to average a bucket of n elements compressed."""
-    p, bs = state.world_size, state.block_size
-    if state.hierarchical:
-        L, M = state.local_world_size, state.num_nodes
-        sub = round_up(n, p * bs) // L // M
-        row = sub + 4 * (sub // bs)
-        return 2 * (M - 1) * row + (L - 1) * sub * M * 2 + (L - 1) * M * row
-    total = 0
+    """Bytes one rank sends to average a bucket of n elements compressed
+    (hierarchical: the 16-bit reduce-scatter inside the node counted at 2 bytes)."""
+    p, bs, total = state.world_size, state.block_size, 0
     for lo, hi in _chunk_bounds(state, n):
-        shard = round_up(hi - lo, p * bs) // p
-        total += 2 * (p - 1) * (shard + 4 * (shard // bs))
+        if state.hierarchical:
+            L, M = state.local_world_size, state.num_nodes
+            sub = round_up(hi - lo, p * bs) // L // M
+            row = sub + 4 * (sub // bs)
+            total += 2 * (M - 1) * row + (L - 1) * sub * M * 2 + (L - 1) * M * row
+        else:
+            shard = round_up(hi - lo, p * bs) // p
+            total += 2 * (p - 1) * (shard + 4 * (shard // bs))
     return total
 
 
@@ -312,53 +315,67 @@ def _flat_chunks(state, buffer, idx, signature):
     return chunks, sent
 
 
-def _hierarchical_stages(state, buffer, idx, signature):
+def _hierarchical_chunks(state, buffer, idx, signature):
+    """The pipelines (stages, finish) of a bucket in hierarchical mode, one per
+    chunk (the bounds of :func:`_chunk_bounds`, as in flat mode), and the bytes
+    they send: in all, and to other nodes. Each chunk is averaged into its
+    slice of ``buffer``; its residual slices and random offsets are its
+    position in the bucket's, so one chunk equals the unchunked scheme."""
     L, M, bs, n = state.local_world_size, state.num_nodes, state.block_size, buffer.numel()
     p = L * M
-    npad = round_up(n, p * bs)
-    part = npad // L       # this local rank's share of the node sum
-    sub = part // M        # the piece of it this rank owns between nodes
     device = buffer.device
     wire = buffer.dtype if buffer.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    bounds = _chunk_bounds(state, n)
+    pads = [round_up(hi - lo, p * bs) for lo, hi in bounds]
+    parts = [npad // L for npad in pads]  # this local rank's share of the node sum
+    subs = [part // M for part in parts]  # the piece of it this rank owns between nodes
     res = state._bucket_residuals(idx, signature, {
-        "cast": (n, device), "part": (part, device), "shard": (sub, device)})
-    off1, off2 = state.rng_offset, state.rng_offset + part
-    state.rng_offset += part + sub
+        "cast": (n, device), "part": (sum(parts), device), "shard": (sum(subs), device)})
+    base, total_part = state.rng_offset, sum(parts)
+    state.rng_offset += total_part + sum(subs)
     g_intra, g_inter_a, g_inter_b, g_intra_b = state._stage_groups
+    chunks, sent, inter, part_lo, sub_lo = [], 0, 0, 0, 0
+    for (lo, hi), npad, part, sub in zip(bounds, pads, parts, subs):
+        x, r_cast = buffer[lo:hi], res["cast"][lo:hi]
+        r_part, r_shard = res["part"][part_lo: part_lo + part], res["shard"][sub_lo: sub_lo + sub]
+        off1, off2 = base + part_lo, base + total_part + sub_lo
+        part_lo, sub_lo = part_lo + part, sub_lo + sub
 
-    def intra_reduce_scatter(_):
-        # bf16 (or the bucket's 16-bit type) with its own error feedback.
-        y = buffer.float()
-        if state.error_feedback:
-            y += res["cast"]
-        send = torch.zeros(npad, dtype=wire, device=device)
-        send[:n] = y
-        if state.error_feedback:
-            res["cast"].copy_(y - send[:n].float())
-        recv = torch.empty(L, part, dtype=wire, device=device)
-        return dist.all_to_all_single(recv, send, group=g_intra, async_op=True).get_future(), recv
+        def intra_reduce_scatter(_, x=x, r_cast=r_cast, npad=npad, part=part):
+            # bf16 (or the bucket's 16-bit type) with its own error feedback.
+            y = x.float()
+            if state.error_feedback:
+                y += r_cast
+            send = torch.zeros(npad, dtype=wire, device=device)
+            send[: x.numel()] = y
+            if state.error_feedback:
+                r_cast.copy_(y - send[: x.numel()].float())
+            recv = torch.empty(L, part, dtype=wire, device=device)
+            return dist.all_to_all_single(recv, send, group=g_intra, async_op=True).get_future(), recv
 
-    def inter_all_to_all(recv):
-        node_sum = recv.float().sum(0)
-        q, s = _quantize(state, node_sum, res["part"], off1)
-        send = Packed(M, sub, bs, device)
-        send.fill(q, s)
-        out = Packed(M, sub, bs, device)
-        return dist.all_to_all_single(out.buf, send.buf, group=g_inter_a, async_op=True).get_future(), out
+        def inter_all_to_all(recv, r_part=r_part, off1=off1, sub=sub):
+            node_sum = recv.float().sum(0)
+            q, s = _quantize(state, node_sum, r_part, off1)
+            send = Packed(M, sub, bs, device)
+            send.fill(q, s)
+            out = Packed(M, sub, bs, device)
+            return dist.all_to_all_single(out.buf, send.buf, group=g_inter_a, async_op=True).get_future(), out
 
-    def inter_all_gather(recv):
-        return _gather_requantized_mean(state, recv, res["shard"], off2, M, sub, g_inter_b)
+        def inter_all_gather(recv, r_shard=r_shard, off2=off2, sub=sub):
+            return _gather_requantized_mean(state, recv, r_shard, off2, M, sub, g_inter_b)
 
-    def intra_all_gather(gathered):
-        out = torch.empty(L * gathered.buf.numel(), dtype=torch.uint8, device=device)
-        fut = dist.all_gather_into_tensor(out, gathered.buf.view(-1), group=g_intra_b, async_op=True)
-        return fut.get_future(), Packed(L * M, sub, bs, device, buf=out)
+        def intra_all_gather(gathered, sub=sub):
+            out = torch.empty(L * gathered.buf.numel(), dtype=torch.uint8, device=device)
+            fut = dist.all_gather_into_tensor(out, gathered.buf.view(-1), group=g_intra_b, async_op=True)
+            return fut.get_future(), Packed(L * M, sub, bs, device, buf=out)
 
-    def finish(everything):
-        deq = ops.dequantize_int8(everything.q.reshape(-1), everything.scales.reshape(-1), bs, buffer.dtype, npad)
-        return deq[:n]
+        def finish(everything, x=x, npad=npad):
+            deq = ops.dequantize_int8(everything.q.reshape(-1), everything.scales.reshape(-1), bs, buffer.dtype, npad)
+            x.copy_(deq[: x.numel()])  # this chunk's slice of the bucket: read by its first stage only
+            return buffer
 
-    row = sub + 4 * (sub // bs)
-    inter = 2 * (M - 1) * row
-    intra = (L - 1) * part * torch.finfo(wire).bits // 8 + (L - 1) * M * row
-    return [intra_reduce_scatter, inter_all_to_all, inter_all_gather, intra_all_gather], finish, inter + intra, inter
+        chunks.append(([intra_reduce_scatter, inter_all_to_all, inter_all_gather, intra_all_gather], finish))
+        row = sub + 4 * (sub // bs)
+        inter += 2 * (M - 1) * row
+        sent += 2 * (M - 1) * row + (L - 1) * part * torch.finfo(wire).bits // 8 + (L - 1) * M * row
+    return chunks, sent, inter

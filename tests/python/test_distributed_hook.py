@@ -33,6 +33,7 @@ from deepseek_ext.distributed import (
     counting_allreduce_hook,
     int8_compress_hook,
 )
+from deepseek_ext.distributed.int8_hook import _chunk_bounds, _int8_bytes
 
 PG_TIMEOUT_S = 20
 
@@ -480,22 +481,31 @@ def _dead_peer_worker(rank, p):
     return time.monotonic() - t0, str(info.value)[:300]
 
 
-def _policy_and_chunks_worker(rank, p):
+def _chunks_equal_whole_worker(rank, p, hierarchical):
     bs, n = 256, 300_001
     # Chunks are aligned to p * block_size, so with round-to-nearest every block
     # holds the same elements as without chunking: the same bits, step after step
     # (error feedback included).
     whole = Int8CompressionState(policy="always", block_size=bs, start_iter=0, min_compress_numel=0,
-                                 hierarchical=False, chunk_numel=1 << 22)
+                                 hierarchical=hierarchical, chunk_numel=1 << 22)
     chunked = Int8CompressionState(policy="always", block_size=bs, start_iter=0, min_compress_numel=0,
-                                   hierarchical=False, chunk_numel=40_000)
+                                   hierarchical=hierarchical, chunk_numel=40_000)
+    assert len(_chunk_bounds(chunked, n)) == 8
     for step in range(3):
         g = rank_grad(rank, n, step=step)
         a, b = run_hook(whole, g.clone()), run_hook(chunked, g.clone())
-        assert torch.equal(a, b), step
-    assert whole.stats()["bytes_sent"] == chunked.stats()["bytes_sent"]  # only the last chunk is padded
-    torch.testing.assert_close(whole.state_dict()["residuals"][0]["tensors"]["bucket"],
-                               chunked.state_dict()["residuals"][0]["tensors"]["bucket"], rtol=0, atol=0)
+        assert torch.equal(a, b), (hierarchical, step)
+    # Only the last chunk is padded; the counted bytes are the policy's model of them.
+    assert whole.stats()["bytes_sent"] == chunked.stats()["bytes_sent"] == 3 * _int8_bytes(chunked, n)
+    assert whole.stats()["bytes_sent_inter_node"] == chunked.stats()["bytes_sent_inter_node"]
+    key = "cast" if hierarchical else "bucket"
+    torch.testing.assert_close(whole.state_dict()["residuals"][0]["tensors"][key],
+                               chunked.state_dict()["residuals"][0]["tensors"][key], rtol=0, atol=0)
+
+
+def _policy_and_chunks_worker(rank, p):
+    bs, n = 256, 300_001
+    _chunks_equal_whole_worker(rank, p, False)
 
     # The "auto" policy: a link hint so fast that nothing pays for compression ->
     # exact allreduce; so slow that everything does -> int8. Calibrated once, the
@@ -546,6 +556,7 @@ def _world2_worker(rank, p):
 def _world4_worker(rank, p):
     _accuracy_worker(rank, p, False)
     _accuracy_worker(rank, p, 2)
+    _chunks_equal_whole_worker(rank, p, 2)
     return _ddp_hierarchical_worker(rank, p, 40)
 
 
