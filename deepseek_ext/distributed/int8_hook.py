@@ -343,9 +343,7 @@ def _hierarchical_chunks(state, buffer, idx, signature):
 
         def intra_reduce_scatter(_, x=x, r_cast=r_cast, npad=npad, part=part):
             # bf16 (or the bucket's 16-bit type) with its own error feedback.
-            y = x.float()
-            if state.error_feedback:
-                y += r_cast
+            y = r_cast + x if state.error_feedback else x.float()  # x is only read here; finish writes it
             send = torch.zeros(npad, dtype=wire, device=device)
             send[: x.numel()] = y
             if state.error_feedback:
